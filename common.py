@@ -1,0 +1,212 @@
+"""
+The few things every script shares: one config mechanism, seeding, logging and
+one checkpoint format. nanoGPT keeps these in `configurator.py`; we keep them here.
+
+Config: a script declares its DEFAULTS as a nested dict. A YAML file (first
+positional argument ending in .yaml/.yml) overrides them, then dotted command-line
+overrides `--train.lr=3e-4` (parsed as YAML literals). An unknown key or a value
+of the wrong type is an error that names the key; `???` marks a required value.
+"""
+
+import contextlib
+import copy
+import json
+import os
+import random
+import signal
+
+import numpy as np
+import torch
+import yaml
+
+REQUIRED = "???"  # a default that the user must set
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key."""
+
+
+# -----------------------------------------------------------------------------
+# config
+
+
+def _parse_literal(text):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _check_type(key, default, value):
+    if value is None and not (default is None or isinstance(default, str)):
+        raise ConfigError(f"config key '{key}': a value is required (got null or nothing)")
+    if default is None or default == REQUIRED or value is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        if isinstance(default, bool) and isinstance(value, bool):
+            return value
+    elif isinstance(default, float) and isinstance(value, (int, float)):
+        return float(value)
+    elif isinstance(default, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, type(default)):
+        return value
+    raise ConfigError(f"config key '{key}': expected {type(default).__name__}, got {value!r}")
+
+
+def _set(config, dotted_key, value):
+    node, parts = config, dotted_key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            known = ", ".join(sorted(node)) if isinstance(node, dict) else ""
+            raise ConfigError(f"unknown config key '{dotted_key}' (known here: {known})")
+        if i < len(parts) - 1:
+            node = node[part]
+    old = node[parts[-1]]
+    if isinstance(old, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{dotted_key}': expected a mapping, got {value!r}")
+        for k, v in value.items():
+            _set(config, f"{dotted_key}.{k}", v)
+    else:
+        node[parts[-1]] = _check_type(dotted_key, old, value)
+
+
+def _find_required(config, prefix=""):
+    for key, value in config.items():
+        if isinstance(value, dict):
+            yield from _find_required(value, f"{prefix}{key}.")
+        elif value == REQUIRED:
+            yield prefix + key
+
+
+def load_config(defaults, argv, aliases=None):
+    """Defaults <- YAML file <- `--key=value` overrides. Returns (config, positionals).
+
+    A bare `--flag` sets a boolean key to true. `aliases` maps extra flag names
+    (e.g. 'num-context') to dotted keys; hyphens in flags are read as underscores.
+    """
+    config, positionals, overrides = copy.deepcopy(defaults), [], []
+    for arg in argv:
+        if not arg.startswith("--"):
+            positionals.append(arg)
+            continue
+        key, has_value, text = arg[2:].partition("=")
+        key = (aliases or {}).get(key, key.replace("-", "_"))
+        overrides.append((key, _parse_literal(text) if has_value else True))
+    yaml_files = [p for p in positionals if p.endswith((".yaml", ".yml"))]
+    for path in yaml_files:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        for key, value in loaded.items():
+            _set(config, key, value)
+    for key, value in overrides:
+        _set(config, key, value)
+    missing = list(_find_required(config))
+    if missing:
+        raise ConfigError(f"config key '{missing[0]}': a value is required")
+    return config, [p for p in positionals if p not in yaml_files]
+
+
+def check(condition, key, reason):
+    """Config validation in one line: `check(lr > 0, 'train.lr', 'must be positive')`."""
+    if not condition:
+        raise ConfigError(f"config key '{key}': {reason}")
+
+
+def print_config(config):
+    print(yaml.safe_dump(config, sort_keys=False).rstrip())
+
+
+def save_config(config, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+
+
+# -----------------------------------------------------------------------------
+# seed, device, logging
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def log(metrics, out_dir=None):
+    """One call per interval: print a line and append it to out_dir/log.jsonl."""
+    text = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    print(text)
+    if out_dir is not None:
+        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+
+@contextlib.contextmanager
+def graceful_stop():
+    """Inside the block, SIGINT/SIGTERM set stop['signal'] instead of killing the
+    process, so a training loop can finish its step and save before it exits."""
+    stop = {"signal": None}
+    def handler(signum, frame):
+        stop["signal"] = signum
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def rng_state():
+    """torch's CPU (and CUDA) generator states, for exact resumption."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path, checkpoint):
+    """Atomic: write a temp file in the same folder, then rename over the target."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Loads with weights_only=True, so a crafted pickle cannot run code."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt_best.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, foreign pickle, ...
+        raise RuntimeError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(checkpoint, dict) or not {"model", "config", "step"} <= checkpoint.keys():
+        raise RuntimeError(f"{path}: not a checkpoint of this codebase (missing model/config/step)")
+    return checkpoint

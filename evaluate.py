@@ -1,0 +1,452 @@
+"""
+Accuracy on a user's unseen pairs as the context grows, for one or more trained
+reward models, side by side on identical episodes.
+
+    python evaluate.py runs/synthetic_np_btl
+    python evaluate.py runs/synthetic_np_btl runs/synthetic_btl runs/synthetic_dpl --plot
+    python evaluate.py runs/synthetic_np_btl/ckpt_last.pt --split=val --num-context=[0,1,2,4]
+
+Each context size n gets episodes of one label each: n context pairs and
+eval.num_targets target pairs, disjoint, labels balanced (round-robin). Episodes are
+added in chunks until the standard error of the mean accuracy is at most `max_sem`
+for every model and label (and overall), or `max_episodes` is reached (then the
+table says so). The SEM is over episodes. On data from a known generator (the
+paper's synthetic task, linear user types), the Bayes-optimal accuracy on the same
+episodes is printed beside the models, with each model's gap to it.
+
+Writes eval.json (a list of rows: model, num_context, label, accuracy, sem, episodes)
+to `out` (default: the first run dir); --plot also writes accuracy.png and, for
+one-dimensional options, reward_curves.png (the learned r(y) per user type given
+10 context pairs, the paper's figure).
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+from common import ConfigError, check, load_checkpoint, load_config, pick_device
+from data import DataError, EpisodeSampler, bayes_log_prob_chosen, load_pairs, true_rewards
+from reward import choice_correct, load_reward_model
+
+DEFAULTS = {
+    "split": "test",  # train | val | test
+    "num_context": [0, 1, 3, 5, 10],  # context sizes n to score
+    "num_targets": 50,  # target pairs per episode
+    "max_sem": 0.002,  # stop adding episodes once every SEM is at most this (fraction, 0.002 = 0.2 points)
+    "chunk": 1000,  # episodes added at a time
+    "max_episodes": 50000,  # per context size, whatever the SEM
+    "max_label_rows": 20,  # more labels than this: report and check only the overall row
+    "seed": 1234,  # episode sampling
+    "plot": False,  # write accuracy.png (and reward_curves.png for 1-D options)
+    "out": None,  # where eval.json and plots go; default: the first run dir
+    "device": "cpu",  # cpu | cuda | auto
+    "policy_eval": {  # policies only
+        "episodes": 512,  # implicit-reward episodes per n (labels balanced)
+        "num_targets": 8,  # conflicting target pairs per episode
+        "batch_episodes": 64,  # episodes per forward
+        "contexts_per_prompt": 8,  # user contexts drawn per test prompt, label and n
+        "samples_per_context": 4,  # responses sampled per context
+        "max_new_tokens": 40,  # response length cap
+        "temperature": 1.0,  # sampling temperature
+    },
+}
+ALIASES = {"num-context": "num_context", "max-sem": "max_sem"}
+BAYES = "bayes_optimal"
+
+
+def run_dir_of(path):
+    return path if os.path.isdir(path) else os.path.dirname(path) or "."
+
+
+def load_models(paths, device):
+    """{name: model} for run dirs or checkpoint files that share one data file."""
+    data_paths = {load_checkpoint(p)["config"]["data"]["path"] for p in paths}
+    if len(data_paths) != 1:
+        raise ConfigError(f"the models were trained on different data files {sorted(data_paths)}")
+    data = load_pairs(data_paths.pop())
+    models = {}
+    for path in paths:
+        name = os.path.basename(os.path.normpath(run_dir_of(path)))
+        models[name if name not in models else path], _ = load_reward_model(path, data.dim, device)
+    return models, data
+
+
+def sem(values):
+    return (values.std(unbiased=True) / len(values) ** 0.5).item() if len(values) > 1 else float("inf")
+
+
+@torch.no_grad()
+def score_context_size(models, data, sampler, n, config, device):
+    """Per-episode accuracies {model: (E,)} and label rows (E,) at context size n."""
+    sampler.gen.manual_seed(config["seed"] + n)
+    per_model = {name: [] for name in list(models) + [BAYES]}
+    label_rows, num_labels = [], len(sampler.labels)
+    check_labels = num_labels <= config["max_label_rows"]
+    while True:
+        start = sum(len(r) for r in label_rows)
+        rows = (torch.arange(config["chunk"]) + start) % num_labels  # balanced, round-robin
+        batch = sampler.sample(config["chunk"], num_context=n, label_rows=rows)
+        label_rows.append(rows)
+        for name, model in models.items():
+            on_device = {k: v.to(device) for k, v in batch.items()}
+            per_model[name].append(choice_correct(model.log_prob_chosen(on_device)).mean(1).cpu())
+        bayes = bayes_log_prob_chosen(data.meta, batch)
+        if bayes is not None:
+            per_model[BAYES].append(choice_correct(bayes).float().mean(1))
+        episodes = start + config["chunk"]
+        accs = {k: torch.cat(v) for k, v in per_model.items() if v}
+        rows_all = torch.cat(label_rows)
+        groups = [rows_all == r for r in range(num_labels)] if check_labels else []
+        worst = max(sem(a[g]) for a in accs.values() for g in groups + [torch.ones_like(rows_all, dtype=torch.bool)])
+        if worst <= config["max_sem"] or episodes >= config["max_episodes"]:
+            return accs, rows_all
+
+
+def table_rows(accs, label_rows, labels, n, max_label_rows):
+    rows = []
+    for name, acc in accs.items():
+        groups = [(label, label_rows == i) for i, label in enumerate(labels)] if len(labels) <= max_label_rows else []
+        for label, mask in groups + [("all", torch.ones_like(label_rows, dtype=torch.bool))]:
+            rows.append({"model": name, "num_context": n, "label": label, "accuracy": acc[mask].mean().item(),
+                         "sem": sem(acc[mask]), "episodes": int(mask.sum())})
+    return rows
+
+
+def markdown(rows, sizes, max_sem):
+    """One line per (model, label), one column per n: accuracy ± sem in points."""
+    cell = {(r["model"], r["label"], r["num_context"]): r for r in rows}
+    keys = list(dict.fromkeys((r["model"], r["label"]) for r in rows))
+    lines = ["| model | label | " + " | ".join(f"n={n}" for n in sizes) + " |",
+             "|---|---|" + "---|" * len(sizes)]
+    for model, label in keys:
+        cells = []
+        for n in sizes:
+            r = cell[(model, label, n)]
+            flag = "" if r["sem"] <= max_sem else " (!)"
+            cells.append(f"{100 * r['accuracy']:.2f} ± {100 * r['sem']:.2f}{flag}")
+        lines.append(f"| {model} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def gap_lines(gaps, sizes):
+    """gaps: {(model, n): per-episode accuracy minus Bayes-optimal accuracy, same episodes}."""
+    if not gaps:
+        return "Bayes-optimal accuracy: not available for this data (unknown generator)."
+    lines = ["Gap to Bayes-optimal on the same episodes, overall (points, ± SEM of the paired difference):"]
+    for model in dict.fromkeys(m for m, _ in gaps):
+        lines.append(f"  {model}: " + ", ".join(
+            f"n={n} {100 * gaps[(model, n)].mean().item():+.2f} ± {100 * sem(gaps[(model, n)]):.2f}" for n in sizes))
+    return "\n".join(lines)
+
+
+def plot_accuracy(rows, sizes, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for model in dict.fromkeys(r["model"] for r in rows):
+        overall = sorted((r for r in rows if r["model"] == model and r["label"] == "all"), key=lambda r: r["num_context"])
+        ax.errorbar([r["num_context"] for r in overall], [100 * r["accuracy"] for r in overall],
+                    yerr=[100 * r["sem"] for r in overall], marker="o", capsize=3, label=model,
+                    linestyle="--" if model == BAYES else "-")
+    ax.set_xlabel("context pairs n")
+    ax.set_ylabel("accuracy on unseen pairs (%)")
+    ax.set_xticks(sizes)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_reward_curves(models, data, sampler, path, num_context=10):
+    """Learned reward against y per user type, each standardised (BTL rewards are shift-invariant)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    grid = torch.linspace(0, 1, 201)[:, None]  # (G, 1)
+    standardise = lambda r: (r - r.mean()) / r.std()
+    truth = true_rewards(data.meta, grid)  # (G, K) or None
+    fig, axes = plt.subplots(1, len(sampler.labels), figsize=(4 * len(sampler.labels), 3.2), squeeze=False)
+    for row, (ax, label) in enumerate(zip(axes[0], sampler.labels)):
+        batch = sampler.sample(1, num_context=num_context, label_rows=torch.tensor([row]))
+        for name, model in models.items():
+            latent = model.infer_latent(batch["context"], batch["context_mask"]) if hasattr(model, "infer_latent") else None
+            r = model.rewards(grid[None].to(next(model.parameters()).device), latent)[0].cpu()
+            ax.plot(grid[:, 0], standardise(r), label=name)
+        if truth is not None and row < truth.shape[1]:
+            ax.plot(grid[:, 0], standardise(truth[:, row]), "k--", label="true")
+        ax.set_title(f"{label}, n={num_context}")
+        ax.set_xlabel("y")
+    axes[0][0].set_ylabel("reward (standardised)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# policies: implicit-reward accuracy and steering by generation
+
+
+def is_policy_checkpoint(path):
+    return "policy_config" in load_checkpoint(path)
+
+
+def policy_role(policy, run_config):
+    """'np_dpo', 'dpo', or 'oracle:<label>' for a DPO policy trained on one label only."""
+    if policy.encoder is not None:
+        return "np_dpo"
+    labels = run_config["data"]["labels"]
+    return f"oracle:{labels[0]}" if labels and len(labels) == 1 else "dpo"
+
+
+def load_policies(paths, device):
+    """{name: (policy, role)}, and the shared evaluation inputs of the first run."""
+    import train_policy
+    from policy import load_policy
+
+    policies, first_config = {}, None
+    for path in paths:
+        policy, checkpoint = load_policy(path if not os.path.isdir(path) else os.path.join(path, "ckpt_best.pt"),
+                                         device=device)
+        first_config = first_config or checkpoint["config"]
+        name = os.path.basename(os.path.normpath(run_dir_of(path)))
+        policies[name] = (policy.eval(), policy_role(policy, checkpoint["config"]))
+    inputs_config = dict(first_config, data=dict(first_config["data"], labels=None, toy=False))
+    data, token_pairs, tokenizer = train_policy.load_inputs(inputs_config)
+    return policies, data, token_pairs, tokenizer, first_config
+
+
+def conflicting_only(data):
+    """The same pairs, with choices kept only where every label answered and not all agree."""
+    answered = (data.choices >= 0).all(1)
+    conflict = answered & (data.choices.min(1).values != data.choices.max(1).values)
+    choices = torch.where(conflict[:, None], data.choices, torch.full_like(data.choices, -1))
+    return type(data)(data.pairs, choices, data.labels, data.split, data.meta, data.path)
+
+
+@torch.no_grad()
+def implicit_reward_rows(policies, data, token_pairs, pad_id, config, device):
+    """DPO implicit-reward accuracy on held-out conflicting pairs, per label and n."""
+    from policy import implicit_reward, policy_and_reference_logprobs
+    from train_policy import episode_batch
+
+    p = config["policy_eval"]
+    conflicts = conflicting_only(data)
+    sampler = EpisodeSampler(conflicts, config["split"], p["num_targets"], max(config["num_context"]), seed=config["seed"])
+    rows = []
+    for n in sorted(config["num_context"]):
+        sampler.gen.manual_seed(config["seed"] + n)
+        label_rows = torch.arange(p["episodes"]) % len(sampler.labels)
+        per_model = {name: [] for name in policies}
+        for start in range(0, p["episodes"], p["batch_episodes"]):
+            chunk = label_rows[start:start + p["batch_episodes"]]
+            episodes = sampler.sample(len(chunk), num_context=n, label_rows=chunk)
+            batch = episode_batch(episodes, token_pairs, pad_id, device)
+            for name, (policy, _) in policies.items():
+                chosen, rejected, ref_chosen, ref_rejected = policy_and_reference_logprobs(policy, batch)
+                margin = implicit_reward(chosen, ref_chosen) - implicit_reward(rejected, ref_rejected)  # (E * T,)
+                correct = (margin > 0).float() + 0.5 * (margin == 0).float()
+                per_model[name].append(correct.view(len(chunk), -1).mean(1).cpu())
+        accs = {name: torch.cat(v) for name, v in per_model.items()}
+        rows += table_rows(accs, label_rows, sampler.labels, n, config["max_label_rows"])
+    return rows
+
+
+def user_contexts(data, candidates, exclude_prompt_rows, n, count, gen):
+    """`count` contexts of n pairs (count, n, 2, D), chosen first, drawn from `candidates`
+    (rows, label column) minus the rows of the evaluated prompt."""
+    rows, column = candidates
+    allowed = rows[~torch.isin(rows, exclude_prompt_rows)]
+    picks = torch.rand(count, len(allowed), generator=gen).argsort(1)[:, :n]  # (count, n)
+    pair_idx = allowed[picks]
+    flipped = data.choices[pair_idx, column].bool()[..., None, None]
+    pairs = data.pairs[pair_idx]  # (count, n, 2, D)
+    return torch.where(flipped, pairs.flip(2), pairs)
+
+
+@torch.no_grad()
+def sample_responses(policy, tokenizer, prompt, count, samples, latent, config, device):
+    """`count` * `samples` responses to one prompt (texts), row r*samples + s from latent row r."""
+    from data import tokenize_prompt
+
+    p = config["policy_eval"]
+    prompt_ids = torch.tensor([tokenize_prompt(tokenizer, prompt)] * count, device=device)
+    out = policy.generate(prompt_ids, torch.ones_like(prompt_ids), latent=latent, do_sample=True,
+                          temperature=p["temperature"], num_return_sequences=samples,
+                          max_new_tokens=p["max_new_tokens"], pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.batch_decode(out[:, prompt_ids.shape[1]:], skip_special_tokens=True)
+
+
+def steering_rows(policies, data, tokenizer, text_rows, config, device):
+    """Gold reward of generations for every label and n, and win-rate against plain DPO."""
+    from data import toy_gold_reward
+
+    p, split = config["policy_eval"], config["split"]
+    torch.manual_seed(config["seed"])
+    gen = torch.Generator().manual_seed(config["seed"])
+    in_split = torch.from_numpy(data.split == split)
+    prompts = sorted({row["prompt"] for row, keep in zip(text_rows, in_split.tolist()) if keep})
+    prompt_rows = {q: torch.tensor([i for i, row in enumerate(text_rows) if row["prompt"] == q]) for q in prompts}
+    count, samples = p["contexts_per_prompt"], p["samples_per_context"]
+    scores = {}  # (model, label, n) -> (prompts * count, samples) gold rewards
+    for name, (policy, role) in policies.items():
+        for j, label in enumerate(data.labels):
+            candidates = (torch.nonzero(in_split & (data.choices[:, j] >= 0)).squeeze(1), j)
+            if role.startswith("oracle:") and role != f"oracle:{label}":
+                continue
+            for n in sorted(config["num_context"]) if role == "np_dpo" else [None]:
+                per_prompt = []
+                for q in prompts:
+                    latent = None
+                    if role == "np_dpo":
+                        context = user_contexts(data, candidates, prompt_rows[q], n, count, gen).to(device)
+                        latent = policy.infer_latent(context)
+                    texts = sample_responses(policy, tokenizer, q, count, samples, latent, config, device)
+                    per_prompt.append(torch.tensor([toy_gold_reward(q, t, label) for t in texts]).view(count, samples))
+                scores[(name, label, n)] = torch.cat(per_prompt)
+    return scores
+
+
+def steering_table(scores, policies, labels, sizes):
+    """Rows of gold reward and win-rate against plain DPO; lines of Markdown; closure per label."""
+    dpo = next((name for name, (_, role) in policies.items() if role == "dpo"), None)
+    rows, lines = [], ["| model | label | " + " | ".join(f"n={n}" for n in sizes) + " |",
+                       "|---|---|" + "---|" * len(sizes)]
+    for name, (_, role) in policies.items():
+        for label in labels:
+            cells = []
+            for n in sizes:
+                s = scores.get((name, label, n if role == "np_dpo" else None))
+                if s is None:
+                    cells.append("")
+                    continue
+                row = {"model": name, "num_context": n, "label": label, "gold_reward": s.mean().item(),
+                       "sem": sem(s.mean(1)), "samples": s.numel()}
+                if dpo is not None and name != dpo:
+                    base = scores[(dpo, label, None)]
+                    wins = (s > base).float() + 0.5 * (s == base).float()
+                    row.update(win_rate=wins.mean().item(), win_rate_sem=sem(wins.mean(1)))
+                rows.append(row)
+                cells.append(f"{row['gold_reward']:.3f} ± {row['sem']:.3f}" +
+                             (f" (win {row['win_rate']:.2f})" if "win_rate" in row else ""))
+            if any(cells):
+                lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return rows, "\n".join(lines)
+
+
+def closure_lines(rows, policies, labels, sizes):
+    """Share of the gap from plain DPO to each label's oracle that NP-DPO closes at each n."""
+    gold = {(r["model"], r["label"], r["num_context"]): r["gold_reward"] for r in rows}
+    roles = {role: name for name, (_, role) in policies.items()}
+    if "dpo" not in roles or "np_dpo" not in roles:
+        return "Gap closure needs a plain DPO run and an NP-DPO run."
+    lines = ["Gap closure (NP-DPO - DPO) / (oracle - DPO), gold reward:"]
+    for label in labels:
+        oracle = roles.get(f"oracle:{label}")
+        if oracle is None:
+            lines.append(f"  {label}: no oracle run given")
+            continue
+        base, top = gold[(roles["dpo"], label, None)], gold[(oracle, label, None)]
+        lines.append(f"  {label}: " + ", ".join(
+            f"n={n} {(gold[(roles['np_dpo'], label, n)] - base) / (top - base):.2f}" for n in sizes))
+    return "\n".join(lines)
+
+
+def plot_steering(rows, labels, sizes, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 3.2), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            mine = [r for r in rows if r["model"] == model and r["label"] == label]
+            if len(mine) > 1:
+                ax.errorbar(sizes, [r["gold_reward"] for r in mine], yerr=[r["sem"] for r in mine], marker="o",
+                            capsize=3, label=model)
+            elif mine:
+                ax.axhline(mine[0]["gold_reward"], linestyle="--", label=model, color=f"C{len(ax.lines) + 1}")
+        ax.set_title(f"user type: {label}")
+        ax.set_xlabel("context pairs n")
+        ax.set_xticks(sizes)
+    axes[0][0].set_ylabel("gold reward of generations")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def evaluate_policies(paths, config, device):
+    from data import read_text_pairs
+
+    policies, data, token_pairs, tokenizer, run_config = load_policies(paths, device)
+    sizes = sorted(config["num_context"])
+    rows = implicit_reward_rows(policies, data, token_pairs, tokenizer.pad_token_id, config, device)
+    print(f"DPO implicit-reward accuracy (points ± SEM) on held-out conflicting pairs, split '{config['split']}'\n")
+    print(markdown(rows, sizes, float("inf")))
+    if run_config["data"]["toy"]:
+        text_rows = read_text_pairs(run_config["data"]["pairs"], run_config["data"]["skip_bad_lines"])
+        scores = steering_rows(policies, data, tokenizer, text_rows, config, device)
+        steer_rows, table = steering_table(scores, policies, data.labels, sizes)
+        print("\nGold reward of sampled responses (± SEM over prompt x context; win = win-rate against plain DPO)\n")
+        print(table + "\n\n" + closure_lines(steer_rows, policies, data.labels, sizes))
+        rows += steer_rows
+        if config["plot"]:
+            plot_steering(steer_rows, data.labels, sizes, os.path.join(config["out"] or run_dir_of(paths[0]),
+                                                                       "steering.png"))
+    else:
+        print("\nSteering by generation needs gold rewards: only the toy task has them.")
+    return rows
+
+
+def evaluate_rewards(paths, config, device):
+    models, data = load_models(paths, device)
+    sizes = sorted(config["num_context"])
+    sampler = EpisodeSampler(data, config["split"], config["num_targets"], max(sizes), seed=config["seed"])
+    rows, gaps = [], {}
+    for n in sizes:
+        accs, label_rows = score_context_size(models, data, sampler, n, config, device)
+        rows += table_rows(accs, label_rows, sampler.labels, n, config["max_label_rows"])
+        if BAYES in accs:
+            gaps.update({(name, n): accs[name] - accs[BAYES] for name in models})
+    print(f"split '{config['split']}' of {data.path}; accuracy ± SEM in points, {config['num_targets']} targets "
+          f"per episode; (!) = SEM above {100 * config['max_sem']:.2f} after {config['max_episodes']} episodes\n")
+    print(markdown(rows, sizes, config["max_sem"]) + "\n\n" + gap_lines(gaps, sizes))
+    if config["plot"]:
+        out = config["out"] or run_dir_of(paths[0])
+        plot_accuracy(rows, sizes, os.path.join(out, "accuracy.png"))
+        if data.dim == 1:
+            plot_reward_curves(models, data, sampler, os.path.join(out, "reward_curves.png"))
+    return rows
+
+
+def main(argv):
+    config, paths = load_config(DEFAULTS, argv, ALIASES)
+    check(len(paths) > 0, "run", "give at least one run dir or checkpoint")
+    check(config["split"] in ("train", "val", "test"), "split", "must be train, val or test")
+    check(len(config["num_context"]) > 0 and all(isinstance(n, int) and n >= 0 for n in config["num_context"]),
+          "num_context", "must be a non-empty list of non-negative integers")
+    check(config["max_sem"] > 0, "max_sem", "must be positive")
+    check(config["chunk"] > 0, "chunk", "must be positive")
+    check(config["max_episodes"] >= config["chunk"], "max_episodes", "must be at least chunk")
+    device = pick_device(config["device"])
+    out = config["out"] or run_dir_of(paths[0])
+    os.makedirs(out, exist_ok=True)
+    kinds = {is_policy_checkpoint(p) for p in paths}
+    check(len(kinds) == 1, "run", "give reward runs or policy runs, not both")
+    rows = (evaluate_policies if kinds.pop() else evaluate_rewards)(paths, config, device)
+    with open(os.path.join(out, "eval.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"\nwrote {out}/eval.json" + (" and plots" if config["plot"] else ""))
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, DataError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")

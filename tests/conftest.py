@@ -1,0 +1,49 @@
+"""Shared fixtures: every test runs in its own tmp dir, and one small NP-BTL (and one
+BTL) is trained once per session on a small copy of the paper's synthetic task."""
+
+import pytest
+
+import data
+import train_reward
+
+# A tiny model and schedule: a full run takes well under a second on 2 CPU cores.
+TINY = ["--model.hidden=16", "--model.encoder.hidden=16", "--model.encoder.latent_dim=4",
+        "--train.batch_size=8", "--train.steps=30", "--train.warmup_steps=5",
+        "--eval.interval=10", "--eval.episodes=16", "--eval.context_sizes=[0,3]"]
+
+
+def train(out_dir, data_path, *overrides):
+    """train_reward.main on `data_path`, writing to `out_dir`; returns the last val metrics."""
+    return train_reward.main([f"--out_dir={out_dir}", f"--data.path={data_path}", *overrides])
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Nothing a test writes by a relative path lands in the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def paper_path(tmp_path_factory):
+    """The paper's task with 4000 pairs (3200 / 400 / 400 per split, both types answer all)."""
+    path = str(tmp_path_factory.mktemp("data") / "paper.npz")
+    data.save_pairs(path, data.make_paper_synthetic(num_pairs=4000, seed=0))
+    return path
+
+
+@pytest.fixture(scope="session")
+def np_btl_run(tmp_path_factory, paper_path):
+    """(run dir, final val metrics) of NP-BTL trained 300 steps (about 3 s)."""
+    out_dir = str(tmp_path_factory.mktemp("np_btl"))
+    metrics = train(out_dir, paper_path, "--train.steps=300", "--train.warmup_steps=20",
+                    "--eval.interval=100", "--eval.episodes=128")
+    return out_dir, metrics
+
+
+@pytest.fixture(scope="session")
+def btl_run(tmp_path_factory, paper_path):
+    """(run dir, final val metrics) of the BTL baseline trained 100 steps."""
+    out_dir = str(tmp_path_factory.mktemp("btl"))
+    metrics = train(out_dir, paper_path, "--model.kind=btl", "--train.steps=100", "--train.warmup_steps=20",
+                    "--eval.interval=50", "--eval.episodes=128")
+    return out_dir, metrics

@@ -1,0 +1,169 @@
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+import data
+import train_reward
+from common import ConfigError, load_checkpoint, load_config
+from conftest import TINY, train
+from data import DataError
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# -----------------------------------------------------------------------------
+# end to end
+
+
+def test_np_btl_learns_the_paper_task(np_btl_run):
+    out_dir, metrics = np_btl_run
+    assert metrics["val/acc@10"] > 0.85
+    assert metrics["val/acc@10"] > metrics["val/acc@0"] + 0.1
+    assert {"ckpt_best.pt", "ckpt_last.pt", "config.yaml", "log.jsonl"} <= set(os.listdir(out_dir))
+    config, _ = load_config(train_reward.DEFAULTS, [os.path.join(out_dir, "config.yaml")])  # reusable as is
+    assert config == load_checkpoint(out_dir)["config"]
+    assert config["train"]["steps"] == 300 and config["out_dir"] == out_dir
+    log = read_log(out_dir)
+    assert [row["step"] for row in log] == [100, 200, 300]
+    assert {k: log[-1][k] for k in metrics} == metrics
+
+
+def test_checkpoints_hold_the_best_and_the_last_step(np_btl_run):
+    out_dir, _ = np_btl_run
+    log, best, last = read_log(out_dir), load_checkpoint(out_dir), load_checkpoint(os.path.join(out_dir, "ckpt_last.pt"))
+    best_row = min(log, key=lambda row: row["val/loss"])
+    assert best["step"] == best_row["step"] and best["best_val_loss"] == best_row["val/loss"]
+    assert last["step"] == 300 and last["best_val_loss"] == best["best_val_loss"]
+    assert {"model", "optimizer", "config", "step", "metrics", "sampler_rng", "torch_rng"} <= last.keys()
+
+
+@pytest.mark.parametrize("kind", ["btl", "dpl"])
+def test_baselines_train(tmp_path, paper_path, kind):
+    metrics = train(tmp_path, paper_path, f"--model.kind={kind}", "--train.steps=100", "--train.warmup_steps=20",
+                    "--eval.interval=100", "--eval.episodes=64")
+    assert metrics["val/acc@0"] > 0.65  # about 0.75 is the best a context-blind model can do
+
+
+def test_stochastic_np_btl_learns(tmp_path, paper_path):
+    metrics = train(tmp_path, paper_path, "--model.encoder.stochastic=true", "--model.encoder.aggregator=mean",
+                    "--train.steps=200", "--train.warmup_steps=20", "--eval.interval=200", "--eval.episodes=64",
+                    "--eval.context_sizes=[0,10]")
+    assert metrics["val/acc@10"] > 0.85
+
+
+def test_data_is_generated_at_a_missing_path(tmp_path):
+    path = str(tmp_path / "new" / "paper.npz")
+    train(tmp_path / "run", path, *TINY, "--train.steps=2")
+    assert data.load_pairs(path).meta["generator"] == "paper"
+
+
+def test_missing_data_without_a_generator_is_an_error(tmp_path):
+    path = str(tmp_path / "nope.npz")
+    with pytest.raises(DataError, match=f"{path}: file not found"):
+        train(tmp_path / "run", path, "--data.synthetic=null", *TINY)
+
+
+def test_lr_schedule_by_hand():
+    t = {"lr": 1.0, "min_lr": 0.1, "warmup_steps": 10, "steps": 110}
+    assert train_reward.lr_at(0, t) == pytest.approx(0.1)
+    assert train_reward.lr_at(9, t) == pytest.approx(1.0)
+    assert train_reward.lr_at(10, t) == pytest.approx(1.0)
+    assert train_reward.lr_at(60, t) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 2)))
+    assert train_reward.lr_at(110, t) == pytest.approx(0.1)
+
+
+# -----------------------------------------------------------------------------
+# config validation
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["--train.lr=-0.001"], "train.lr"),
+    (["--train.min_lr=0.01"], "train.min_lr"),  # above train.lr
+    (["--train.min_context=5", "--train.max_context=3"], "train.min_context"),
+    (["--train.min_context=-1"], "train.min_context"),
+    (["--train.steps=0"], "train.steps"),
+    (["--train.batch_size=0"], "train.batch_size"),
+    (["--train.num_targets=0"], "train.num_targets"),
+    (["--model.kind=gpt"], "model.kind"),
+    (["--model.encoder.aggregator=max"], "model.encoder.aggregator"),
+    (["--eval.interval=0"], "eval.interval"),
+    (["--eval.context_sizes=[1,-2]"], "eval.context_sizes"),
+    (["--data.synthetic=cubic"], "data.synthetic"),
+])
+def test_bad_config_names_the_key_before_writing_anything(tmp_path, overrides, key):
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        train(tmp_path / "run", tmp_path / "paper.npz", *overrides)
+    assert os.listdir(tmp_path) == []
+
+
+def test_unexpected_positional_argument(tmp_path):
+    with pytest.raises(ConfigError, match=r"unexpected arguments \['oops'\]"):
+        train_reward.main(["oops", f"--out_dir={tmp_path}"])
+
+
+def test_empty_context_sizes_is_refused(tmp_path, paper_path):
+    with pytest.raises(ConfigError, match="config key 'eval.context_sizes'"):
+        train(tmp_path / "run", paper_path, *TINY, "--eval.context_sizes=[]")
+
+
+def test_empty_value_is_refused(tmp_path, paper_path):
+    with pytest.raises(ConfigError, match="config key 'train.lr'"):
+        train(tmp_path / "run", paper_path, *TINY, "--train.lr=")
+
+
+# -----------------------------------------------------------------------------
+# stop and resume
+
+
+def signal_at_training_step(monkeypatch, step, sig):
+    """Deliver `sig` to this process while the training batch of `step` (1-based) is drawn."""
+    sample, drawn = data.EpisodeSampler.sample, [0]
+
+    def sample_and_signal(self, batch_size, num_context=None, label_rows=None):
+        if num_context is None:  # a training batch; validation fixes num_context
+            drawn[0] += 1
+            if drawn[0] == step:
+                os.kill(os.getpid(), sig)
+        return sample(self, batch_size, num_context, label_rows)
+
+    monkeypatch.setattr(data.EpisodeSampler, "sample", sample_and_signal)
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("stochastic, sig", [(False, signal.SIGINT), (True, signal.SIGTERM)],
+                         ids=["deterministic-SIGINT", "stochastic-SIGTERM"])
+def test_resume_equals_uninterrupted_training(tmp_path, paper_path, monkeypatch, stochastic, sig):
+    args = [*TINY, f"--model.encoder.stochastic={stochastic}", "--model.encoder.aggregator=attention"]
+    straight = train(tmp_path / "straight", paper_path, *args)
+
+    signal_at_training_step(monkeypatch, 17, sig)
+    with pytest.raises(SystemExit, match="stopped by a signal: .*ckpt_last.pt .* --resume"):
+        train(tmp_path / "resumed", paper_path, *args)
+    monkeypatch.undo()
+    assert load_checkpoint(str(tmp_path / "resumed" / "ckpt_last.pt"))["step"] == 17
+    resumed = train(tmp_path / "resumed", paper_path, *args, "--resume")
+
+    assert resumed == straight
+    assert read_log(tmp_path / "resumed") == read_log(tmp_path / "straight")
+    for name in ("ckpt_last.pt", "ckpt_best.pt"):
+        a, b = (load_checkpoint(str(tmp_path / run / name)) for run in ("straight", "resumed"))
+        assert a["step"] == b["step"] and a["best_val_loss"] == b["best_val_loss"]
+        assert_same_state(a["model"], b["model"])
+        assert all(torch.equal(x, y) for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())
+                   for x, y in zip(s.values(), t.values()))
+
+
+def test_resume_without_a_checkpoint_names_it(tmp_path, paper_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*ckpt_last.pt"):
+        train(tmp_path / "run", paper_path, *TINY, "--resume")

@@ -1,0 +1,328 @@
+"""
+Train a steerable policy with NP-DPO (or plain DPO, the baseline) on text pairs.
+
+    python train_policy.py                                     # configs/steer_text.yaml: the toy task, CPU
+    python train_policy.py configs/steer_text_dpo.yaml         # plain DPO on the same data (the baseline)
+    python train_policy.py configs/steer_text_oracle_concise.yaml   # DPO on one user type (the oracle)
+    python train_policy.py configs/uf_hh_dpo.yaml              # the paper's LLM setting (GPU and hub)
+    python train_policy.py --train.steps=100 --resume          # dotted overrides, continue a run
+
+Inputs (data.*): text pairs as JSONL (data.py's format) and, row-aligned with them,
+a feature-pair .npz of context embeddings (data.py embed). The context encoder reads
+the embeddings; the policy reads tokens. With data.toy (the default), missing inputs
+are built first: the toy text pairs, the base model fine-tuned on the mixed responses
+(the reference policy, written to policy.base), and its last-token embeddings.
+
+Writes to out_dir: config.yaml, log.jsonl, ckpt_best.pt (lowest val DPO loss) and
+ckpt_last.pt, which hold only LoRA, FiLM and encoder weights. Then:
+    python evaluate.py runs/steer_text_np_dpo runs/steer_text_dpo runs/steer_text_oracle_*
+    python policy.py runs/steer_text_np_dpo --context=choices.jsonl --prompt="tell me about cats ."
+
+An episode is one user: n context pairs (embeddings) and num_targets target pairs
+(tokens), disjoint; each target's DPO loss is conditioned on the episode's latent.
+"""
+
+import contextlib
+import math
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+import policy as policy_lib
+from common import (ConfigError, check, graceful_stop, load_checkpoint, load_config, log, pick_device,
+                    print_config, rng_state, save_config, seed_everything, set_rng_state)
+from data import (DataError, EpisodeSampler, collate_pairs, prompt_response_batch, last_token_embeddings, load_pairs, make_toy_text_pairs,
+                  read_text_pairs, save_pairs, select_labels, text_pairs_to_data, tokenize_pairs, toy_tokenizer,
+                  write_text_pairs)
+
+DEFAULTS = {
+    "out_dir": "runs/steer_text_np_dpo",  # checkpoints, config and logs go here
+    "seed": 0,  # seeds torch, numpy, python and the episode sampler
+    "device": "auto",  # auto = cuda if available, else cpu
+    "resume": False,  # continue from out_dir/ckpt_last.pt
+    "data": {
+        "pairs": "data/steer_text/pairs.jsonl",  # text pairs (JSONL, data.py)
+        "features": "data/steer_text/features.npz",  # context embeddings, row-aligned with pairs
+        "embedder": None,  # the model that embedded the features (used for new users); null = policy.base
+        "labels": None,  # train on these labels only (a label-specific oracle); null = all
+        "max_length": 64,  # prompt + response tokens; longer pairs are dropped and counted
+        "skip_bad_lines": False,  # drop malformed JSONL lines instead of stopping
+        "toy": True,  # build missing pairs, base model and features for the toy task
+        "toy_pairs": 6000,  # toy text pairs to generate
+        "toy_conflict_fraction": 0.8,  # share of toy pairs the two user types rank oppositely
+    },
+    "toy_model": {  # the tiny Llama-style base of the toy task, fine-tuned before DPO
+        "hidden_size": 64,  # model width
+        "layers": 2,  # decoder layers
+        "heads": 4,  # attention heads
+        "intermediate_size": 128,  # MLP width
+        "sft_steps": 800,  # fine-tuning steps on the mixed responses
+        "sft_batch_size": 64,  # sequences per fine-tuning step
+        "sft_lr": 3e-3,  # fine-tuning learning rate
+    },
+    "policy": dict(policy_lib.DEFAULTS, base="runs/steer_text_base"),  # see policy.DEFAULTS
+    "train": {
+        "steps": 600,  # optimizer steps
+        "batch_size": 8,  # episodes per step (each num_targets pairs)
+        "grad_accum": 1,  # micro-batches per optimizer step
+        "num_targets": 4,  # target pairs per episode
+        "min_context": 0,  # fewest context pairs in an episode
+        "max_context": 10,  # most context pairs in an episode
+        "beta": 0.1,  # DPO temperature
+        "nll_weight": 0.0,  # weight of the chosen responses' NLL per token added to the DPO loss (RPO)
+        "lr": 2e-3,  # peak AdamW learning rate
+        "min_lr": 2e-5,  # cosine decay floor
+        "warmup_steps": 30,  # linear warmup
+        "weight_decay": 0.0,  # AdamW weight decay
+        "grad_clip": 1.0,  # max gradient norm (0 = off)
+        "autocast": "bf16",  # on GPU: bf16 | fp16 | none; CPU always runs fp32
+    },
+    "eval": {
+        "interval": 100,  # steps between validations and checkpoints
+        "context_sizes": [0, 1, 3, 5, 10],  # n at which validation is scored
+        "episodes": 32,  # val episodes per context size
+        "num_targets": 4,  # target pairs per val episode
+    },
+}
+
+
+def validate_config(config):
+    t = config["train"]
+    check(t["lr"] > 0, "train.lr", "must be positive")
+    check(0 <= t["min_lr"] <= t["lr"], "train.min_lr", "must lie in [0, train.lr]")
+    check(t["steps"] > 0 and t["batch_size"] > 0 and t["grad_accum"] > 0, "train.steps",
+          "steps, batch_size and grad_accum must be positive")
+    check(t["beta"] > 0, "train.beta", "must be positive")
+    check(0 <= t["min_context"] <= t["max_context"], "train.min_context", "must lie in [0, train.max_context]")
+    check(t["autocast"] in ("bf16", "fp16", "none"), "train.autocast", "must be bf16, fp16 or none")
+    check(config["eval"]["interval"] > 0, "eval.interval", "must be positive")
+
+
+# -----------------------------------------------------------------------------
+# the toy task's inputs: text pairs, a fine-tuned base model, context embeddings
+
+
+def toy_base_config(m, vocab_size):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=m["hidden_size"], num_hidden_layers=m["layers"],
+                       num_attention_heads=m["heads"], num_key_value_heads=m["heads"],
+                       intermediate_size=m["intermediate_size"], max_position_embeddings=128,
+                       pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
+
+
+def finetune_base(model, token_pairs, m, seed):
+    """Supervised fine-tuning on both responses of every training pair (the mixed
+    distribution): mean negative log-likelihood of the response tokens."""
+    sequences = [(prompt, response) for prompt, responses in token_pairs for response in responses]
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=m["sft_lr"])
+    model.train()
+    for step in tqdm(range(m["sft_steps"]), desc="fine-tune base", mininterval=1.0):
+        rows = torch.randint(len(sequences), (m["sft_batch_size"],), generator=gen).tolist()
+        batch = prompt_response_batch([sequences[i][0] for i in rows], [sequences[i][1] for i in rows], pad_id=0)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logps = policy_lib.sequence_logprob(logits, batch["input_ids"], batch["response_mask"])  # (b,)
+        loss = -logps.sum() / batch["response_mask"].sum()
+        for group in optimizer.param_groups:
+            group["lr"] = m["sft_lr"] * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / m["sft_steps"]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    print(f"fine-tuned base: last response NLL per token {loss.item():.3f}")
+    return model.eval()
+
+
+def build_toy_inputs(config):
+    """Writes whichever of the toy pairs, base model and features is missing."""
+    d, base_dir = config["data"], config["policy"]["base"]
+    if not os.path.exists(d["pairs"]):
+        write_text_pairs(d["pairs"], make_toy_text_pairs(d["toy_pairs"], d["toy_conflict_fraction"], config["seed"]))
+        print(f"wrote the toy text pairs to {d['pairs']}")
+    rows = read_text_pairs(d["pairs"])
+    tokenizer = toy_tokenizer()
+    token_pairs, dropped = tokenize_pairs(rows, tokenizer, d["max_length"])
+    check(dropped == 0, "data.max_length", f"{dropped} toy pairs are longer; raise it")
+    if not os.path.exists(os.path.join(base_dir, "config.json")):
+        torch.manual_seed(config["seed"])
+        base = policy_lib.build_base_model(toy_base_config(config["toy_model"], len(tokenizer)))
+        train_rows = [pair for pair, row in zip(token_pairs, rows) if row["split"] == "train"]
+        finetune_base(base, train_rows, config["toy_model"], config["seed"])
+        base.save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
+        print(f"wrote the fine-tuned base model to {base_dir}")
+    if not os.path.exists(d["features"]):
+        base = policy_lib.build_base_model(base_dir).eval()
+        sequences = [p + r for p, pair in token_pairs for r in pair]
+        features = last_token_embeddings(base, sequences, tokenizer.pad_token_id).view(len(rows), 2, -1)
+        save_pairs(d["features"], text_pairs_to_data(rows, features, d["features"]))
+        print(f"wrote context embeddings {tuple(features.shape)} to {d['features']}")
+
+
+def load_inputs(config):
+    """Text pairs, their context features (labels, splits, choices) and tokens."""
+    from transformers import AutoTokenizer
+
+    d, p = config["data"], config["policy"]
+    if d["toy"]:
+        build_toy_inputs(config)
+    rows = read_text_pairs(d["pairs"], d["skip_bad_lines"])
+    data = load_pairs(d["features"])
+    if len(rows) != len(data.pairs):
+        raise DataError(f"{d['features']}: {len(data.pairs)} rows, but {d['pairs']} has {len(rows)} pairs; "
+                        "the features must be row-aligned with the pairs (embed them again)")
+    tokenizer = AutoTokenizer.from_pretrained(p["base"], trust_remote_code=p["trust_remote_code"])
+    token_pairs, dropped = tokenize_pairs(rows, tokenizer, d["max_length"])
+    if dropped:
+        print(f"dropped {dropped} of {len(rows)} pairs longer than data.max_length = {d['max_length']} tokens")
+        data.choices[torch.tensor([t is None for t in token_pairs])] = -1
+    if d["labels"]:
+        data = select_labels(data, d["labels"])
+    return data, token_pairs, tokenizer
+
+
+# -----------------------------------------------------------------------------
+# batches, validation, checkpoints
+
+
+def make_batch(sampler, token_pairs, batch_size, pad_id, device, num_context=None):
+    return episode_batch(sampler.sample(batch_size, num_context=num_context), token_pairs, pad_id, device)
+
+
+def episode_batch(episodes, token_pairs, pad_id, device):
+    """Episodes -> the context (B, n, 2, D) with its mask and the target pairs' tokens (B * T rows)."""
+    n = episodes["context"].shape[1]
+    targets, flipped = episodes["pair_idx"][:, n:], episodes["flipped"][:, n:]  # (B, T) each
+    batch = collate_pairs(token_pairs, targets.reshape(-1), flipped.reshape(-1), pad_id)
+    batch.update(context=episodes["context"], context_mask=episodes["context_mask"])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def autocast(device, kind):
+    if device.type != "cuda" or kind == "none":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if kind == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def validate(policy, data, token_pairs, pad_id, config, device):
+    """DPO loss and implicit-reward accuracy on fixed val episodes at each context size."""
+    e, t = config["eval"], config["train"]
+    sampler = EpisodeSampler(data, "val", e["num_targets"], max(e["context_sizes"]), seed=config["seed"] + 1)
+    policy.eval()
+    metrics, losses = {}, []
+    for n in e["context_sizes"]:
+        batch = make_batch(sampler, token_pairs, e["episodes"], pad_id, device, num_context=n)
+        with autocast(device, t["autocast"]):
+            loss, step_metrics = policy_lib.dpo_step(policy, batch, t["beta"], t["nll_weight"])
+        losses.append(loss.item())
+        metrics[f"val/acc@{n}"] = step_metrics["rewards/accuracies"]
+    policy.train()
+    return {"val/loss": sum(losses) / len(losses), **metrics}
+
+
+def save(name, policy, optimizer, sampler, config, step, best_val_loss, metrics):
+    policy_lib.save_policy(os.path.join(config["out_dir"], name), policy, config, step,
+                           optimizer=optimizer.state_dict(), best_val_loss=best_val_loss, metrics=metrics,
+                           sampler_rng=sampler.gen.get_state(), torch_rng=rng_state())
+
+
+def lr_at(step, t):
+    if step < t["warmup_steps"]:
+        return t["lr"] * (step + 1) / t["warmup_steps"]
+    progress = min(1.0, (step - t["warmup_steps"]) / max(1, t["steps"] - t["warmup_steps"]))
+    return t["min_lr"] + 0.5 * (t["lr"] - t["min_lr"]) * (1 + math.cos(math.pi * progress))
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+def train(policy, optimizer, sampler, data, token_pairs, pad_id, config, device, step, best_val_loss):
+    """Returns (last validation metrics, True if stopped early by SIGINT/SIGTERM)."""
+    t = config["train"]
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t["autocast"] == "fp16")
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    progress = tqdm(range(step, t["steps"]), initial=step, total=t["steps"], desc="train", mininterval=1.0)
+    metrics = {}
+    with graceful_stop() as stop:
+        for step in progress:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, t)
+            for _ in range(t["grad_accum"]):
+                batch = make_batch(sampler, token_pairs, t["batch_size"], pad_id, device)
+                with autocast(device, t["autocast"]):
+                    loss, train_metrics = policy_lib.dpo_step(policy, batch, t["beta"], t["nll_weight"])
+                scaler.scale(loss / t["grad_accum"]).backward()
+            if t["grad_clip"] > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, t["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            progress.set_postfix(loss=f"{train_metrics['loss']:.4f}",
+                                 acc=f"{train_metrics['rewards/accuracies']:.3f}", refresh=False)
+            done = step + 1
+            at_interval = done % config["eval"]["interval"] == 0 or done == t["steps"]
+            if at_interval:
+                metrics = validate(policy, data, token_pairs, pad_id, config, device)
+                if metrics["val/loss"] < best_val_loss:
+                    best_val_loss = metrics["val/loss"]
+                    save("ckpt_best.pt", policy, optimizer, sampler, config, done, best_val_loss, metrics)
+                log({"step": done, "lr": lr_at(step, t), **{f"train/{k}": v for k, v in train_metrics.items()},
+                     **metrics}, config["out_dir"])
+            if at_interval or stop["signal"]:
+                save("ckpt_last.pt", policy, optimizer, sampler, config, done, best_val_loss, metrics)
+            if stop["signal"]:
+                progress.close()
+                return metrics, True
+    return metrics, False
+
+
+def main(argv):
+    # ---- config
+    config, rest = load_config(DEFAULTS, argv or ["configs/steer_text.yaml"])
+    if rest:
+        raise ConfigError(f"unexpected arguments {rest} (give one .yaml file and --key=value overrides)")
+    validate_config(config)
+    print_config(config)
+    save_config(config, config["out_dir"])
+    # ---- seed and device
+    seed_everything(config["seed"])
+    device = pick_device(config["device"])
+    # ---- data
+    data, token_pairs, tokenizer = load_inputs(config)
+    t, p = config["train"], config["policy"]
+    sampler = EpisodeSampler(data, "train", t["num_targets"], t["max_context"], t["min_context"], seed=config["seed"])
+    print(f"data: {len(sampler.labels)} train labels {sampler.labels[:5]}, context features of dimension {data.dim}")
+    # ---- model and optimizer
+    base = policy_lib.build_base_model(p["base"], p["dtype"], p["trust_remote_code"])
+    policy = policy_lib.SteerablePolicy(base, p, context_dim=data.dim).to(device)
+    trainable = [q for q in policy.parameters() if q.requires_grad]
+    print(f"policy: {sum(q.numel() for q in trainable):,} trained parameters "
+          f"(LoRA{', FiLM, encoder' if policy.encoder is not None else ''}) on a {p['base']} base")
+    optimizer = torch.optim.AdamW(trainable, lr=t["lr"], weight_decay=t["weight_decay"])
+    step, best_val_loss = 0, float("inf")
+    if config["resume"]:
+        checkpoint = load_checkpoint(os.path.join(config["out_dir"], "ckpt_last.pt"), map_location=device)
+        policy.load_trained_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        sampler.gen.set_state(checkpoint["sampler_rng"])
+        set_rng_state(checkpoint["torch_rng"])
+        step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+        print(f"resumed from step {step}")
+    # ---- loop
+    metrics, stopped = train(policy, optimizer, sampler, data, token_pairs, tokenizer.pad_token_id, config, device,
+                             step, best_val_loss)
+    if stopped:
+        sys.exit(f"stopped by a signal: {config['out_dir']}/ckpt_last.pt holds the last step; continue with --resume")
+    print(f"done: best checkpoint {config['out_dir']}/ckpt_best.pt")
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, DataError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,218 @@
+"""
+Train a reward model (NP-BTL, BTL or DPL) on feature pairs.
+
+    python train_reward.py configs/synthetic.yaml              # NP-BTL on the paper's task
+    python train_reward.py configs/synthetic_btl.yaml          # the BTL baseline
+    python train_reward.py configs/synthetic.yaml --train.steps=500 --out_dir=runs/short
+    python train_reward.py configs/synthetic.yaml --resume     # continue the run in out_dir
+
+Writes to out_dir: config.yaml, log.jsonl, ckpt_best.pt (lowest validation loss) and
+ckpt_last.pt. Then: python evaluate.py runs/synthetic_np_btl
+
+Episodes: one user (label) each, n context pairs (n uniform in [min_context,
+max_context]) and num_targets target pairs, disjoint; the loss is on targets only.
+Validation scores the same fixed val episodes at every eval, at each context size.
+"""
+
+import math
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from common import (ConfigError, check, graceful_stop, load_checkpoint, load_config, log, pick_device, print_config,
+                    rng_state, save_checkpoint, save_config, seed_everything, set_rng_state)
+from data import DataError, EpisodeSampler, load_pairs, make_linear_synthetic, make_paper_synthetic, save_pairs
+from reward import MODEL_KINDS, build_model, choice_correct
+
+DEFAULTS = {
+    "out_dir": "runs/synthetic_np_btl",  # checkpoints, config and logs go here
+    "seed": 0,  # seeds torch, numpy, python and the episode sampler
+    "device": "auto",  # auto = cuda if available, else cpu
+    "resume": False,  # continue from out_dir/ckpt_last.pt
+    "data": {
+        "path": "data/paper_synthetic.npz",  # feature-pair .npz (format: data.py)
+        "synthetic": "paper",  # if path is missing, generate it: paper | linear | null (never)
+    },
+    "model": {
+        "kind": "np_btl",  # np_btl | btl | dpl
+        "hidden": 64,  # reward MLP width
+        "layers": 3,  # reward MLP hidden layers
+        "kl_beta": 1.0,  # KL weight in the ELBO (stochastic np_btl only)
+        "encoder": {
+            "hidden": 64,  # context encoder width
+            "layers": 2,  # pair-embedding MLP layers
+            "latent_dim": 16,  # size of z
+            "aggregator": "attention",  # attention (a learned query attends to the pairs) | mean | sum
+            "stochastic": False,  # Gaussian z trained by the ELBO, else deterministic
+        },
+    },
+    "train": {
+        "steps": 3000,  # optimizer steps
+        "batch_size": 64,  # episodes per step
+        "num_targets": 20,  # target pairs per episode
+        "min_context": 0,  # fewest context pairs in a training episode
+        "max_context": 10,  # most context pairs in a training episode
+        "lr": 1e-3,  # peak AdamW learning rate
+        "min_lr": 1e-5,  # cosine decay floor
+        "warmup_steps": 100,  # linear warmup
+        "weight_decay": 0.0,  # AdamW weight decay
+        "grad_clip": 1.0,  # max gradient norm (0 = off)
+    },
+    "eval": {
+        "interval": 250,  # steps between validations and checkpoints
+        "context_sizes": [0, 1, 3, 5, 10],  # n at which validation is scored
+        "episodes": 256,  # val episodes per context size
+        "num_targets": 20,  # target pairs per val episode
+    },
+}
+
+
+def validate_config(config):
+    t, e = config["train"], config["eval"]
+    check(config["model"]["kind"] in MODEL_KINDS, "model.kind", f"must be one of {MODEL_KINDS}")
+    check(config["model"]["encoder"]["aggregator"] in ("mean", "sum", "attention"), "model.encoder.aggregator",
+          "must be mean, sum or attention")
+    check(t["lr"] > 0, "train.lr", "must be positive")
+    check(0 <= t["min_lr"] <= t["lr"], "train.min_lr", "must lie in [0, train.lr]")
+    check(t["steps"] > 0, "train.steps", "must be positive")
+    check(t["batch_size"] > 0, "train.batch_size", "must be positive")
+    check(t["num_targets"] > 0, "train.num_targets", "must be positive")
+    check(0 <= t["min_context"] <= t["max_context"], "train.min_context", "must lie in [0, train.max_context]")
+    check(e["interval"] > 0, "eval.interval", "must be positive")
+    check(len(e["context_sizes"]) > 0 and all(isinstance(n, int) and n >= 0 for n in e["context_sizes"]),
+          "eval.context_sizes", "must be a non-empty list of non-negative integers")
+    check(config["data"]["synthetic"] in ("paper", "linear", None), "data.synthetic", "must be paper, linear or null")
+
+
+def prepare_data(data_config):
+    """Load data.path, generating it first if it is missing and a generator is named."""
+    path, generator = data_config["path"], data_config["synthetic"]
+    if not os.path.exists(path) and generator is not None:
+        print(f"{path} not found: generating the '{generator}' synthetic task there")
+        save_pairs(path, make_paper_synthetic() if generator == "paper" else make_linear_synthetic())
+    return load_pairs(path)
+
+
+def lr_at(step, t):
+    """Linear warmup, then cosine decay to min_lr."""
+    if step < t["warmup_steps"]:
+        return t["lr"] * (step + 1) / t["warmup_steps"]
+    progress = (step - t["warmup_steps"]) / max(1, t["steps"] - t["warmup_steps"])
+    return t["min_lr"] + 0.5 * (t["lr"] - t["min_lr"]) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def validate(model, data, config, device):
+    """Loss and accuracy on fixed val episodes at each context size in eval.context_sizes."""
+    e, t = config["eval"], config["train"]
+    sizes = e["context_sizes"]
+    sampler = EpisodeSampler(data, "val", e["num_targets"], max(sizes), seed=config["seed"] + 1)
+    model.eval()
+    metrics, losses = {}, []
+    for n in sizes:
+        batch = to_device(sampler.sample(e["episodes"], num_context=n), device)
+        log_prob = model.log_prob_chosen(batch)
+        losses.append(-log_prob.mean().item())
+        metrics[f"val/acc@{n}"] = choice_correct(log_prob).mean().item()
+    model.train()
+    return {"val/loss": sum(losses) / len(losses), **metrics}
+
+
+def make_checkpoint(model, optimizer, sampler, config, step, best_val_loss, metrics):
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
+            "step": step, "best_val_loss": best_val_loss, "metrics": metrics,
+            "sampler_rng": sampler.gen.get_state(), "torch_rng": rng_state()}
+
+
+def restore(checkpoint, model, optimizer, sampler):
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    sampler.gen.set_state(checkpoint["sampler_rng"])
+    set_rng_state(checkpoint["torch_rng"])
+    return checkpoint["step"], checkpoint["best_val_loss"]
+
+
+def train(model, optimizer, sampler, data, config, device, step, best_val_loss):
+    """The loop. Returns (last validation metrics, True if stopped early by SIGINT/SIGTERM).
+
+    A stop signal ends the current step, saves ckpt_last.pt and returns: --resume then
+    continues exactly as if the run had not been interrupted.
+    """
+    t, out_dir = config["train"], config["out_dir"]
+    progress = tqdm(range(step, t["steps"]), initial=step, total=t["steps"], desc="train", mininterval=1.0)
+    metrics = {}
+    with graceful_stop() as stop:
+        for step in progress:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, t)
+            batch = to_device(sampler.sample(t["batch_size"]), device)
+            loss, train_metrics = model.loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if t["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+            optimizer.step()
+            progress.set_postfix(loss=f"{train_metrics['loss']:.4f}", acc=f"{train_metrics['acc']:.3f}", refresh=False)
+            done = step + 1
+            at_interval = done % config["eval"]["interval"] == 0 or done == t["steps"]
+            if at_interval:
+                metrics = validate(model, data, config, device)
+                if metrics["val/loss"] < best_val_loss:
+                    best_val_loss = metrics["val/loss"]
+                    save_checkpoint(os.path.join(out_dir, "ckpt_best.pt"), make_checkpoint(
+                        model, optimizer, sampler, config, done, best_val_loss, metrics))
+                log({"step": done, "lr": lr_at(step, t), **{f"train/{k}": v for k, v in train_metrics.items()},
+                     **metrics}, out_dir)
+            if at_interval or stop["signal"]:
+                save_checkpoint(os.path.join(out_dir, "ckpt_last.pt"), make_checkpoint(
+                    model, optimizer, sampler, config, done, best_val_loss, metrics))
+            if stop["signal"]:
+                progress.close()
+                return metrics, True
+    return metrics, False
+
+
+def main(argv):
+    # ---- config
+    config, rest = load_config(DEFAULTS, argv)
+    if rest:
+        raise ConfigError(f"unexpected arguments {rest} (give one .yaml file and --key=value overrides)")
+    validate_config(config)
+    print_config(config)
+    save_config(config, config["out_dir"])
+    # ---- seed and device
+    seed_everything(config["seed"])
+    device = pick_device(config["device"])
+    # ---- data
+    data = prepare_data(config["data"])
+    t = config["train"]
+    sampler = EpisodeSampler(data, "train", t["num_targets"], t["max_context"], t["min_context"], seed=config["seed"])
+    print(f"data: {data.path}, {len(sampler.labels)} train labels, option dim {data.dim}")
+    # ---- model and optimizer
+    model = build_model(config["model"], data.dim).to(device)
+    print(f"model: {config['model']['kind']}, {sum(p.numel() for p in model.parameters())} parameters")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+    step, best_val_loss = 0, float("inf")
+    if config["resume"]:
+        checkpoint = load_checkpoint(os.path.join(config["out_dir"], "ckpt_last.pt"))
+        step, best_val_loss = restore(checkpoint, model, optimizer, sampler)
+        print(f"resumed from step {step}")
+    # ---- loop
+    metrics, stopped = train(model, optimizer, sampler, data, config, device, step, best_val_loss)
+    if stopped:
+        sys.exit(f"stopped by a signal: {config['out_dir']}/ckpt_last.pt holds the last step; continue with --resume")
+    print(f"done: best checkpoint {config['out_dir']}/ckpt_best.pt")
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, DataError) as e:
+        sys.exit(f"error: {e}")
