@@ -11,6 +11,7 @@ of the wrong type is an error that names the key; `???` marks a required value.
 import contextlib
 import copy
 import json
+import math
 import os
 import random
 import signal
@@ -126,9 +127,12 @@ def print_config(config):
 
 
 def save_config(config, out_dir):
+    """Writes out_dir/config.yaml; a fresh (not resumed) run also starts a new log.jsonl."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
+    if not config.get("resume") and os.path.exists(os.path.join(out_dir, "log.jsonl")):
+        os.remove(os.path.join(out_dir, "log.jsonl"))
 
 
 # -----------------------------------------------------------------------------
@@ -145,6 +149,15 @@ def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def lr_at(step, t):
+    """Learning rate at `step` for a `train` config section: linear warmup over
+    warmup_steps, then cosine decay from lr to min_lr at `steps`."""
+    if step < t["warmup_steps"]:
+        return t["lr"] * (step + 1) / t["warmup_steps"]
+    progress = min(1.0, (step - t["warmup_steps"]) / max(1, t["steps"] - t["warmup_steps"]))
+    return t["min_lr"] + 0.5 * (t["lr"] - t["min_lr"]) * (1 + math.cos(math.pi * progress))
 
 
 def log(metrics, out_dir=None):

@@ -5,13 +5,31 @@ and the episode sampler for meta-training.
     python data.py synthetic --out=data/paper_synthetic.npz        # the paper's task
     python data.py synthetic --generator=linear --dim=8 --num_types=4 --temperature=0.1 --out=data/linear.npz
     python data.py synthetic --generator=linear --num_users=2000 --pairs_per_user=40 --out=data/users.npz
+    python data.py ultrafeedback --out=data/uf_hh                    # UltraFeedback HH text pairs (hub)
+    python data.py ultrafeedback --source=uf.jsonl --labels=[helpfulness,honesty,truthfulness] --out=data/uf_hht
+    python data.py embed --model=meta-llama/Meta-Llama-3-8B --in=data/uf_hh/pairs.jsonl --out=data/uf_hh/features.npz
+
+`ultrafeedback` writes OUT/pairs.jsonl, text pairs (format below) of every two
+completions of a prompt, one label per annotation aspect (`labels`): pairs where a
+label ties or says N/A are dropped, and `conflict_fraction` of the rest (1.0, as in the
+paper: all) are pairs the labels rank oppositely. The source is a hub dataset name or
+a local .json/.jsonl/.parquet file or folder (parquet needs pyarrow).
+
+`embed` writes the feature-pair .npz of a text-pair JSONL, row-aligned with it:
+per response, the final hidden layer at the last token of prompt + response for a
+decoder (chat template included, as the policy sees it), or its mean over the tokens
+for an encoder. Interrupted, it continues from OUT.partial/ when run again.
 
 On-disk format (`.npz`), one row per pair of options:
     pairs    float32 [N, 2, D]  features of the two options
     choices  int8    [N, L]     per label: 0 = first preferred, 1 = second, -1 = unknown or tie
     labels   str     [L]        names of the user types / annotators
     split    str     [N]        'train', 'val' or 'test'
-    meta     str     []         optional JSON: the generator, for Bayes-optimal accuracy
+    meta     str     []         optional JSON: the generator (for Bayes-optimal accuracy) or the embedder
+    ids      str     [N]        optional: the text pair each row came from (its JSONL 'id', else its row number)
+
+Text pairs (JSONL), one per line: prompt, response_a, response_b, choices {label: 0 | 1
+| null} (0 = response_a preferred), optional split and id.
 
 Departures from the paper's code:
 1. Context and target pairs of an episode are drawn disjoint, and only targets are
@@ -19,17 +37,29 @@ Departures from the paper's code:
    positions n..N as unseen, although about half of them are context pairs.
 2. A label (user) may answer pairs in one split only, so test users can be users the
    model never saw; a label answering in several splits must answer in all of them.
+3. UltraFeedback pairs are split 80/10/10 by prompt, so no prompt is in two splits; the
+   paper's code splits by pair, which puts the same prompts in train and test.
+4. `embed` refuses a pair longer than max_length (with a count and the first row)
+   instead of truncating it or dropping it: a truncated pair has no response end to
+   embed, and a dropped one would break the row alignment train_policy.py relies on.
 """
 
+import glob
+import hashlib
+import itertools
 import json
+import math
 import os
+import re
+import shutil
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from common import REQUIRED, load_config
+from common import REQUIRED, ConfigError, check, load_config, pick_device, print_config
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -47,6 +77,7 @@ class PreferenceData:
     split: np.ndarray  # (N,) str
     meta: dict  # generator description, {} if unknown
     path: str = "<memory>"
+    ids: np.ndarray = None  # (N,) str row ids of the text pairs the features came from, or None
 
     @property
     def dim(self):
@@ -174,7 +205,8 @@ def save_pairs(path, data):
     tmp = f"{path}.tmp{os.getpid()}.npz"
     np.savez(tmp, pairs=data.pairs.numpy().astype(np.float32), choices=data.choices.numpy().astype(np.int8),
              labels=np.array(data.labels, dtype=str), split=np.asarray(data.split, dtype=str),
-             meta=np.array(json.dumps(data.meta)))
+             meta=np.array(json.dumps(data.meta)),
+             **({} if data.ids is None else {"ids": np.asarray(data.ids, dtype=str)}))
     os.replace(tmp, path)
 
 
@@ -192,9 +224,13 @@ def load_pairs(path):
         raise DataError(f"{path}: missing arrays {sorted(missing)}")
     validate_arrays(path, arrays["pairs"], arrays["choices"], arrays["labels"], arrays["split"])
     meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {}
+    ids = arrays.get("ids")
+    if ids is not None and ids.shape != (len(arrays["pairs"]),):
+        raise DataError(f"{path}: 'ids' must have shape [N] with N = {len(arrays['pairs'])}, got {list(ids.shape)}")
     return PreferenceData(torch.from_numpy(arrays["pairs"].astype(np.float32)),
                           torch.from_numpy(arrays["choices"].astype(np.int8)),
-                          [str(x) for x in arrays["labels"]], arrays["split"].astype(str), meta, path)
+                          [str(x) for x in arrays["labels"]], arrays["split"].astype(str), meta, path,
+                          None if ids is None else ids.astype(str))
 
 
 def validate_arrays(path, pairs, choices, labels, split):
@@ -237,7 +273,8 @@ def select_labels(data, labels):
     if unknown:
         raise DataError(f"{data.path}: no label '{unknown[0]}' (labels: {', '.join(data.labels)})")
     columns = [data.labels.index(l) for l in labels]
-    return PreferenceData(data.pairs, data.choices[:, columns], list(labels), data.split, data.meta, data.path)
+    return PreferenceData(data.pairs, data.choices[:, columns], list(labels), data.split, data.meta, data.path,
+                          data.ids)
 
 
 # -----------------------------------------------------------------------------
@@ -343,12 +380,15 @@ def read_text_pairs(path, skip_bad=False):
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
     rows, problems = [], []
-    with open(path) as f:
+    with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                problems.append(f"{path}:{number}: not UTF-8 text")
+                continue
             except json.JSONDecodeError as e:
                 problems.append(f"{path}:{number}: invalid JSON ({e.msg})")
                 continue
@@ -374,7 +414,8 @@ def write_text_pairs(path, rows):
 
 
 def text_pairs_to_data(rows, features, path="<memory>"):
-    """PreferenceData from text-pair rows and their option features (N, 2, D)."""
+    """PreferenceData from text-pair rows and their option features (N, 2, D); a row's id
+    is its 'id' field, or its row number if it has none."""
     labels = sorted({label for row in rows for label in row["choices"]})
     choices = torch.full((len(rows), len(labels)), -1, dtype=torch.int8)
     for i, row in enumerate(rows):
@@ -382,7 +423,8 @@ def text_pairs_to_data(rows, features, path="<memory>"):
             if row["choices"].get(label) is not None:
                 choices[i, j] = row["choices"][label]
     split = np.array([row.get("split", "train") for row in rows], dtype="<U5")
-    return PreferenceData(features.float(), choices, labels, split, {}, path)
+    ids = np.array([str(row.get("id", i)) for i, row in enumerate(rows)], dtype=str)
+    return PreferenceData(features.float(), choices, labels, split, {}, path, ids)
 
 
 # -----------------------------------------------------------------------------
@@ -449,10 +491,25 @@ def collate_pairs(token_pairs, pair_idx, flipped, pad_id):
     return batch
 
 
+def last_token(hidden, mask):
+    """Hidden state at each row's last real token of a right-padded batch. (b, T, H), (b, T) -> (b, H)"""
+    return hidden[torch.arange(len(mask), device=hidden.device), mask.sum(1) - 1]
+
+
+def mean_pool(hidden, mask):
+    """Mean hidden state over each row's real tokens, in float32. (b, T, H), (b, T) -> (b, H)"""
+    weights = mask[..., None].float()  # (b, T, 1)
+    return (hidden.float() * weights).sum(1) / weights.sum(1)
+
+
+POOLING = {"last": last_token, "mean": mean_pool}
+
+
 @torch.no_grad()
-def last_token_embeddings(model, sequences, pad_id, batch_size=64):
-    """Final-layer hidden state at each sequence's last token, (N, H). Batches are
-    sorted by length to waste little padding; the sequences are right-padded."""
+def sequence_embeddings(model, sequences, pad_id, batch_size=64, pooling="last"):
+    """Final-layer hidden states pooled per sequence ('last' token or 'mean' over tokens),
+    (N, H) float32 on the CPU. Batches are sorted by length to waste little padding; the
+    sequences are right-padded."""
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     out = [None] * len(sequences)
     device = next(model.parameters()).device
@@ -461,10 +518,15 @@ def last_token_embeddings(model, sequences, pad_id, batch_size=64):
         ids, mask = pad_right([sequences[i] for i in chunk], pad_id)
         ids, mask = ids.to(device), mask.to(device)
         hidden = model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states[-1]
-        last = hidden[torch.arange(len(chunk), device=device), mask.sum(1) - 1]  # (b, H)
+        pooled = POOLING[pooling](hidden, mask).float().cpu()  # (b, H)
         for row, i in enumerate(chunk):
-            out[i] = last[row].float().cpu()
+            out[i] = pooled[row]
     return torch.stack(out)
+
+
+def last_token_embeddings(model, sequences, pad_id, batch_size=64):
+    """Final-layer hidden state at each sequence's last token, (N, H)."""
+    return sequence_embeddings(model, sequences, pad_id, batch_size, "last")
 
 
 # -----------------------------------------------------------------------------
@@ -552,6 +614,346 @@ def make_toy_text_pairs(num_pairs=6000, conflict_fraction=0.8, seed=0):
 
 
 # -----------------------------------------------------------------------------
+# UltraFeedback: pairs of a prompt's rated completions, as text pairs
+#
+# A source row has 'instruction' and 'completions'; each completion has 'response' and
+# 'annotations' {label: {'Rating': '1'..'5' or 'N/A', ...}}. Every label is a user.
+
+UF_LABELS = ("helpfulness", "honesty", "truthfulness", "instruction_following")
+UF_FORMATS = (".jsonl", ".parquet", ".json")  # in this order of preference inside a folder
+
+
+def download_dataset(name):
+    """A local snapshot of the hub dataset `name`, data files only."""
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name, repo_type="dataset", allow_patterns=[f"*{ext}" for ext in UF_FORMATS])
+    except Exception as e:  # offline, no such repo, no access
+        raise DataError(f"{name}: not a local file or folder, and downloading it from the Hugging Face hub "
+                        f"failed ({type(e).__name__}: {e})") from e
+
+
+def source_files(source):
+    """The data files of `source`: a file, a folder (its files of the first format in
+    UF_FORMATS found), or else a hub dataset name ('owner/name'), downloaded."""
+    if not os.path.exists(source):
+        if source.endswith(UF_FORMATS) or not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+            raise DataError(f"{source}: file not found (give a .json, .jsonl or .parquet file, a folder, "
+                            "or a hub dataset name such as openbmb/UltraFeedback)")
+        source = download_dataset(source)
+    if os.path.isfile(source):
+        if not source.endswith(UF_FORMATS):
+            raise DataError(f"{source}: unknown format (expected .json, .jsonl or .parquet)")
+        return [source]
+    for ext in UF_FORMATS:
+        files = sorted(glob.glob(os.path.join(source, "**", f"*{ext}"), recursive=True))
+        if files:
+            return files
+    raise DataError(f"{source}: no .jsonl, .parquet or .json files in this folder")
+
+
+def json_records(path):
+    """(where, object, problem) for each record of a JSON-lines file, streamed, or of a
+    JSON list (a .json file may be either)."""
+    with open(path, "rb") as f:
+        is_list = path.endswith(".json") and f.read(4096).lstrip()[:1] == b"["
+        f.seek(0)
+        if is_list:
+            try:
+                items = json.loads(f.read().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DataError(f"{path}: not a valid JSON file ({e})") from e
+            yield from ((f"item {i}", item, None) for i, item in enumerate(items))
+            return
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {number}", json.loads(line.decode("utf-8")), None
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                yield f"line {number}", None, f"invalid JSON ({getattr(e, 'msg', 'not UTF-8 text')})"
+
+
+def parquet_records(path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
+                        "or give a .json/.jsonl copy") from None
+    try:
+        table = pq.read_table(path, columns=["instruction", "completions"])
+    except Exception as e:
+        raise DataError(f"{path}: not a readable UltraFeedback parquet file ({type(e).__name__}: {e})") from e
+    yield from ((f"row {i}", row, None) for i, row in enumerate(table.to_pylist()))
+
+
+def parse_rating(value):
+    """A Rating ('4', '4.5', 4, 'N/A') as a float, None for N/A; ValueError otherwise."""
+    if value is None or (isinstance(value, str) and value.strip().upper() == "N/A"):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not math.isfinite(float(value)):
+        raise ValueError(value)
+    return float(value)
+
+
+def ultrafeedback_row(row, labels):
+    """(instruction, [(response, ratings)]) of one source row, ratings a tuple over
+    `labels` with None for N/A. A missing or malformed field raises ValueError naming it."""
+    if not isinstance(row, dict):
+        raise ValueError("not a JSON object")
+    if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
+        raise ValueError("field 'instruction' is missing, empty or not a string")
+    if not isinstance(row.get("completions"), list):
+        raise ValueError("field 'completions' is missing or not a list")
+    completions = []
+    for k, completion in enumerate(row["completions"]):
+        if not isinstance(completion, dict) or not isinstance(completion.get("response"), str):
+            raise ValueError(f"completions[{k}]: field 'response' is missing or not a string")
+        annotations = completion.get("annotations")
+        if not isinstance(annotations, dict):
+            raise ValueError(f"completions[{k}]: field 'annotations' is missing or not an object")
+        ratings = []
+        for label in labels:
+            if not isinstance(annotations.get(label), dict) or "Rating" not in annotations[label]:
+                raise ValueError(f"completions[{k}]: no annotations['{label}']['Rating']")
+            try:
+                ratings.append(parse_rating(annotations[label]["Rating"]))
+            except ValueError:
+                raise ValueError(f"completions[{k}]: {label} Rating {annotations[label]['Rating']!r} "
+                                 "is neither a number nor 'N/A'") from None
+        completions.append((completion["response"], tuple(ratings)))
+    return row["instruction"], completions
+
+
+def read_ultrafeedback(source, labels, skip_bad=False):
+    """[(row number, instruction, [(response, ratings)])] for the rows of `source`, numbered
+    across its files. Bad rows are reported by file and place; they stop the run unless skip_bad."""
+    rows, problems = [], []
+    for path in source_files(source):
+        records = parquet_records(path) if path.endswith(".parquet") else json_records(path)
+        for where, record, problem in records:
+            if problem is None:
+                try:
+                    rows.append((len(rows) + len(problems), *ultrafeedback_row(record, labels)))
+                except ValueError as e:
+                    problem = str(e)
+            if problem is not None:
+                problems.append(f"{path}: {where}: {problem}")
+    if problems and not skip_bad:
+        shown = "\n".join(problems[:10]) + ("\n..." if len(problems) > 10 else "")
+        raise DataError(f"{source}: {len(problems)} bad rows (set skip_bad_rows to drop them):\n{shown}")
+    if problems:
+        print(f"{source}: skipped {len(problems)} bad rows, kept {len(rows)}")
+    return rows
+
+
+def rating_pair_kind(ratings_a, ratings_b):
+    """'n/a' if a label did not rate both, 'tie' if a label rates them alike, else
+    'conflict' when the labels disagree on which is better and 'agree' when they don't."""
+    if None in ratings_a or None in ratings_b:
+        return "n/a"
+    if any(a == b for a, b in zip(ratings_a, ratings_b)):
+        return "tie"
+    return "conflict" if len({a > b for a, b in zip(ratings_a, ratings_b)}) > 1 else "agree"
+
+
+def ultrafeedback_candidates(records, labels):
+    """Every pair i < j of each prompt's completions that is 'conflict' or 'agree', as
+    (kind, text-pair row without split, id 'row-i-j') in source order, and the count of each kind."""
+    candidates, counts = [], dict.fromkeys(("conflict", "agree", "tie", "n/a", "empty response"), 0)
+    for r, prompt, completions in records:
+        for i, j in itertools.combinations(range(len(completions)), 2):
+            (text_a, ratings_a), (text_b, ratings_b) = completions[i], completions[j]
+            kind = rating_pair_kind(ratings_a, ratings_b)
+            if kind in ("conflict", "agree") and not (text_a.strip() and text_b.strip()):
+                kind = "empty response"
+            counts[kind] += 1
+            if kind in ("conflict", "agree"):
+                choices = {l: int(a < b) for l, a, b in zip(labels, ratings_a, ratings_b)}  # 0: a rated higher
+                candidates.append((kind, {"prompt": prompt, "response_a": text_a, "response_b": text_b,
+                                          "choices": choices, "id": f"{r}-{i}-{j}"}))
+    return candidates, counts
+
+
+def conflict_mix(num_conflicting, num_agreeing, fraction):
+    """(conflicting, agreeing) pair counts, as many pairs as there are, of which
+    conflicting ones make up `fraction`."""
+    if fraction == 1:
+        return num_conflicting, 0
+    if fraction == 0:
+        return 0, num_agreeing
+    total = min(num_conflicting / fraction, num_agreeing / (1 - fraction))
+    return min(num_conflicting, round(total * fraction)), min(num_agreeing, round(total * (1 - fraction)))
+
+
+def subsample(items, k, gen):
+    return [items[i] for i in torch.randperm(len(items), generator=gen)[:k].tolist()]
+
+
+def make_ultrafeedback_pairs(records, labels, conflict_fraction=1.0, seed=0):
+    """Text-pair rows (with split and id) from UltraFeedback records: pairs with a tie or
+    N/A in any label are dropped; conflicting pairs make up `conflict_fraction` of the
+    rest, subsampled with `seed`; prompts are split 80/10/10. Returns (rows, counts)."""
+    candidates, counts = ultrafeedback_candidates(records, labels)
+    gen = torch.Generator().manual_seed(seed)
+    conflicting, agreeing = ([n for n, (kind, _) in enumerate(candidates) if kind == k] for k in ("conflict", "agree"))
+    num_conflicting, num_agreeing = conflict_mix(len(conflicting), len(agreeing), conflict_fraction)
+    keep = subsample(conflicting, num_conflicting, gen) + subsample(agreeing, num_agreeing, gen)
+    rows = [candidates[n][1] for n in sorted(keep)]  # source order
+    prompts = list(dict.fromkeys(row["prompt"] for row in rows))
+    prompt_split = dict(zip(prompts, random_split(len(prompts), gen)))
+    rows = [dict(row, split=str(prompt_split[row["prompt"]])) for row in rows]
+    return rows, dict(counts, kept_conflict=num_conflicting, kept_agree=num_agreeing)
+
+
+def describe_text_pairs(rows, labels):
+    """Pairs and prompts per split, and per label how many pairs it answers with a or b."""
+    lines = []
+    for name in SPLITS + ("all",):
+        part = [row for row in rows if name in ("all", row.get("split", "train"))]
+        votes = ", ".join(f"{l} {sum(r['choices'].get(l) == 0 for r in part)} a / "
+                          f"{sum(r['choices'].get(l) == 1 for r in part)} b" for l in labels)
+        lines.append(f"  {name:5s}: {len(part)} pairs, {len({r['prompt'] for r in part})} prompts; {votes}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# embed: features of text pairs from any transformers model, resumable
+
+
+def is_causal_lm(config):
+    """Whether a transformers config describes a decoder (embedded at its last token)
+    rather than an encoder (mean-pooled): config.is_decoder, else its architectures,
+    else whether its model type only has a causal-LM class."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    if getattr(config, "is_decoder", False):
+        return True
+    if config.architectures:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures)
+    causal, masked = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return config.model_type in causal and config.model_type not in masked
+
+
+def load_embedder(name, device, trust_remote_code=False):
+    """(tokenizer, model, pooling) for a hub name or local path. The model is loaded
+    without its head (AutoModel; AutoModelForCausalLM if the type has no AutoModel
+    class), in bf16 on GPU and float32 on CPU."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if config.is_encoder_decoder:
+        raise ConfigError(f"config key 'model': {name} is an encoder-decoder model; give a decoder or an encoder")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        model = AutoModel.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ValueError:  # no AutoModel class for this config
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    return tokenizer, model.to(device).eval(), "last" if is_causal_lm(config) else "mean"
+
+
+def embedding_sequences(rows, tokenizer, pooling):
+    """Token ids of prompt + response for both responses of every row, [a0, b0, a1, ...].
+    Decoders: as the policy sees them (tokenize_prompt, with the chat template if any,
+    then tokenize_response). Encoders: the tokenizer's sentence pair (prompt, response)."""
+    sequences = []
+    for row in rows:
+        if pooling == "last":
+            prompt = tokenize_prompt(tokenizer, row["prompt"])
+            sequences += [prompt + tokenize_response(tokenizer, row[k]) for k in ("response_a", "response_b")]
+        else:
+            sequences += [tokenizer(row["prompt"], row[k])["input_ids"] for k in ("response_a", "response_b")]
+    return sequences
+
+
+def check_lengths(path, sequences, max_length):
+    """Refuse pairs longer than max_length: embed never truncates and never drops a pair."""
+    long_rows = [i // 2 for i in range(0, len(sequences), 2) if max(map(len, sequences[i:i + 2])) > max_length]
+    if long_rows:
+        raise DataError(f"{path}: {len(long_rows)} of {len(sequences) // 2} pairs are longer than max_length = "
+                        f"{max_length} tokens (prompt + response; first at row {long_rows[0]}). Raise --max_length "
+                        "or remove them from the JSONL: the features must stay row-aligned with it")
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path, write):
+    """write(file object) to a temp file, then rename it over `path`."""
+    with open(f"{path}.tmp", "wb") as f:
+        write(f)
+    os.replace(f"{path}.tmp", path)
+
+
+def load_partial(folder, fingerprint):
+    """The finished chunks (arrays) of an earlier run with the same fingerprint, in
+    order; [] (and the folder reset) if there are none or they came from another run."""
+    path = os.path.join(folder, "fingerprint.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == json.dumps(fingerprint):
+                chunks = []
+                while os.path.exists(chunk := os.path.join(folder, f"chunk{len(chunks):06d}.npy")):
+                    chunks.append(np.load(chunk))
+                return chunks
+        print(f"{folder}: progress of another model, input or setting; starting over")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    write_atomic(path, lambda f: f.write(json.dumps(fingerprint).encode()))
+    return []
+
+
+def resumable_embeddings(model, sequences, pad_id, pooling, batch_size, save_every, folder, fingerprint):
+    """sequence_embeddings (N, H) computed a chunk of save_every batches at a time, in
+    length order; each finished chunk is saved in `folder`, so a rerun after an
+    interruption continues where it stopped, with the same batches and results."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    size = batch_size * save_every
+    chunks = load_partial(folder, fingerprint)
+    progress = tqdm(total=len(order), initial=min(len(order), len(chunks) * size), desc="embed", unit="seq")
+    for start in range(len(chunks) * size, len(order), size):
+        rows = order[start:start + size]
+        chunk = sequence_embeddings(model, [sequences[i] for i in rows], pad_id, batch_size, pooling).numpy()
+        write_atomic(os.path.join(folder, f"chunk{len(chunks):06d}.npy"), lambda f: np.save(f, chunk))
+        chunks.append(chunk)
+        progress.update(len(rows))
+    progress.close()
+    embeddings = torch.empty(len(order), chunks[0].shape[1])
+    embeddings[torch.tensor(order)] = torch.from_numpy(np.concatenate(chunks))
+    return embeddings
+
+
+def embed_text_pairs(model_name, in_path, out_path, batch_size=16, max_length=1024, device="auto",
+                     save_every=20, trust_remote_code=False):
+    """Writes the feature-pair .npz of a text-pair JSONL, row-aligned with it (ids from
+    its 'id' fields); progress lives in OUT.partial/ until the file is written."""
+    rows = read_text_pairs(in_path)
+    if not rows:
+        raise DataError(f"{in_path}: no pairs")
+    device = pick_device(device)
+    tokenizer, model, pooling = load_embedder(model_name, device, trust_remote_code)
+    sequences = embedding_sequences(rows, tokenizer, pooling)
+    check_lengths(in_path, sequences, max_length)
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)  # masked anyway
+    fingerprint = {"model": model_name, "input_sha256": file_sha256(in_path), "pooling": pooling,
+                   "dtype": str(next(model.parameters()).dtype), "device": device.type,
+                   "batch_size": batch_size, "save_every": save_every, "num_sequences": len(sequences)}
+    folder = f"{out_path}.partial"
+    features = resumable_embeddings(model, sequences, pad_id, pooling, batch_size, save_every, folder, fingerprint)
+    data = text_pairs_to_data(rows, features.view(len(rows), 2, -1), out_path)  # (N, 2, H)
+    data.meta = {"embedder": model_name, "pooling": pooling}
+    save_pairs(out_path, data)
+    shutil.rmtree(folder)
+    return data
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 DEFAULTS = {
@@ -576,10 +978,28 @@ def describe(data):
     return "\n".join(lines)
 
 
-def main(argv):
-    if not argv or argv[0] != "synthetic":
-        sys.exit(__doc__)
-    config, _ = load_config(DEFAULTS, argv[1:])
+UF_DEFAULTS = {
+    "source": "openbmb/UltraFeedback",  # hub dataset name, or a local .json/.jsonl/.parquet file or folder
+    "out": REQUIRED,  # folder: pairs.jsonl goes there
+    "labels": ["helpfulness", "honesty"],  # the users (HH); add truthfulness for HHT
+    "conflict_fraction": 1.0,  # share of the pairs the labels rank oppositely (the paper: 1.0)
+    "seed": 0,  # subsampling and the split by prompt
+    "skip_bad_rows": False,  # drop malformed source rows instead of stopping
+}
+
+EMBED_DEFAULTS = {
+    "model": REQUIRED,  # hub name or local path of a transformers decoder or encoder
+    "in": REQUIRED,  # text pairs (JSONL)
+    "out": REQUIRED,  # the feature-pair .npz to write
+    "batch_size": 16,  # sequences per forward
+    "max_length": 1024,  # most tokens of prompt + response; a longer pair is an error
+    "device": "auto",  # auto = cuda if available, else cpu (bf16 on GPU)
+    "save_every": 20,  # batches between saves of the progress to OUT.partial/
+    "trust_remote_code": False,  # let transformers run code from the model's repo
+}
+
+
+def synthetic_command(config):
     if config["generator"] == "paper":
         data = make_paper_synthetic(config["num_pairs"], config["seed"])
     elif config["generator"] == "linear":
@@ -591,5 +1011,53 @@ def main(argv):
     print(f"wrote {config['out']}: {describe(data)}")
 
 
+def ultrafeedback_command(config):
+    labels, fraction = config["labels"], config["conflict_fraction"]
+    for label in labels:
+        check(label in UF_LABELS, "labels", f"unknown label '{label}' (known: {', '.join(UF_LABELS)})")
+    check(len(set(labels)) == len(labels) >= 2, "labels", "must name at least two distinct labels")
+    check(0 <= fraction <= 1, "conflict_fraction", "must lie in [0, 1]")
+    records = read_ultrafeedback(config["source"], labels, config["skip_bad_rows"])
+    rows, counts = make_ultrafeedback_pairs(records, labels, fraction, config["seed"])
+    if not rows:
+        raise DataError(f"{config['source']}: no pairs left ({counts})")
+    path = os.path.join(config["out"], "pairs.jsonl")
+    write_text_pairs(path, rows)
+    print(f"{len(records)} prompts: {sum(counts[k] for k in ('conflict', 'agree', 'tie', 'n/a', 'empty response'))} "
+          f"pairs of completions; dropped {counts['tie']} with a tie, {counts['n/a']} with N/A, "
+          f"{counts['empty response']} with an empty response; kept {counts['kept_conflict']} of "
+          f"{counts['conflict']} conflicting and {counts['kept_agree']} of {counts['agree']} agreeing")
+    print(f"wrote {path}: {len(rows)} pairs, labels {', '.join(labels)}\n{describe_text_pairs(rows, labels)}")
+    return rows
+
+
+def embed_command(config):
+    check(config["batch_size"] > 0, "batch_size", "must be positive")
+    check(config["save_every"] > 0, "save_every", "must be positive")
+    check(config["max_length"] > 0, "max_length", "must be positive")
+    data = embed_text_pairs(config["model"], config["in"], config["out"], config["batch_size"], config["max_length"],
+                            config["device"], config["save_every"], config["trust_remote_code"])
+    print(f"wrote {config['out']} ({data.meta['pooling']} pooling): {describe(data)}")
+    return data
+
+
+COMMANDS = {"synthetic": (DEFAULTS, synthetic_command), "ultrafeedback": (UF_DEFAULTS, ultrafeedback_command),
+            "embed": (EMBED_DEFAULTS, embed_command)}
+
+
+def main(argv):
+    if not argv or argv[0] not in COMMANDS:
+        sys.exit(__doc__)
+    defaults, command = COMMANDS[argv[0]]
+    config, rest = load_config(defaults, argv[1:])
+    if rest:
+        raise ConfigError(f"unexpected arguments {rest} (give --key=value overrides)")
+    print_config(config)
+    return command(config)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, DataError) as e:
+        sys.exit(f"error: {e}")

@@ -43,10 +43,10 @@ DEFAULTS = {
     "out": None,  # where eval.json and plots go; default: the first run dir
     "device": "cpu",  # cpu | cuda | auto
     "policy_eval": {  # policies only
-        "episodes": 512,  # implicit-reward episodes per n (labels balanced)
+        "episodes": 256,  # implicit-reward episodes per n (labels balanced)
         "num_targets": 8,  # conflicting target pairs per episode
         "batch_episodes": 64,  # episodes per forward
-        "contexts_per_prompt": 8,  # user contexts drawn per test prompt, label and n
+        "contexts_per_prompt": 16,  # user contexts drawn per test prompt, label and n
         "samples_per_context": 4,  # responses sampled per context
         "max_new_tokens": 40,  # response length cap
         "temperature": 1.0,  # sampling temperature
@@ -313,29 +313,26 @@ def steering_rows(policies, data, tokenizer, text_rows, config, device):
 
 
 def steering_table(scores, policies, labels, sizes):
-    """Rows of gold reward and win-rate against plain DPO; lines of Markdown; closure per label."""
+    """Rows of gold reward (and win-rate against plain DPO) and their Markdown table.
+    A policy without a context encoder has one row per label (num_context None),
+    repeated in every column of the table."""
     dpo = next((name for name, (_, role) in policies.items() if role == "dpo"), None)
     rows, lines = [], ["| model | label | " + " | ".join(f"n={n}" for n in sizes) + " |",
                        "|---|---|" + "---|" * len(sizes)]
-    for name, (_, role) in policies.items():
-        for label in labels:
-            cells = []
-            for n in sizes:
-                s = scores.get((name, label, n if role == "np_dpo" else None))
-                if s is None:
-                    cells.append("")
-                    continue
-                row = {"model": name, "num_context": n, "label": label, "gold_reward": s.mean().item(),
-                       "sem": sem(s.mean(1)), "samples": s.numel()}
-                if dpo is not None and name != dpo:
-                    base = scores[(dpo, label, None)]
-                    wins = (s > base).float() + 0.5 * (s == base).float()
-                    row.update(win_rate=wins.mean().item(), win_rate_sem=sem(wins.mean(1)))
-                rows.append(row)
-                cells.append(f"{row['gold_reward']:.3f} ± {row['sem']:.3f}" +
-                             (f" (win {row['win_rate']:.2f})" if "win_rate" in row else ""))
-            if any(cells):
-                lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    for (name, label, n), s in scores.items():
+        row = {"model": name, "num_context": n, "label": label, "gold_reward": s.mean().item(),
+               "sem": sem(s.mean(1)), "samples": s.numel()}
+        if dpo is not None and name != dpo:
+            wins = (s > scores[(dpo, label, None)]).float() + 0.5 * (s == scores[(dpo, label, None)]).float()
+            row.update(win_rate=wins.mean().item(), win_rate_sem=sem(wins.mean(1)))
+        rows.append(row)
+    cell = {(r["model"], r["label"], r["num_context"]): r for r in rows}
+    for name, label in dict.fromkeys((r["model"], r["label"]) for r in rows):
+        cells = []
+        for n in sizes:
+            r = cell.get((name, label, n)) or cell[(name, label, None)]
+            cells.append(f"{r['gold_reward']:.3f} ± {r['sem']:.3f}" + (f" (win {r['win_rate']:.2f})" if "win_rate" in r else ""))
+        lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return rows, "\n".join(lines)
 
 
@@ -352,8 +349,10 @@ def closure_lines(rows, policies, labels, sizes):
             lines.append(f"  {label}: no oracle run given")
             continue
         base, top = gold[(roles["dpo"], label, None)], gold[(oracle, label, None)]
-        lines.append(f"  {label}: " + ", ".join(
-            f"n={n} {(gold[(roles['np_dpo'], label, n)] - base) / (top - base):.2f}" for n in sizes))
+        curve = [gold[(roles["np_dpo"], label, n)] for n in sizes]
+        rising = all(b >= a for a, b in zip(curve, curve[1:]))
+        lines.append(f"  {label}: " + ", ".join(f"n={n} {(g - base) / (top - base):.2f}" for n, g in zip(sizes, curve))
+                     + f"; gold reward {'rises' if rising else 'does not rise'} monotonically with n")
     return "\n".join(lines)
 
 
@@ -364,7 +363,8 @@ def plot_steering(rows, labels, sizes, path):
     fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 3.2), squeeze=False)
     for ax, label in zip(axes[0], labels):
         for model in dict.fromkeys(r["model"] for r in rows):
-            mine = [r for r in rows if r["model"] == model and r["label"] == label]
+            mine = sorted((r for r in rows if r["model"] == model and r["label"] == label),
+                          key=lambda r: -1 if r["num_context"] is None else r["num_context"])
             if len(mine) > 1:
                 ax.errorbar(sizes, [r["gold_reward"] for r in mine], yerr=[r["sem"] for r in mine], marker="o",
                             capsize=3, label=model)

@@ -21,9 +21,10 @@ import sys
 import torch
 from tqdm import tqdm
 
-from common import (ConfigError, check, graceful_stop, load_checkpoint, load_config, log, pick_device, print_config,
-                    rng_state, save_checkpoint, save_config, seed_everything, set_rng_state)
-from data import DataError, EpisodeSampler, load_pairs, make_linear_synthetic, make_paper_synthetic, save_pairs
+from common import (ConfigError, check, graceful_stop, load_checkpoint, load_config, log, lr_at, pick_device,
+                    print_config, rng_state, save_checkpoint, save_config, seed_everything, set_rng_state)
+from data import (DataError, EpisodeSampler, load_pairs, make_linear_synthetic, make_paper_synthetic, save_pairs,
+                  select_labels)
 from reward import MODEL_KINDS, build_model, choice_correct
 
 DEFAULTS = {
@@ -34,6 +35,7 @@ DEFAULTS = {
     "data": {
         "path": "data/paper_synthetic.npz",  # feature-pair .npz (format: data.py)
         "synthetic": "paper",  # if path is missing, generate it: paper | linear | null (never)
+        "labels": None,  # train on these labels only (a label-specific BTL); null = all
     },
     "model": {
         "kind": "np_btl",  # np_btl | btl | dpl
@@ -50,6 +52,7 @@ DEFAULTS = {
     },
     "train": {
         "steps": 3000,  # optimizer steps
+        "epochs": 0.0,  # > 0: steps = epochs * answered train (pair, label) cells / (batch_size * num_targets)
         "batch_size": 64,  # episodes per step
         "num_targets": 20,  # target pairs per episode
         "min_context": 0,  # fewest context pairs in a training episode
@@ -77,6 +80,7 @@ def validate_config(config):
     check(t["lr"] > 0, "train.lr", "must be positive")
     check(0 <= t["min_lr"] <= t["lr"], "train.min_lr", "must lie in [0, train.lr]")
     check(t["steps"] > 0, "train.steps", "must be positive")
+    check(t["epochs"] >= 0, "train.epochs", "must be non-negative")
     check(t["batch_size"] > 0, "train.batch_size", "must be positive")
     check(t["num_targets"] > 0, "train.num_targets", "must be positive")
     check(0 <= t["min_context"] <= t["max_context"], "train.min_context", "must lie in [0, train.max_context]")
@@ -92,15 +96,10 @@ def prepare_data(data_config):
     if not os.path.exists(path) and generator is not None:
         print(f"{path} not found: generating the '{generator}' synthetic task there")
         save_pairs(path, make_paper_synthetic() if generator == "paper" else make_linear_synthetic())
-    return load_pairs(path)
+    data = load_pairs(path)
+    return select_labels(data, data_config["labels"]) if data_config["labels"] else data
 
 
-def lr_at(step, t):
-    """Linear warmup, then cosine decay to min_lr."""
-    if step < t["warmup_steps"]:
-        return t["lr"] * (step + 1) / t["warmup_steps"]
-    progress = (step - t["warmup_steps"]) / max(1, t["steps"] - t["warmup_steps"])
-    return t["min_lr"] + 0.5 * (t["lr"] - t["min_lr"]) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def to_device(batch, device):
@@ -193,6 +192,10 @@ def main(argv):
     data = prepare_data(config["data"])
     t = config["train"]
     sampler = EpisodeSampler(data, "train", t["num_targets"], t["max_context"], t["min_context"], seed=config["seed"])
+    if t["epochs"] > 0:
+        t["steps"] = math.ceil(t["epochs"] * int(sampler.counts.sum()) / (t["batch_size"] * t["num_targets"]))
+        print(f"train.epochs = {t['epochs']}: {t['steps']} steps")
+        save_config(config, config["out_dir"])  # the effective config
     print(f"data: {data.path}, {len(sampler.labels)} train labels, option dim {data.dim}")
     # ---- model and optimizer
     model = build_model(config["model"], data.dim).to(device)

@@ -347,3 +347,886 @@ def test_text_pairs_round_trip_to_data(tmp_path):
     d = data.text_pairs_to_data(data.read_text_pairs(path), torch.zeros(2, 2, 3))
     assert d.labels == ["u1", "u2"] and list(d.split) == ["train", "val"]
     assert d.choices.tolist() == [[0, -1], [-1, 1]]
+
+
+# -----------------------------------------------------------------------------
+# text pairs: every malformed line, file:line messages, skip_bad
+
+
+def write_lines(path, lines):
+    """A JSONL file of raw lines (dicts are dumped, strings written as they are)."""
+    with open(path, "w") as f:
+        f.write("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def without(key):
+    return {k: v for k, v in GOOD_ROW.items() if k != key}
+
+
+BAD_LINES = [
+    ("{oops", "invalid JSON (Expecting property name enclosed in double quotes)"),
+    ('{"prompt": "p",', "invalid JSON"),
+    ("[1, 2]", "not a JSON object"),
+    ("null", "not a JSON object"),
+    (without("prompt"), "missing field 'prompt'"),
+    (without("response_a"), "missing field 'response_a'"),
+    (without("response_b"), "missing field 'response_b'"),
+    (without("choices"), "missing field 'choices'"),
+    (dict(GOOD_ROW, prompt=""), "field 'prompt' is empty or not a string"),
+    (dict(GOOD_ROW, response_a=" \t"), "field 'response_a' is empty or not a string"),
+    (dict(GOOD_ROW, response_b=""), "field 'response_b' is empty or not a string"),
+    (dict(GOOD_ROW, response_b=5), "field 'response_b' is empty or not a string"),
+    (dict(GOOD_ROW, choices={"u1": 2}), "choice for label 'u1' is 2, not 0, 1 or null"),
+    (dict(GOOD_ROW, choices={"u1": 0, "u2": "1"}), "choice for label 'u2' is '1', not 0, 1 or null"),
+    (dict(GOOD_ROW, choices={"u1": True}), "choice for label 'u1' is True, not 0, 1 or null"),
+    (dict(GOOD_ROW, choices={"u1": False}), "choice for label 'u1' is False, not 0, 1 or null"),
+    (dict(GOOD_ROW, choices={"u1": -1}), "choice for label 'u1' is -1, not 0, 1 or null"),
+    (dict(GOOD_ROW, choices=[0, 1]), "field 'choices' must be a non-empty object from label to 0, 1 or null"),
+    (dict(GOOD_ROW, choices="u1"), "field 'choices' must be a non-empty object"),
+    (dict(GOOD_ROW, choices={}), "field 'choices' must be a non-empty object"),
+    (dict(GOOD_ROW, split="dev"), "split 'dev' is not one of ['train', 'val', 'test']"),
+    (dict(GOOD_ROW, split="Train"), "split 'Train' is not one of"),
+]
+
+
+@pytest.mark.parametrize("line, message", BAD_LINES)
+def test_read_text_pairs_names_file_line_and_problem(tmp_path, capsys, line, message):
+    path = write_lines(str(tmp_path / "pairs.jsonl"), [GOOD_ROW, line, dict(GOOD_ROW, prompt="q")])
+    with pytest.raises(DataError) as error:
+        data.read_text_pairs(path)
+    assert str(error.value).startswith(f"{path}: 1 bad lines (pass skip_bad to drop them):\n")
+    assert f"{path}:2: {message}" in str(error.value)
+    assert data.read_text_pairs(path, skip_bad=True) == [GOOD_ROW, dict(GOOD_ROW, prompt="q")]
+    assert capsys.readouterr().out == f"{path}: skipped 1 bad lines, kept 2\n"
+
+
+def test_read_text_pairs_valid_file_round_trips(tmp_path, capsys):
+    rows = [GOOD_ROW, dict(GOOD_ROW, prompt="q ü \"x\"\nnew line", split="test", id=7),
+            dict(GOOD_ROW, choices={"u1": 1, "u2": 0}, split="val")]
+    path = str(tmp_path / "sub" / "pairs.jsonl")
+    data.write_text_pairs(path, rows)
+    assert os.listdir(tmp_path / "sub") == ["pairs.jsonl"]  # no temp file left
+    assert data.read_text_pairs(path) == rows
+    assert capsys.readouterr().out == ""  # nothing skipped, nothing said
+
+
+def test_read_text_pairs_skips_blank_lines_but_counts_them_in_line_numbers(tmp_path):
+    path = write_lines(str(tmp_path / "pairs.jsonl"), [GOOD_ROW, "", "   ", without("prompt")])
+    with pytest.raises(DataError, match=f"{path}:4: missing field 'prompt'"):
+        data.read_text_pairs(path)
+
+
+def test_read_text_pairs_lists_at_most_ten_bad_lines(tmp_path, capsys):
+    path = write_lines(str(tmp_path / "pairs.jsonl"), [GOOD_ROW] + ["{oops"] * 12)
+    with pytest.raises(DataError) as error:
+        data.read_text_pairs(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: 12 bad lines") and message.endswith("\n...")
+    assert f"{path}:11: invalid JSON" in message and f"{path}:12:" not in message
+    assert data.read_text_pairs(path, skip_bad=True) == [GOOD_ROW]
+    assert "skipped 12 bad lines, kept 1" in capsys.readouterr().out
+
+
+def test_read_text_pairs_reports_a_line_that_is_not_utf8(tmp_path, capsys):
+    path = str(tmp_path / "pairs.jsonl")
+    with open(path, "wb") as f:
+        f.write(json.dumps(GOOD_ROW).encode() + b"\n" + json.dumps(GOOD_ROW).encode()[:-1] + b'\xff"}\n')
+    with pytest.raises(DataError, match=f"{path}:2: "):
+        data.read_text_pairs(path)
+    assert data.read_text_pairs(path, skip_bad=True) == [GOOD_ROW]
+
+
+def test_read_text_pairs_missing_file(tmp_path):
+    path = str(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match=f"^{path}: file not found$"):
+        data.read_text_pairs(path)
+
+
+def test_text_pairs_to_data_sorts_labels_and_keeps_split_and_features():
+    rows = [{"prompt": "p", "response_a": "a", "response_b": "b", "choices": {"zed": 1, "amy": None}, "split": "test"},
+            {"prompt": "p", "response_a": "a", "response_b": "b", "choices": {"bob": 0, "zed": 0}},
+            {"prompt": "p", "response_a": "a", "response_b": "b", "choices": {"amy": 1}, "split": "val"}]
+    features = torch.randn(3, 2, 5, dtype=torch.float64)
+    d = data.text_pairs_to_data(rows, features, path="x.jsonl")
+    assert d.labels == ["amy", "bob", "zed"]
+    assert d.choices.dtype == torch.int8
+    assert d.choices.tolist() == [[-1, -1, 1], [-1, 0, 0], [1, -1, -1]]
+    assert list(d.split) == ["test", "train", "val"]
+    assert d.pairs.dtype == torch.float32 and torch.equal(d.pairs, features.float()) and d.dim == 5
+    assert d.path == "x.jsonl" and d.meta == {}
+
+
+# -----------------------------------------------------------------------------
+# the toy steerable text task
+
+
+@pytest.mark.parametrize("response, concise, detailed", [
+    ("cats are nice .", 2.0 - 0.5, 2.0 + 0.5),  # one relevant sentence
+    ("dogs are nice .", -0.5, 0.5),  # one sentence, off topic
+    ("cats are nice . dogs are nice .", 1.0 - 1.0, 1.0 + 1.0),  # half relevant, two sentences
+    ("cats are nice . cats look old . tea are blue .", 4 / 3 - 1.5, 4 / 3 + 1.5),
+    ("cats are nice . . .", 2.0 - 0.5, 2.0 + 0.5),  # empty sentences do not count
+    ("cats are nice", 2.0 - 0.5, 2.0 + 0.5),  # a last sentence without its '.' counts
+    ("", 0.0, 0.0),  # no sentences: no relevance, no length
+    ("the cat is nice .", -0.5, 0.5),  # whole words only: 'cat' is not 'cats'
+])
+def test_toy_gold_reward_by_hand(response, concise, detailed):
+    prompt = "tell me about cats ."
+    assert data.toy_gold_reward(prompt, response, "concise") == pytest.approx(concise)
+    assert data.toy_gold_reward(prompt, response, "detailed") == pytest.approx(detailed)
+
+
+def test_toy_gold_reward_uses_the_prompts_topic():
+    response = "bees help people . bees are nice ."
+    assert data.toy_gold_reward("what about bees ?", response, "concise") == pytest.approx(2.0 - 1.0)
+    assert data.toy_gold_reward("what about tea ?", response, "concise") == pytest.approx(-1.0)
+
+
+@pytest.fixture(scope="module")
+def toy_rows():
+    return data.make_toy_text_pairs(num_pairs=600, conflict_fraction=0.75, seed=0)
+
+
+def toy_margins(row):
+    """Gold reward of response_b minus response_a, per toy label."""
+    return [data.toy_gold_reward(row["prompt"], row["response_b"], l)
+            - data.toy_gold_reward(row["prompt"], row["response_a"], l) for l in data.TOY_LABELS]
+
+
+def test_toy_pairs_follow_the_schema(toy_rows):
+    assert len(toy_rows) == 600 and [r["id"] for r in toy_rows] == list(range(600))
+    assert all(data.text_pair_problem(r) is None for r in toy_rows)
+    assert all(set(r["choices"]) == set(data.TOY_LABELS) for r in toy_rows)
+
+
+@pytest.mark.parametrize("num_pairs, conflict_fraction", [(600, 0.75), (101, 0.3), (50, 0.0), (50, 1.0)])
+def test_toy_pairs_have_the_exact_conflict_fraction(num_pairs, conflict_fraction):
+    rows = data.make_toy_text_pairs(num_pairs=num_pairs, conflict_fraction=conflict_fraction, seed=1)
+    conflicts = sum(r["choices"]["concise"] != r["choices"]["detailed"] for r in rows)
+    assert len(rows) == num_pairs and conflicts == round(num_pairs * conflict_fraction)
+
+
+def test_toy_pairs_choices_follow_gold_rewards_without_ties(toy_rows):
+    for row in toy_rows:
+        margins = toy_margins(row)
+        assert 0.0 not in margins, row  # ties are dropped
+        assert [row["choices"][l] for l in data.TOY_LABELS] == [int(m > 0) for m in margins], row
+
+
+def test_toy_prompts_are_each_in_one_split(toy_rows):
+    splits = {}
+    for row in toy_rows:
+        splits.setdefault(row["prompt"], set()).add(row["split"])
+    assert all(len(s) == 1 for s in splits.values())
+    assert {s for (s,) in splits.values()} == set(data.SPLITS)
+    assert len(data.toy_prompts()) == len(set(data.toy_prompts())) == 60
+
+
+def test_toy_pairs_are_seeded():
+    assert data.make_toy_text_pairs(num_pairs=50, seed=3) == data.make_toy_text_pairs(num_pairs=50, seed=3)
+    assert data.make_toy_text_pairs(num_pairs=50, seed=3) != data.make_toy_text_pairs(num_pairs=50, seed=4)
+
+
+def test_toy_tokenizer_round_trips_and_knows_every_word(toy_rows):
+    tok = data.toy_tokenizer()
+    assert (tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2, 3)
+    assert len(tok) == len(data.toy_vocabulary())
+    texts = [t for r in toy_rows[:100] for t in (r["prompt"], r["response_a"], r["response_b"])]
+    texts += data.toy_prompts() + ["what about cats ?", "cats are nice . dogs can be loud ."]
+    for text in texts:
+        ids = tok.encode(text)
+        assert tok.unk_token_id not in ids and len(ids) == len(text.split()), text
+        assert tok.decode(ids) == text
+    vocabulary = set(data.toy_vocabulary())
+    assert all(w in vocabulary for r in toy_rows for k in ("prompt", "response_a", "response_b") for w in r[k].split())
+    assert tok.encode("zebras are nice") == [tok.unk_token_id] + tok.encode("are nice")
+
+
+# -----------------------------------------------------------------------------
+# tokens for text pairs: where the response begins
+
+CHAT_TEMPLATE = ("{% for m in messages %}<bos> {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}tell {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def toy_tok():
+    return data.toy_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    tok = data.toy_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def response_positions(batch):
+    """Per row, the positions where response_mask is True."""
+    return [torch.nonzero(row).squeeze(1).tolist() for row in batch["response_mask"]]
+
+
+def test_plain_prompt_starts_with_bos_and_prompt_plus_response_is_the_text(toy_tok):
+    prompt = data.tokenize_prompt(toy_tok, "tell me about cats .")
+    response = data.tokenize_response(toy_tok, "cats are nice .")
+    assert prompt == [toy_tok.bos_token_id] + toy_tok.encode("tell me about cats .")
+    assert response == toy_tok.encode("cats are nice .") + [toy_tok.eos_token_id]
+    assert prompt + response == toy_tok.encode("<bos> tell me about cats . cats are nice . <eos>")
+
+
+def test_bos_is_not_doubled_when_the_tokenizer_adds_it():
+    from tokenizers.processors import TemplateProcessing
+
+    tok = data.toy_tokenizer()
+    tok._tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    assert tok("cats")["input_ids"] == [2, tok.convert_tokens_to_ids("cats")]  # the tokenizer adds BOS
+    assert data.tokenize_prompt(tok, "what about cats ?") == [2] + tok.encode("what about cats ?", add_special_tokens=False)
+    assert data.tokenize_response(tok, "cats are nice .")[0] == tok.convert_tokens_to_ids("cats")  # no BOS
+
+
+def test_response_mask_covers_the_first_response_token_and_eos(toy_tok):
+    prompts = [data.tokenize_prompt(toy_tok, p) for p in ("what about cats ?", "i want to hear about tea .")]
+    responses = [data.tokenize_response(toy_tok, r) for r in ("dogs are nice . cats look old .", "tea .")]
+    batch = data.prompt_response_batch(prompts, responses, toy_tok.pad_token_id)
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    assert batch["input_ids"].shape == (2, max(lengths))
+    assert response_positions(batch) == [list(range(len(p), len(p) + len(r))) for p, r in zip(prompts, responses)]
+    for row, (p, r) in enumerate(zip(prompts, responses)):
+        ids = batch["input_ids"][row]
+        assert ids[len(p)].item() == r[0] and ids[len(p) + len(r) - 1].item() == toy_tok.eos_token_id
+        assert (ids[len(p) + len(r):] == toy_tok.pad_token_id).all()  # right padding, not in any mask
+    assert batch["attention_mask"].tolist() == [[1] * n + [0] * (max(lengths) - n) for n in lengths]
+
+
+def test_chat_template_prompt_ends_with_the_generation_prompt(chat_tok):
+    prompt = data.tokenize_prompt(chat_tok, "tell me about cats .")
+    assert chat_tok.convert_ids_to_tokens(prompt) == ["<bos>", "tell", "me", "about", "cats", ".", "tell"]
+    rendered = chat_tok.apply_chat_template([{"role": "user", "content": "tell me about cats ."}],
+                                            add_generation_prompt=True, tokenize=False)
+    assert prompt == chat_tok.encode(rendered)
+
+
+def test_chat_template_response_starts_right_after_the_generation_prompt(chat_tok):
+    """The paper's code starts the response mask about two tokens late; here the first
+    masked token is the response's first word, right after the generation prompt."""
+    prompt = data.tokenize_prompt(chat_tok, "what about bees ?")
+    response = data.tokenize_response(chat_tok, "bees are nice .")
+    batch = data.prompt_response_batch([prompt], [response], chat_tok.pad_token_id)
+    positions = response_positions(batch)[0]
+    assert positions == list(range(len(prompt), len(prompt) + 5))  # 4 words and EOS
+    tokens = chat_tok.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+    assert tokens[positions[0] - 1] == "tell" and tokens[positions[0]] == "bees"
+    assert [tokens[i] for i in positions] == ["bees", "are", "nice", ".", "<eos>"]
+    assert batch["input_ids"][0].tolist() == chat_tok.encode("<bos> what about bees ? tell bees are nice . <eos>")
+
+
+def test_tokenize_pairs_drops_and_counts_long_pairs_without_truncating(toy_tok):
+    rows = [dict(GOOD_ROW, prompt="what about cats ?", response_a="cats are nice .", response_b="cats ."),  # 5 + 5
+            dict(GOOD_ROW, prompt="what about cats ?", response_a="cats .", response_b="cats are nice . dogs ."),
+            dict(GOOD_ROW, prompt="tell me about cats .", response_a="cats .", response_b="cats are nice ."),  # 6 + 5
+            dict(GOOD_ROW, prompt="describe tea .", response_a="tea .", response_b="tea are nice .")]
+    token_pairs, dropped = data.tokenize_pairs(rows, toy_tok, max_length=10)
+    assert dropped == 2 and [p is None for p in token_pairs] == [False, True, True, False]
+    for row, pair in zip(rows, token_pairs):
+        if pair is not None:  # kept pairs are whole
+            assert pair == (data.tokenize_prompt(toy_tok, row["prompt"]),
+                            (data.tokenize_response(toy_tok, row["response_a"]),
+                             data.tokenize_response(toy_tok, row["response_b"])))
+    assert data.tokenize_pairs(rows, toy_tok, max_length=11)[1] == 1
+    assert data.tokenize_pairs(rows, toy_tok, max_length=4) == ([None] * 4, 4)
+
+
+def test_collate_pairs_orients_pads_and_masks(toy_tok):
+    rows = [dict(GOOD_ROW, prompt="what about cats ?", response_a="cats are nice .", response_b="dogs ."),
+            dict(GOOD_ROW, prompt="i want to hear about tea .", response_a="tea .", response_b="tea look old . bees .")]
+    token_pairs, _ = data.tokenize_pairs(rows, toy_tok, max_length=100)
+    pad = toy_tok.pad_token_id
+    batch = data.collate_pairs(token_pairs, torch.tensor([1, 0, 1]), torch.tensor([False, True, True]), pad)
+    assert set(batch) == {f"{s}_{k}" for s in ("chosen", "rejected")
+                          for k in ("input_ids", "attention_mask", "response_mask")}
+    expected = {"chosen": [(1, 0), (0, 1), (1, 1)], "rejected": [(1, 1), (0, 0), (1, 0)]}  # (pair, response)
+    for side, picks in expected.items():
+        sequences = [(token_pairs[i][0], token_pairs[i][1][r]) for i, r in picks]
+        width = max(len(p) + len(r) for p, r in sequences)
+        assert batch[f"{side}_input_ids"].shape == (3, width)
+        for row, (p, r) in enumerate(sequences):
+            n = len(p) + len(r)
+            assert batch[f"{side}_input_ids"][row].tolist() == p + r + [pad] * (width - n)
+            assert batch[f"{side}_attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
+            assert batch[f"{side}_response_mask"][row].tolist() == [False] * len(p) + [True] * len(r) + [False] * (width - n)
+
+
+# -----------------------------------------------------------------------------
+# last-token embeddings
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(data.toy_vocabulary()), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_last_token_embeddings_match_each_sequence_alone(tiny_llama):
+    gen = torch.Generator().manual_seed(0)
+    lengths = [7, 1, 12, 3, 3, 9, 5]  # unsorted, so sorting by length reorders them
+    sequences = [torch.randint(4, tiny_llama.config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    with torch.no_grad():
+        alone = torch.stack([tiny_llama(input_ids=torch.tensor([s]), output_hidden_states=True)
+                             .hidden_states[-1][0, -1] for s in sequences])  # (N, H)
+    for batch_size in (1, 3, 64):
+        embeddings = data.last_token_embeddings(tiny_llama, sequences, pad_id=0, batch_size=batch_size)
+        assert embeddings.shape == (len(sequences), 16) and embeddings.dtype == torch.float32
+        torch.testing.assert_close(embeddings, alone, atol=1e-5, rtol=0)
+    assert not torch.allclose(alone[3], alone[4])  # distinct sequences, distinct embeddings
+
+
+# -----------------------------------------------------------------------------
+# 'flipped' from the sampler, through select_labels
+
+
+def test_flipped_is_true_exactly_where_the_label_chose_the_second_response(toy_rows):
+    d = data.text_pairs_to_data(toy_rows, torch.randn(len(toy_rows), 2, 3))
+    for labels in (["detailed"], ["concise"], ["detailed", "concise"]):
+        selected = data.select_labels(d, labels)
+        assert selected.labels == labels
+        sampler = EpisodeSampler(selected, "train", num_targets=6, max_context=4, seed=0)
+        batch = sampler.sample(32)
+        label_idx = sampler.label_ids[batch["label_rows"]]  # (B,) into selected.labels
+        choice = selected.choices[batch["pair_idx"], label_idx[:, None]]  # (B, n + T)
+        assert torch.equal(batch["flipped"], choice == 1)
+        original = d.choices[batch["pair_idx"], torch.tensor([d.labels.index(labels[i]) for i in label_idx])[:, None]]
+        assert torch.equal(batch["flipped"], original == 1)
+        assert batch["flipped"].any() and not batch["flipped"].all()
+
+
+# -----------------------------------------------------------------------------
+# UltraFeedback: every pair of a prompt's rated completions, ties and N/A dropped
+
+UF_ASPECTS = ("helpfulness", "honesty", "truthfulness", "instruction_following")
+
+
+def uf_completion(response, *ratings):
+    """A completion rated (helpfulness, honesty, truthfulness, instruction_following), '3' for those not given."""
+    ratings = [str(r) for r in ratings] + ["3"] * (4 - len(ratings))
+    return {"response": response, "model": "m", "annotations": {
+        aspect: {"Rating": rating, "Rationale": "because"} for aspect, rating in zip(UF_ASPECTS, ratings)}}
+
+
+# Two prompts, (helpfulness, honesty, truthfulness) per completion. With HH (ids are row-i-j):
+# cats: 0-1, 0-2 and 1-2 conflict, every pair with c3 has N/A helpfulness.
+# tea: 0-1 agree (both prefer b), 1-2 tie on helpfulness, 0-2, 0-3, 1-3 and 2-3 conflict.
+UF_HAND = [
+    {"instruction": "tell me about cats .", "completions": [
+        uf_completion("cats are nice .", 5, 3, 4), uf_completion("cats look old .", 3, 5, 2),
+        uf_completion("cats are blue .", 4, 4, 4), uf_completion("dogs are nice .", "N/A", 2, 1)]},
+    {"instruction": "what about tea ?", "completions": [
+        uf_completion("tea are nice .", 2, 2, "N/A"), uf_completion("tea look old .", 3, 3, 3),
+        uf_completion("tea seem small .", 3, 1, 5), uf_completion("bees are blue .", 1, 4, 3)]},
+]
+HH_CONFLICTS = {"0-0-1": [0, 1], "0-0-2": [0, 1], "0-1-2": [1, 0], "1-0-2": [1, 0], "1-0-3": [0, 1],
+                "1-1-3": [0, 1], "1-2-3": [0, 1]}  # id: (helpfulness, honesty) choice, 0 = response_a
+HHT_CONFLICTS = {"0-0-1": [0, 1, 0], "0-1-2": [1, 0, 1], "1-2-3": [0, 1, 0]}  # truthfulness ties 0-0-2 and 1-1-3
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def prepare_uf(source, out, *overrides):
+    """data.py ultrafeedback; returns the rows it wrote."""
+    data.main(["ultrafeedback", f"--source={source}", f"--out={out}", *overrides])
+    return data.read_text_pairs(os.path.join(out, "pairs.jsonl"))
+
+
+def by_id(rows, labels=("helpfulness", "honesty")):
+    return {r["id"]: [r["choices"][l] for l in labels] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def uf_hand_path(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("uf") / "hand.jsonl", UF_HAND)
+
+
+def test_uf_hand_example_keeps_exactly_the_conflicting_pairs(uf_hand_path, tmp_path):
+    rows = prepare_uf(uf_hand_path, tmp_path)
+    assert by_id(rows) == HH_CONFLICTS
+    completions = [[c["response"] for c in r["completions"]] for r in UF_HAND]
+    for row in rows:
+        record, i, j = map(int, row["id"].split("-"))
+        assert (row["prompt"], row["response_a"], row["response_b"]) == (
+            UF_HAND[record]["instruction"], completions[record][i], completions[record][j])
+        assert data.text_pair_problem(row) is None
+
+
+def test_uf_hht_adds_truthfulness_and_its_ties(uf_hand_path, tmp_path):
+    labels = ("helpfulness", "honesty", "truthfulness")
+    rows = prepare_uf(uf_hand_path, tmp_path, "--labels=[helpfulness,honesty,truthfulness]")
+    assert by_id(rows, labels) == HHT_CONFLICTS
+
+
+@pytest.mark.parametrize("fraction, expected", [
+    (0.875, {**HH_CONFLICTS, "1-0-1": [1, 1]}),  # 7 conflicting and the 1 agreeing pair
+    (0.0, {"1-0-1": [1, 1]}),
+])
+def test_uf_conflict_fraction_adds_agreeing_pairs(uf_hand_path, tmp_path, fraction, expected):
+    assert by_id(prepare_uf(uf_hand_path, tmp_path, f"--conflict_fraction={fraction}")) == expected
+
+
+def test_uf_conflict_fraction_subsamples_conflicts_by_seed(uf_hand_path, tmp_path):
+    """With one agreeing pair, half conflicting means one of the seven conflicting pairs."""
+    picked = set()
+    for seed in range(6):
+        rows = prepare_uf(uf_hand_path, tmp_path / str(seed), "--conflict_fraction=0.5", f"--seed={seed}")
+        conflicting = [r["id"] for r in rows if r["id"] != "1-0-1"]
+        assert len(rows) == 2 and "1-0-1" in by_id(rows) and conflicting[0] in HH_CONFLICTS
+        assert rows == prepare_uf(uf_hand_path, tmp_path / f"again{seed}", "--conflict_fraction=0.5", f"--seed={seed}")
+        picked.add(conflicting[0])
+    assert len(picked) > 1
+
+
+@pytest.mark.parametrize("conflicting, agreeing, fraction, expected", [
+    (7, 1, 1.0, (7, 0)), (7, 1, 0.875, (7, 1)), (7, 1, 0.5, (1, 1)), (10, 100, 0.8, (10, 2)),  # 10 / 12.5 * 0.2
+    (98, 88, 0.5, (88, 88)), (5, 3, 0.0, (0, 3)),
+])
+def test_conflict_mix_by_hand(conflicting, agreeing, fraction, expected):
+    assert data.conflict_mix(conflicting, agreeing, fraction) == expected
+
+
+def test_uf_prints_counts(uf_hand_path, tmp_path, capsys):
+    prepare_uf(uf_hand_path, tmp_path)
+    printed = capsys.readouterr().out
+    assert ("2 prompts: 12 pairs of completions; dropped 1 with a tie, 3 with N/A, 0 with an empty response; "
+            "kept 7 of 7 conflicting and 0 of 1 agreeing") in printed
+    assert "all  : 7 pairs, 2 prompts; helpfulness 5 a / 2 b, honesty 2 a / 5 b" in printed
+
+
+def random_uf_records(num_prompts=60, seed=0):
+    """Toy prompts with four completions each, ratings uniform in 1..5 (so with ties), 5% N/A."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for prompt in data.toy_prompts()[:num_prompts]:
+        completions = [uf_completion(data.toy_response(data.prompt_topic(prompt), rng),
+                                     *["N/A" if rng.random() < 0.05 else int(rng.integers(1, 6)) for _ in UF_ASPECTS])
+                       for _ in range(4)]
+        records.append({"instruction": prompt, "completions": completions, "source": "toy"})
+    return records
+
+
+def brute_force_pairs(records, labels):
+    """{id: (conflicting, choices)} of the pairs without N/A or ties, straight from the ratings."""
+    import itertools
+
+    pairs = {}
+    for r, record in enumerate(records):
+        for i, j in itertools.combinations(range(len(record["completions"])), 2):
+            ratings = [[record["completions"][k]["annotations"][l]["Rating"] for l in labels] for k in (i, j)]
+            if "N/A" in ratings[0] + ratings[1] or any(a == b for a, b in zip(*ratings)):
+                continue
+            choices = [int(int(a) < int(b)) for a, b in zip(*ratings)]
+            pairs[f"{r}-{i}-{j}"] = (len(set(choices)) > 1, choices)
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def uf_random(tmp_path_factory):
+    """(records, JSONL path, JSON-list path) of the random fixture."""
+    folder = tmp_path_factory.mktemp("uf_random")
+    records = random_uf_records()
+    with open(folder / "list.json", "w") as f:
+        json.dump(records, f)
+    return records, write_jsonl(folder / "lines.jsonl", records), str(folder / "list.json")
+
+
+def test_uf_random_fixture_matches_brute_force_from_jsonl_and_json_list(uf_random, tmp_path):
+    records, jsonl, json_list = uf_random
+    rows = prepare_uf(jsonl, tmp_path / "a")
+    expected = {k: choices for k, (conflicting, choices) in brute_force_pairs(records, UF_ASPECTS[:2]).items()
+                if conflicting}
+    assert by_id(rows) == expected and len(expected) > 50
+    assert prepare_uf(json_list, tmp_path / "b") == rows
+    assert prepare_uf(os.path.dirname(jsonl), tmp_path / "c") == rows  # a folder: its .jsonl files
+
+
+def test_uf_random_fixture_mixes_to_the_conflict_fraction(uf_random, tmp_path):
+    records, jsonl, _ = uf_random
+    pairs = brute_force_pairs(records, UF_ASPECTS[:2])
+    rows = prepare_uf(jsonl, tmp_path, "--conflict_fraction=0.6")
+    assert all(pairs[r["id"]][1] == [r["choices"]["helpfulness"], r["choices"]["honesty"]] for r in rows)
+    conflicting = sum(pairs[r["id"]][0] for r in rows)
+    assert conflicting / len(rows) == pytest.approx(0.6, abs=0.01)
+    assert conflicting == sum(c for c, _ in pairs.values())  # agreeing pairs are plenty: every conflicting one is kept
+
+
+def test_uf_prompts_are_split_80_10_10_and_never_in_two_splits(uf_random, tmp_path, capsys):
+    _, jsonl, _ = uf_random
+    rows = prepare_uf(jsonl, tmp_path, "--conflict_fraction=0.5")
+    prompts = {s: {r["prompt"] for r in rows if r["split"] == s} for s in data.SPLITS}
+    assert not (prompts["train"] & prompts["val"] or prompts["train"] & prompts["test"] or prompts["val"] & prompts["test"])
+    total = sum(map(len, prompts.values()))
+    assert [len(prompts[s]) for s in data.SPLITS] == [round(0.8 * total), round(0.1 * total),
+                                                      total - round(0.8 * total) - round(0.1 * total)]
+    printed = capsys.readouterr().out
+    for s in data.SPLITS:
+        part = [r for r in rows if r["split"] == s]
+        votes = [sum(r["choices"][l] == v for r in part) for l in UF_ASPECTS[:2] for v in (0, 1)]
+        assert (f"{s:5s}: {len(part)} pairs, {len(prompts[s])} prompts; helpfulness {votes[0]} a / {votes[1]} b, "
+                f"honesty {votes[2]} a / {votes[3]} b") in printed
+
+
+# -----------------------------------------------------------------------------
+# UltraFeedback: bad sources and settings
+
+
+def uf_error(source, tmp_path, *overrides):
+    with pytest.raises(DataError) as error:
+        prepare_uf(source, tmp_path / "out", *overrides)
+    return str(error.value)
+
+
+def test_uf_missing_source_file(tmp_path):
+    path = str(tmp_path / "nope.jsonl")
+    assert uf_error(path, tmp_path).startswith(f"{path}: file not found")
+
+
+def test_uf_unknown_format_and_empty_folder(tmp_path):
+    (tmp_path / "uf.csv").write_text("instruction,completions\n")
+    assert "unknown format (expected .json, .jsonl or .parquet)" in uf_error(str(tmp_path / "uf.csv"), tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert "no .jsonl, .parquet or .json files in this folder" in uf_error(str(tmp_path / "empty"), tmp_path)
+
+
+def with_completion(**changes):
+    """The first hand record with its first completion changed (None removes a key)."""
+    completion = {k: v for k, v in dict(UF_HAND[0]["completions"][0], **changes).items() if v is not None}
+    return dict(UF_HAND[0], completions=[completion] + UF_HAND[0]["completions"][1:])
+
+
+def with_rating(aspect, rating):
+    annotations = dict(UF_HAND[0]["completions"][0]["annotations"], **{aspect: rating})
+    return with_completion(annotations=annotations)
+
+
+@pytest.mark.parametrize("record, message", [
+    ([1, 2], "not a JSON object"),
+    ({"completions": []}, "field 'instruction' is missing, empty or not a string"),
+    (dict(UF_HAND[0], instruction=" "), "field 'instruction' is missing, empty or not a string"),
+    ({"instruction": "hi"}, "field 'completions' is missing or not a list"),
+    (dict(UF_HAND[0], completions={"a": 1}), "field 'completions' is missing or not a list"),
+    (with_completion(response=None), "completions[0]: field 'response' is missing or not a string"),
+    (with_completion(annotations=None), "completions[0]: field 'annotations' is missing or not an object"),
+    (with_rating("honesty", None), "completions[0]: no annotations['honesty']['Rating']"),
+    (with_rating("helpfulness", {"Rationale": "no rating"}), "completions[0]: no annotations['helpfulness']['Rating']"),
+    (with_rating("honesty", {"Rating": "great"}),
+     "completions[0]: honesty Rating 'great' is neither a number nor 'N/A'"),
+    (with_rating("honesty", {"Rating": "nan"}), "completions[0]: honesty Rating 'nan' is neither a number nor 'N/A'"),
+    ("{oops", "invalid JSON (Expecting property name enclosed in double quotes)"),
+])
+def test_uf_bad_rows_name_file_line_and_problem(tmp_path, capsys, record, message):
+    path = str(tmp_path / "uf.jsonl")
+    with open(path, "w") as f:
+        f.write((record if isinstance(record, str) else json.dumps(record)) + "\n" + json.dumps(UF_HAND[1]) + "\n")
+    error = uf_error(path, tmp_path)
+    assert error.startswith(f"{path}: 1 bad rows (set skip_bad_rows to drop them):\n{path}: line 1: {message}")
+    rows = prepare_uf(path, tmp_path / "skipped", "--skip_bad_rows=true")
+    assert by_id(rows) == {k: v for k, v in HH_CONFLICTS.items() if k.startswith("1-")}  # tea keeps row number 1
+    assert f"{path}: skipped 1 bad rows, kept 1" in capsys.readouterr().out
+
+
+def test_uf_bad_json_list_file(tmp_path):
+    path = tmp_path / "uf.json"
+    path.write_text("[{\"instruction\": ")
+    assert uf_error(str(path), tmp_path).startswith(f"{path}: not a valid JSON file")
+    path.write_text(json.dumps([UF_HAND[0], "text"]))
+    assert f"{path}: item 1: not a JSON object" in uf_error(str(path), tmp_path)
+
+
+def test_uf_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    path = tmp_path / "uf.parquet"
+    path.write_bytes(b"PAR1")
+    assert uf_error(str(path), tmp_path) == (f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
+                                             "or give a .json/.jsonl copy")
+
+
+def test_uf_hub_is_asked_only_for_a_name_that_is_not_a_path(uf_hand_path, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+    def fake_download(name, **kwargs):
+        calls.append((name, kwargs["repo_type"]))
+        return os.path.dirname(uf_hand_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert by_id(prepare_uf("openbmb/UltraFeedback", tmp_path / "hub")) == HH_CONFLICTS
+    assert calls == [("openbmb/UltraFeedback", "dataset")]
+    prepare_uf(uf_hand_path, tmp_path / "local")
+    uf_error(str(tmp_path / "missing" / "uf.jsonl"), tmp_path)
+    assert len(calls) == 1
+
+    def offline(name, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert "not a local file or folder, and downloading it from the Hugging Face hub failed (OSError: no network)" in \
+        uf_error("someone/data", tmp_path)
+
+
+def test_uf_nothing_left_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "ties.jsonl", [{"instruction": "hi", "completions": [
+        uf_completion("a", 3, 3), uf_completion("b", 3, 4), uf_completion("c", "N/A", 1)]}])
+    assert "no pairs left" in uf_error(path, tmp_path)
+
+
+def test_uf_numeric_ratings_count_and_empty_responses_are_dropped(tmp_path, capsys):
+    numeric = uf_completion("cats are nice .")
+    numeric["annotations"]["helpfulness"]["Rating"], numeric["annotations"]["honesty"]["Rating"] = 5, 1.0
+    path = write_jsonl(tmp_path / "uf.jsonl", [{"instruction": "hi", "completions": [
+        numeric, uf_completion(" ", 1, 5), uf_completion("cats .", 1, 5)]}])
+    assert by_id(prepare_uf(path, tmp_path / "out")) == {"0-0-2": [0, 1]}  # 0-1 has an empty response, 1-2 ties
+    assert "dropped 1 with a tie, 0 with N/A, 1 with an empty response" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--labels=[helpfulness,harmlessness]", "config key 'labels': unknown label 'harmlessness' (known: helpfulness, "
+                                             "honesty, truthfulness, instruction_following)"),
+    ("--labels=[honesty]", "config key 'labels': must name at least two distinct labels"),
+    ("--labels=[honesty,honesty]", "config key 'labels': must name at least two distinct labels"),
+    ("--conflict_fraction=1.5", "config key 'conflict_fraction': must lie in [0, 1]"),
+])
+def test_uf_bad_settings_name_the_key(uf_hand_path, tmp_path, override, message):
+    with pytest.raises(ConfigError) as error:
+        prepare_uf(uf_hand_path, tmp_path, override)
+    assert str(error.value) == message
+
+
+# -----------------------------------------------------------------------------
+# embed: features of text pairs from a decoder (last token) or an encoder (mean)
+
+EMBED_ROWS = [  # ids: given for some rows; the others get their row number
+    {"prompt": "tell me about cats .", "response_a": "cats are nice .", "response_b": "dogs .", "id": "x7"},
+    {"prompt": "what about tea ?", "response_a": "tea look old . tea are nice . bees .", "response_b": "tea ."},
+    {"prompt": "describe rain .", "response_a": "rain .", "response_b": "rain feel warm . rain are blue .", "id": 3},
+    {"prompt": "i want to hear about stars .", "response_a": "stars are blue .", "response_b": "snow ."},
+    {"prompt": "say something on maps .", "response_a": "maps help people . maps .", "response_b": "maps look old ."},
+]
+
+
+@pytest.fixture(scope="module")
+def embed_in(tmp_path_factory):
+    """A text-pair JSONL: EMBED_ROWS with choices and splits."""
+    rows = [dict(row, choices={"u1": i % 2, "u2": None if i == 2 else 1 - i % 2}, split="train")
+            for i, row in enumerate(EMBED_ROWS)]
+    path = str(tmp_path_factory.mktemp("embed") / "pairs.jsonl")
+    data.write_text_pairs(path, rows)
+    return path
+
+
+def save_model(folder, model, padding_side="right", chat_template=None):
+    tok = data.toy_tokenizer()
+    tok.padding_side, tok.chat_template = padding_side, chat_template
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def embedders(tmp_path_factory):
+    """Tiny random models saved with the toy tokenizer: a Llama decoder (with a chat
+    template; its tokenizer padding on the left, or on the right) and a BERT encoder."""
+    from transformers import AutoModel, AutoModelForCausalLM, BertConfig, LlamaConfig
+
+    torch.manual_seed(0)
+    vocab = len(data.toy_vocabulary())
+    llama = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3))
+    bert = AutoModel.from_config(BertConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, max_position_embeddings=64, pad_token_id=0))
+    root = tmp_path_factory.mktemp("embedders")
+    return {"llama_left": save_model(root / "llama_left", llama, "left", CHAT_TEMPLATE),
+            "llama_right": save_model(root / "llama_right", llama, "right", CHAT_TEMPLATE),
+            "bert": save_model(root / "bert", bert)}
+
+
+def embed(model, in_path, out_path, *overrides):
+    return data.main(["embed", f"--model={model}", f"--in={in_path}", f"--out={out_path}", *overrides])
+
+
+@torch.no_grad()
+def alone(model, ids, pool):
+    """The final hidden layer of one unpadded sequence: at its last token, or its mean."""
+    hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]  # (T, H)
+    return hidden[-1] if pool == "last" else hidden.mean(0)
+
+
+def test_embed_decoder_is_each_sequence_alone_at_its_last_token_whatever_the_padding_side(embedders, embed_in,
+                                                                                          tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(embedders["llama_left"]).eval()  # as the policy loads it
+    tok = data.toy_tokenizer()
+    texts = [f"<bos> {r['prompt']} tell {r[k]} <eos>" for r in EMBED_ROWS for k in ("response_a", "response_b")]
+    expected = torch.stack([alone(model, tok.encode(t), "last") for t in texts]).view(len(EMBED_ROWS), 2, -1)
+    for side in ("left", "right"):
+        d = embed(embedders[f"llama_{side}"], embed_in, tmp_path / f"{side}.npz", "--batch_size=2")
+        assert d.meta == {"embedder": embedders[f"llama_{side}"], "pooling": "last"}
+        torch.testing.assert_close(d.pairs, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(expected[:, 0], expected[:, 1])
+
+
+def test_embed_encoder_is_the_mean_over_each_sequence_alone(embedders, embed_in, tmp_path):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(embedders["bert"]).eval()
+    tok = data.toy_tokenizer()
+    texts = [f"{r['prompt']} {r[k]}" for r in EMBED_ROWS for k in ("response_a", "response_b")]  # no special tokens
+    expected = torch.stack([alone(model, tok.encode(t), "mean") for t in texts]).view(len(EMBED_ROWS), 2, -1)
+    d = embed(embedders["bert"], embed_in, tmp_path / "bert.npz", "--batch_size=3")
+    assert d.meta["pooling"] == "mean"
+    torch.testing.assert_close(d.pairs, expected, atol=1e-5, rtol=0)
+
+
+def test_mean_pool_and_last_token_by_hand():
+    hidden = torch.arange(12.0).view(2, 3, 2)  # (b=2, T=3, H=2)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    assert data.mean_pool(hidden, mask).tolist() == [[1.0, 2.0], [8.0, 9.0]]
+    assert data.last_token(hidden, mask).tolist() == [[2.0, 3.0], [10.0, 11.0]]
+
+
+def test_is_causal_lm():
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    assert data.is_causal_lm(LlamaConfig()) and data.is_causal_lm(GPT2Config())  # by model type
+    assert not data.is_causal_lm(BertConfig())
+    assert data.is_causal_lm(BertConfig(is_decoder=True))
+    assert data.is_causal_lm(BertConfig(architectures=["BertLMHeadModel"]))
+    assert not data.is_causal_lm(LlamaConfig(architectures=["LlamaForSequenceClassification"]))
+
+
+def test_embed_writes_row_aligned_ids_choices_and_splits(embedders, embed_in, tmp_path):
+    embed(embedders["llama_right"], embed_in, tmp_path / "f.npz")
+    d = load_pairs(str(tmp_path / "f.npz"))
+    assert d.ids.tolist() == ["x7", "1", "3", "3", "4"]  # 'id' fields, else the row number
+    assert d.labels == ["u1", "u2"] and d.choices.tolist() == [[0, 1], [1, 0], [0, -1], [1, 0], [0, 1]]
+    assert os.listdir(tmp_path) == ["f.npz"]  # the progress folder is gone
+
+
+def interrupt_after_chunks(monkeypatch, count):
+    """Make data.write_atomic raise KeyboardInterrupt once `count` chunks are written."""
+    real, written = data.write_atomic, []
+    def write_then_maybe_stop(path, write):
+        real(path, write)
+        written.append(path)
+        if path.endswith(".npy") and sum(p.endswith(".npy") for p in written) == count:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(data, "write_atomic", write_then_maybe_stop)
+
+
+def test_embed_resumes_after_an_interruption_with_identical_arrays(embedders, embed_in, tmp_path, monkeypatch):
+    settings = ["--batch_size=2", "--save_every=2"]  # 10 sequences: chunks of 4, 4 and 2
+    whole = embed(embedders["llama_right"], embed_in, tmp_path / "whole.npz", *settings)
+    out = tmp_path / "resumed.npz"
+    with monkeypatch.context() as m:
+        interrupt_after_chunks(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            embed(embedders["llama_right"], embed_in, out, *settings)
+    assert sorted(os.listdir(f"{out}.partial")) == ["chunk000000.npy", "fingerprint.json"] and not out.exists()
+    computed = []
+    real = data.sequence_embeddings
+    def counted(model, sequences, *args):
+        computed.append(len(sequences))
+        return real(model, sequences, *args)
+    monkeypatch.setattr(data, "sequence_embeddings", counted)
+    embed(embedders["llama_right"], embed_in, out, *settings)
+    assert computed == [4, 2]  # the first chunk came from disk
+    resumed = load_pairs(str(out))
+    for name in ("pairs", "choices"):
+        assert torch.equal(getattr(resumed, name), getattr(whole, name))
+    assert (resumed.ids == whole.ids).all() and (resumed.split == whole.split).all() and resumed.meta == whole.meta
+    assert not os.path.exists(f"{out}.partial")
+
+
+def test_embed_starts_over_when_the_progress_is_from_other_settings(embedders, embed_in, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "f.npz"
+    with monkeypatch.context() as m:
+        interrupt_after_chunks(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            embed(embedders["llama_right"], embed_in, out, "--batch_size=2", "--save_every=1")
+    d = embed(embedders["llama_right"], embed_in, out, "--batch_size=4")
+    assert "progress of another model, input or setting; starting over" in capsys.readouterr().out
+    whole = embed(embedders["llama_right"], embed_in, tmp_path / "whole.npz", "--batch_size=4")
+    assert torch.equal(d.pairs, whole.pairs)
+
+
+def test_embed_refuses_pairs_longer_than_max_length(embedders, embed_in, tmp_path):
+    """Row 1 is the longest: <bos>, 4 prompt words, 'tell', 10 response words and <eos>
+    (17 tokens); the others have 14."""
+    with pytest.raises(DataError) as error:
+        embed(embedders["llama_right"], embed_in, tmp_path / "f.npz", "--max_length=16")
+    assert str(error.value).startswith(f"{embed_in}: 1 of 5 pairs are longer than max_length = 16 tokens "
+                                       "(prompt + response; first at row 1). Raise --max_length or remove them")
+    with pytest.raises(DataError, match="4 of 5 pairs are longer than max_length = 13 tokens"):
+        embed(embedders["llama_right"], embed_in, tmp_path / "f.npz", "--max_length=13")
+    assert not (tmp_path / "f.npz").exists()
+    assert embed(embedders["llama_right"], embed_in, tmp_path / "f.npz", "--max_length=17").pairs.shape[0] == 5
+
+
+def test_embed_bad_input_lines_and_missing_input(embedders, tmp_path):
+    path = write_lines(tmp_path / "bad.jsonl", [GOOD_ROW, "{oops", dict(GOOD_ROW, choices={"u1": 2})])
+    with pytest.raises(DataError) as error:
+        embed(embedders["llama_right"], path, tmp_path / "f.npz")
+    assert str(error.value).startswith(f"{path}: 2 bad lines")
+    assert f"{path}:2: invalid JSON" in str(error.value) and f"{path}:3: choice for label 'u1' is 2" in str(error.value)
+    with pytest.raises(DataError, match="nope.jsonl: file not found"):
+        embed(embedders["llama_right"], tmp_path / "nope.jsonl", tmp_path / "f.npz")
+    empty = write_lines(tmp_path / "empty.jsonl", [])
+    with pytest.raises(DataError, match="empty.jsonl: no pairs"):
+        embed(embedders["llama_right"], empty, tmp_path / "f.npz")
+
+
+def test_ids_are_optional_and_checked(tmp_path, paper):
+    assert paper.ids is None
+    path = str(tmp_path / "no_ids.npz")
+    save_pairs(path, paper)
+    assert load_pairs(path).ids is None and "ids" not in np.load(path).files  # the old format, unchanged
+    with_ids = data.PreferenceData(paper.pairs, paper.choices, paper.labels, paper.split, paper.meta,
+                                   ids=np.array([f"r{i}" for i in range(len(paper.pairs))]))
+    save_pairs(path, with_ids)
+    assert (load_pairs(path).ids == with_ids.ids).all()
+    assert (data.select_labels(load_pairs(path), ["type1"]).ids == with_ids.ids).all()
+    assert_data_error(write_npz(tmp_path, ids=np.array(["a", "b"])), "'ids' must have shape [N] with N = 6, got [2]")
+
+
+# -----------------------------------------------------------------------------
+# end to end: UltraFeedback-shaped data -> pairs -> features -> reward model -> evaluation
+
+
+def test_ultrafeedback_to_embed_to_train_reward_to_evaluate(uf_random, embedders, tmp_path):
+    import evaluate
+    import train_reward
+
+    rows = prepare_uf(uf_random[1], tmp_path / "uf", "--conflict_fraction=0.5")
+    features = str(tmp_path / "uf" / "features.npz")
+    embed(embedders["llama_right"], tmp_path / "uf" / "pairs.jsonl", features)
+    d = load_pairs(features)
+    assert d.ids.tolist() == [r["id"] for r in rows] and d.pairs.shape == (len(rows), 2, 16)
+    run = str(tmp_path / "run")
+    metrics = train_reward.main([f"--out_dir={run}", f"--data.path={features}", "--data.synthetic=null",
+                                 "--model.hidden=16", "--model.encoder.hidden=16", "--model.encoder.latent_dim=4",
+                                 "--train.steps=20", "--train.warmup_steps=5", "--train.batch_size=8",
+                                 "--train.num_targets=4", "--train.max_context=4", "--eval.interval=10",
+                                 "--eval.episodes=8", "--eval.num_targets=4", "--eval.context_sizes=[0,2]"])
+    assert {"val/loss", "val/acc@0", "val/acc@2"} <= metrics.keys()
+    results = evaluate.main([run, "--num_targets=2", "--num-context=[0,1]", "--chunk=20", "--max_episodes=40",
+                             f"--out={tmp_path / 'eval'}"])
+    assert {r["label"] for r in results} == {"helpfulness", "honesty", "all"}
+    assert {r["num_context"] for r in results} == {0, 1} and {r["model"] for r in results} == {"run"}

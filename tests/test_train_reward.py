@@ -8,7 +8,7 @@ import torch
 
 import data
 import train_reward
-from common import ConfigError, load_checkpoint, load_config
+from common import ConfigError, load_checkpoint, load_config, lr_at
 from conftest import TINY, train
 from data import DataError
 
@@ -72,11 +72,11 @@ def test_missing_data_without_a_generator_is_an_error(tmp_path):
 
 def test_lr_schedule_by_hand():
     t = {"lr": 1.0, "min_lr": 0.1, "warmup_steps": 10, "steps": 110}
-    assert train_reward.lr_at(0, t) == pytest.approx(0.1)
-    assert train_reward.lr_at(9, t) == pytest.approx(1.0)
-    assert train_reward.lr_at(10, t) == pytest.approx(1.0)
-    assert train_reward.lr_at(60, t) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 2)))
-    assert train_reward.lr_at(110, t) == pytest.approx(0.1)
+    assert lr_at(0, t) == pytest.approx(0.1)
+    assert lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(10, t) == pytest.approx(1.0)
+    assert lr_at(60, t) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 2)))
+    assert lr_at(110, t) == pytest.approx(0.1)
 
 
 # -----------------------------------------------------------------------------
