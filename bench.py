@@ -124,7 +124,7 @@ def bench_policy(argv):
     print("| measure | value |\n|---|---|")
     print(f"| NP-DPO training, pairs/s | {pairs / seconds:,.1f} |")
     print(f"| NP-DPO training, tokens/s (chosen + rejected tokens; each runs policy and reference) | {tokens / seconds:,.0f} |")
-    print(f"| peak GPU memory, GiB | {peak:.2f} |")
+    print(f"| peak GPU memory, GiB | {'n/a (CPU)' if device.type != 'cuda' else f'{peak:.2f}'} |")
     print(f"| adapt to a new user: latent from {b['context_pairs']} pairs + {b['new_tokens']} greedy tokens, "
           f"median ms | {1000 * statistics.median(times):.1f} |")
 

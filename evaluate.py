@@ -351,7 +351,7 @@ def closure_lines(rows, policies, labels, sizes):
         base, top = gold[(roles["dpo"], label, None)], gold[(oracle, label, None)]
         curve = [gold[(roles["np_dpo"], label, n)] for n in sizes]
         rising = all(b >= a for a, b in zip(curve, curve[1:]))
-        lines.append(f"  {label}: " + ", ".join(f"n={n} {(g - base) / (top - base):.2f}" for n, g in zip(sizes, curve))
+        lines.append(f"  {label}: " + ", ".join(f"n={n} {100 * (g - base) / (top - base):.1f}%" for n, g in zip(sizes, curve))
                      + f"; gold reward {'rises' if rising else 'does not rise'} monotonically with n")
     return "\n".join(lines)
 

@@ -74,7 +74,7 @@ DEFAULTS = {
     },
     "policy": dict(policy_lib.DEFAULTS, base="runs/steer_text_base"),  # see policy.DEFAULTS
     "train": {
-        "steps": 1500,  # optimizer steps
+        "steps": 3000,  # optimizer steps
         "batch_size": 8,  # episodes per step (each num_targets pairs)
         "grad_accum": 1,  # micro-batches per optimizer step
         "num_targets": 4,  # target pairs per episode
@@ -90,7 +90,7 @@ DEFAULTS = {
         "autocast": "bf16",  # on GPU: bf16 | fp16 | none; CPU always runs fp32
     },
     "eval": {
-        "interval": 250,  # steps between validations and checkpoints
+        "interval": 500,  # steps between validations and checkpoints
         "context_sizes": [0, 1, 3, 5, 10],  # n at which validation is scored
         "episodes": 32,  # val episodes per context size
         "num_targets": 4,  # target pairs per val episode
@@ -179,9 +179,10 @@ def load_inputs(config):
         build_toy_inputs(config)
     rows = read_text_pairs(d["pairs"], d["skip_bad_lines"])
     data = load_pairs(d["features"])
-    if len(rows) != len(data.pairs):
-        raise DataError(f"{d['features']}: {len(data.pairs)} rows, but {d['pairs']} has {len(rows)} pairs; "
-                        "the features must be row-aligned with the pairs (embed them again)")
+    row_ids = [str(row.get("id", i)) for i, row in enumerate(rows)]
+    if len(rows) != len(data.pairs) or (data.ids is not None and data.ids.tolist() != row_ids):
+        raise DataError(f"{d['features']}: its {len(data.pairs)} rows are not row-aligned with the {len(rows)} pairs "
+                        f"of {d['pairs']} (embed them again)")
     tokenizer = AutoTokenizer.from_pretrained(p["base"], trust_remote_code=p["trust_remote_code"])
     token_pairs, dropped = tokenize_pairs(rows, tokenizer, d["max_length"])
     if dropped:
