@@ -27,6 +27,16 @@ class ConfigError(ValueError):
     """A bad config value; the message names the key."""
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. a non-finite loss); the message says what to do."""
+
+
+def check_finite(loss, step, out_dir):
+    if not torch.isfinite(loss):
+        raise TrainingError(f"non-finite loss ({loss.item()}) at step {step}: stopped before the update; "
+                            f"{out_dir}/ckpt_last.pt holds the last good checkpoint")
+
+
 # -----------------------------------------------------------------------------
 # config
 
@@ -76,6 +86,15 @@ def _set(config, dotted_key, value):
         node[parts[-1]] = _check_type(dotted_key, old, value)
 
 
+def _default_of(config, dotted_key):
+    node = config
+    for part in dotted_key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def _find_required(config, prefix=""):
     for key, value in config.items():
         if isinstance(value, dict):
@@ -85,18 +104,23 @@ def _find_required(config, prefix=""):
 
 
 def load_config(defaults, argv, aliases=None):
-    """Defaults <- YAML file <- `--key=value` overrides. Returns (config, positionals).
+    """Defaults <- YAML file <- `--key=value` (or `--key value`) overrides.
+    Returns (config, positionals).
 
     A bare `--flag` sets a boolean key to true. `aliases` maps extra flag names
     (e.g. 'num-context') to dotted keys; hyphens in flags are read as underscores.
     """
     config, positionals, overrides = copy.deepcopy(defaults), [], []
-    for arg in argv:
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
         if not arg.startswith("--"):
             positionals.append(arg)
             continue
         key, has_value, text = arg[2:].partition("=")
         key = (aliases or {}).get(key, key.replace("-", "_"))
+        if not has_value and args and not args[0].startswith("--") and not isinstance(_default_of(config, key), bool):
+            has_value, text = True, args.pop(0)  # `--key value`
         overrides.append((key, _parse_literal(text) if has_value else True))
     yaml_files = [p for p in positionals if p.endswith((".yaml", ".yml"))]
     for path in yaml_files:

@@ -374,6 +374,15 @@ def text_pair_problem(row):
     return None
 
 
+def report_problems(source, problems, kept, skip_bad, unit, how_to_skip):
+    """Stops on bad lines or rows, listing the first ten, unless skip_bad: then says how many were skipped."""
+    if problems and not skip_bad:
+        shown = "\n".join(problems[:10]) + ("\n..." if len(problems) > 10 else "")
+        raise DataError(f"{source}: {len(problems)} bad {unit} ({how_to_skip} to drop them):\n{shown}")
+    if problems:
+        print(f"{source}: skipped {len(problems)} bad {unit}, kept {kept}")
+
+
 def read_text_pairs(path, skip_bad=False):
     """Rows of a text-pair JSONL file. Bad lines are reported by file and line number;
     the file is refused unless skip_bad, and then the skipped count is printed."""
@@ -397,11 +406,7 @@ def read_text_pairs(path, skip_bad=False):
                 problems.append(f"{path}:{number}: {problem}")
             else:
                 rows.append(row)
-    if problems and not skip_bad:
-        shown = "\n".join(problems[:10]) + ("\n..." if len(problems) > 10 else "")
-        raise DataError(f"{path}: {len(problems)} bad lines (pass skip_bad to drop them):\n{shown}")
-    if problems:
-        print(f"{path}: skipped {len(problems)} bad lines, kept {len(rows)}")
+    report_problems(path, problems, len(rows), skip_bad, "lines", "pass skip_bad")
     return rows
 
 
@@ -739,11 +744,7 @@ def read_ultrafeedback(source, labels, skip_bad=False):
                     problem = str(e)
             if problem is not None:
                 problems.append(f"{path}: {where}: {problem}")
-    if problems and not skip_bad:
-        shown = "\n".join(problems[:10]) + ("\n..." if len(problems) > 10 else "")
-        raise DataError(f"{source}: {len(problems)} bad rows (set skip_bad_rows to drop them):\n{shown}")
-    if problems:
-        print(f"{source}: skipped {len(problems)} bad rows, kept {len(rows)}")
+    report_problems(source, problems, len(rows), skip_bad, "rows", "set skip_bad_rows")
     return rows
 
 

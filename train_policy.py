@@ -41,11 +41,11 @@ import torch
 from tqdm import tqdm
 
 import policy as policy_lib
-from common import (ConfigError, check, graceful_stop, load_checkpoint, load_config, log, lr_at, pick_device,
-                    print_config, rng_state, save_config, seed_everything, set_rng_state)
-from data import (DataError, EpisodeSampler, collate_pairs, prompt_response_batch, last_token_embeddings, load_pairs, make_toy_text_pairs,
-                  read_text_pairs, save_pairs, select_labels, text_pairs_to_data, tokenize_pairs, toy_tokenizer,
-                  write_text_pairs)
+from common import (ConfigError, TrainingError, check, check_finite, graceful_stop, load_checkpoint, load_config,
+                    log, lr_at, pick_device, print_config, rng_state, save_config, seed_everything, set_rng_state)
+from data import (DataError, EpisodeSampler, collate_pairs, last_token_embeddings, load_pairs, make_toy_text_pairs,
+                  prompt_response_batch, read_text_pairs, save_pairs, select_labels, text_pairs_to_data,
+                  tokenize_pairs, toy_tokenizer, write_text_pairs)
 
 DEFAULTS = {
     "out_dir": "runs/steer_text_np_dpo",  # checkpoints, config and logs go here
@@ -260,6 +260,7 @@ def train(policy, optimizer, sampler, data, token_pairs, pad_id, config, device,
                 batch = make_batch(sampler, token_pairs, t["batch_size"], pad_id, device)
                 with autocast(device, t["autocast"]):
                     loss, train_metrics = policy_lib.dpo_step(policy, batch, t["beta"], t["nll_weight"])
+                check_finite(loss, step + 1, config["out_dir"])
                 scaler.scale(loss / t["grad_accum"]).backward()
             if t["grad_clip"] > 0:
                 scaler.unscale_(optimizer)
@@ -330,5 +331,5 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, TrainingError) as e:
         sys.exit(f"error: {e}")

@@ -21,8 +21,9 @@ import sys
 import torch
 from tqdm import tqdm
 
-from common import (ConfigError, check, graceful_stop, load_checkpoint, load_config, log, lr_at, pick_device,
-                    print_config, rng_state, save_checkpoint, save_config, seed_everything, set_rng_state)
+from common import (ConfigError, TrainingError, check, check_finite, graceful_stop, load_checkpoint, load_config,
+                    log, lr_at, pick_device, print_config, rng_state, save_checkpoint, save_config, seed_everything,
+                    set_rng_state)
 from data import (DataError, EpisodeSampler, load_pairs, make_linear_synthetic, make_paper_synthetic, save_pairs,
                   select_labels)
 from reward import MODEL_KINDS, build_model, choice_correct
@@ -152,6 +153,7 @@ def train(model, optimizer, sampler, data, config, device, step, best_val_loss):
                 group["lr"] = lr_at(step, t)
             batch = to_device(sampler.sample(t["batch_size"]), device)
             loss, train_metrics = model.loss(batch)
+            check_finite(loss, step + 1, out_dir)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if t["grad_clip"] > 0:
@@ -217,5 +219,5 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, TrainingError) as e:
         sys.exit(f"error: {e}")

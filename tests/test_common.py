@@ -235,3 +235,8 @@ def test_crafted_pickle_is_refused_and_does_not_run(tmp_path):
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the payload is live: a plain unpickler runs it
     assert marker.exists()
+
+
+def test_space_separated_value_is_read_for_a_non_bool_key():
+    config, rest = load_config(DEFAULTS, ["--train.lr", "0.5", "--resume", "run_dir"])
+    assert config["train"]["lr"] == 0.5 and config["resume"] is True and rest == ["run_dir"]

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import data
+import reward
 import train_reward
-from common import ConfigError, load_checkpoint, load_config, lr_at
+from common import ConfigError, TrainingError, load_checkpoint, load_config, lr_at
 from conftest import TINY, train
 from data import DataError
 
@@ -167,3 +168,18 @@ def test_resume_equals_uninterrupted_training(tmp_path, paper_path, monkeypatch,
 def test_resume_without_a_checkpoint_names_it(tmp_path, paper_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found: .*ckpt_last.pt"):
         train(tmp_path / "run", paper_path, *TINY, "--resume")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, paper_path, monkeypatch):
+    loss, calls = reward.NPBTL.loss, [0]
+
+    def loss_turning_nan(self, batch):
+        calls[0] += 1
+        value, metrics = loss(self, batch)
+        return (value * float("nan") if calls[0] == 7 else value), metrics
+
+    monkeypatch.setattr(reward.NPBTL, "loss", loss_turning_nan)
+    with pytest.raises(TrainingError, match="non-finite loss .* at step 7: stopped"):
+        train(tmp_path / "run", paper_path, *TINY, "--eval.interval=3")
+    last = load_checkpoint(str(tmp_path / "run" / "ckpt_last.pt"))
+    assert last["step"] == 6 and all(torch.isfinite(v).all() for v in last["model"].values())
