@@ -88,6 +88,7 @@ DEFAULTS = {
         "weight_decay": 0.0,  # AdamW weight decay
         "grad_clip": 1.0,  # max gradient norm (0 = off)
         "autocast": "bf16",  # on GPU: bf16 | fp16 | none; CPU always runs fp32
+        "gradient_checkpointing": False,  # recompute decoder activations in backward (less memory, slower)
     },
     "eval": {
         "interval": 500,  # steps between validations and checkpoints
@@ -306,6 +307,8 @@ def main(argv):
     # ---- model and optimizer
     base = policy_lib.build_base_model(p["base"], p["dtype"], p["trust_remote_code"])
     policy = policy_lib.SteerablePolicy(base, p, context_dim=data.dim).to(device)
+    if t["gradient_checkpointing"]:
+        policy.enable_gradient_checkpointing()
     trainable = [q for q in policy.parameters() if q.requires_grad]
     print(f"policy: {sum(q.numel() for q in trainable):,} trained parameters "
           f"(LoRA{', FiLM, encoder' if policy.encoder is not None else ''}) on a {p['base']} base")

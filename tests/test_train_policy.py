@@ -66,6 +66,13 @@ def test_checkpoint_holds_only_trained_tensors(np_dpo_run, toy_root):
     assert trained == sum(p.numel() for p in policy.parameters() if p.requires_grad)
 
 
+def test_gradient_checkpointing_gives_the_same_run(toy_root, tmp_path):
+    args = ["--train.steps=3", "--eval.interval=3", "--policy.lora.dropout=0.0"]
+    plain = train_policy.main(small(toy_root, f"--out_dir={tmp_path}/a", *args))
+    checkpointed = train_policy.main(small(toy_root, f"--out_dir={tmp_path}/b", *args, "--train.gradient_checkpointing"))
+    assert checkpointed == pytest.approx(plain, abs=1e-5)
+
+
 def test_plain_dpo_run_has_no_encoder(toy_root, tmp_path):
     train_policy.main(small(toy_root, f"--out_dir={tmp_path}", "--policy.film.latent_dim=0", "--train.steps=4",
                             "--eval.interval=2"))
