@@ -223,6 +223,85 @@ def set_rng_state(state):
 
 
 # -----------------------------------------------------------------------------
+# data-parallel training (torchrun); without torchrun every helper is a no-op
+
+
+def setup_distributed(device_name):
+    """Returns (rank, world_size, local_rank, device). Under torchrun (RANK, WORLD_SIZE
+    and LOCAL_RANK set) it joins the process group: nccl on CUDA, gloo on CPU; each
+    process takes GPU LOCAL_RANK. Otherwise (0, 1, 0, pick_device(device_name))."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0, pick_device(device_name)
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, local_rank, device
+
+
+def is_main(rank):
+    """Rank 0 alone prints, logs and writes files."""
+    return rank == 0
+
+
+def distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def barrier():
+    if distributed():
+        torch.distributed.barrier()
+
+
+def cleanup_distributed():
+    if distributed():
+        torch.distributed.destroy_process_group()
+
+
+def mean_over_ranks(tensor):
+    """The mean of `tensor` over all processes (itself when there is one)."""
+    if not distributed():
+        return tensor
+    tensor = tensor.clone()
+    torch.distributed.all_reduce(tensor)
+    return tensor / torch.distributed.get_world_size()
+
+
+def any_rank(flag, device):
+    """True on every process if `flag` is true on any one: all ranks stop at the same step."""
+    return bool(mean_over_ranks(torch.tensor(float(flag), device=device)) > 0)
+
+
+def average_gradients(parameters):
+    """Replaces each trainable parameter's gradient by its mean over processes, in one
+    all-reduce. Each rank's loss is a mean over an equal slice of the global batch, so
+    this is the single-process gradient of the global batch. A missing grad counts as 0."""
+    if not distributed():
+        return
+    params = [p for p in parameters if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = mean_over_ranks(torch.cat([p.grad.flatten() for p in params]))
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
+
+
+def check_replicas_agree(parameters):
+    """Raises TrainingError unless every process holds rank 0's weights: a cheap end-of-run invariant."""
+    if not distributed():
+        return
+    flat = torch.cat([p.detach().flatten() for p in parameters])
+    reference = flat.clone()
+    torch.distributed.broadcast(reference, src=0)
+    if not any_rank(not torch.equal(flat, reference), flat.device):
+        return
+    raise TrainingError("data-parallel replicas diverged: some rank's weights differ from rank 0's")
+
+
+# -----------------------------------------------------------------------------
 # checkpoints
 
 

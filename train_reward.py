@@ -5,6 +5,7 @@ Train a reward model (NP-BTL, BTL or DPL) on feature pairs.
     python train_reward.py configs/synthetic_btl.yaml          # the BTL baseline
     python train_reward.py configs/synthetic.yaml --train.steps=500 --out_dir=runs/short
     python train_reward.py configs/synthetic.yaml --resume     # continue the run in out_dir
+    torchrun --nproc_per_node=4 train_reward.py configs/synthetic.yaml  # data-parallel, same result
 
 Writes to out_dir: config.yaml, log.jsonl, ckpt_best.pt (lowest validation loss) and
 ckpt_last.pt. Then: python evaluate.py runs/synthetic_np_btl
@@ -12,6 +13,11 @@ ckpt_last.pt. Then: python evaluate.py runs/synthetic_np_btl
 Episodes: one user (label) each, n context pairs (n uniform in [min_context,
 max_context]) and num_targets target pairs, disjoint; the loss is on targets only.
 Validation scores the same fixed val episodes at every eval, at each context size.
+
+Under torchrun, train.batch_size stays the global batch: every process draws the same
+global batch and trains on its own equal slice, gradients are averaged across processes,
+so N processes follow the 1-process run (up to float summation order; the stochastic
+encoder's noise differs). All ranks validate; rank 0 alone prints, logs and saves.
 """
 
 import math
@@ -21,9 +27,10 @@ import sys
 import torch
 from tqdm import tqdm
 
-from common import (ConfigError, TrainingError, check, check_finite, graceful_stop, load_checkpoint, load_config,
-                    log, lr_at, pick_device, print_config, rng_state, save_checkpoint, save_config, seed_everything,
-                    set_rng_state)
+from common import (ConfigError, TrainingError, any_rank, average_gradients, barrier, check, check_finite,
+                    check_replicas_agree, cleanup_distributed, graceful_stop, is_main, load_checkpoint, load_config,
+                    log, lr_at, mean_over_ranks, print_config, rng_state, save_checkpoint, save_config,
+                    seed_everything, set_rng_state, setup_distributed)
 from data import (DataError, EpisodeSampler, load_pairs, make_linear_synthetic, make_paper_synthetic, save_pairs,
                   select_labels)
 from reward import MODEL_KINDS, build_model, choice_correct
@@ -73,7 +80,7 @@ DEFAULTS = {
 }
 
 
-def validate_config(config):
+def validate_config(config, world_size=1):
     t, e = config["train"], config["eval"]
     check(config["model"]["kind"] in MODEL_KINDS, "model.kind", f"must be one of {MODEL_KINDS}")
     check(config["model"]["encoder"]["aggregator"] in ("mean", "sum", "attention"), "model.encoder.aggregator",
@@ -83,6 +90,8 @@ def validate_config(config):
     check(t["steps"] > 0, "train.steps", "must be positive")
     check(t["epochs"] >= 0, "train.epochs", "must be non-negative")
     check(t["batch_size"] > 0, "train.batch_size", "must be positive")
+    check(t["batch_size"] % world_size == 0, "train.batch_size",
+          f"must be divisible by the number of processes ({world_size}): it is the global batch")
     check(t["num_targets"] > 0, "train.num_targets", "must be positive")
     check(0 <= t["min_context"] <= t["max_context"], "train.min_context", "must lie in [0, train.max_context]")
     check(e["interval"] > 0, "eval.interval", "must be positive")
@@ -105,6 +114,12 @@ def prepare_data(data_config):
 
 def to_device(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def rank_slice(batch, rank, world_size):
+    """This process's equal share of a global batch of episodes."""
+    size = len(batch["label_rows"]) // world_size
+    return {k: v[rank * size:(rank + 1) * size] for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -138,42 +153,52 @@ def restore(checkpoint, model, optimizer, sampler):
     return checkpoint["step"], checkpoint["best_val_loss"]
 
 
-def train(model, optimizer, sampler, data, config, device, step, best_val_loss):
+def train(model, optimizer, sampler, data, config, device, step, best_val_loss, rank=0, world_size=1):
     """The loop. Returns (last validation metrics, True if stopped early by SIGINT/SIGTERM).
 
     A stop signal ends the current step, saves ckpt_last.pt and returns: --resume then
-    continues exactly as if the run had not been interrupted.
+    continues exactly as if the run had not been interrupted. Under torchrun a signal on
+    any rank stops every rank after the same step.
     """
-    t, out_dir = config["train"], config["out_dir"]
-    progress = tqdm(range(step, t["steps"]), initial=step, total=t["steps"], desc="train", mininterval=1.0)
+    t, out_dir, main_process = config["train"], config["out_dir"], is_main(rank)
+    progress = tqdm(range(step, t["steps"]), initial=step, total=t["steps"], desc="train", mininterval=1.0,
+                    disable=not main_process)
     metrics = {}
     with graceful_stop() as stop:
         for step in progress:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, t)
-            batch = to_device(sampler.sample(t["batch_size"]), device)
+            # every rank draws the same global batch (same seed), then keeps its slice
+            batch = to_device(rank_slice(sampler.sample(t["batch_size"]), rank, world_size), device)
             loss, train_metrics = model.loss(batch)
-            check_finite(loss, step + 1, out_dir)
+            check_finite(mean_over_ranks(loss.detach()), step + 1, out_dir)  # all ranks raise together
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(model.parameters())
+            if world_size > 1:  # log the global batch's figures
+                train_metrics = {k: mean_over_ranks(torch.tensor(v, dtype=torch.float64, device=device)).item()
+                                 for k, v in train_metrics.items()}
             if t["grad_clip"] > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
             optimizer.step()
             progress.set_postfix(loss=f"{train_metrics['loss']:.4f}", acc=f"{train_metrics['acc']:.3f}", refresh=False)
             done = step + 1
             at_interval = done % config["eval"]["interval"] == 0 or done == t["steps"]
-            if at_interval:
+            stopping = any_rank(stop["signal"] is not None, device)
+            if at_interval:  # every rank validates (identical weights), so best_val_loss agrees
                 metrics = validate(model, data, config, device)
                 if metrics["val/loss"] < best_val_loss:
                     best_val_loss = metrics["val/loss"]
-                    save_checkpoint(os.path.join(out_dir, "ckpt_best.pt"), make_checkpoint(
-                        model, optimizer, sampler, config, done, best_val_loss, metrics))
-                log({"step": done, "lr": lr_at(step, t), **{f"train/{k}": v for k, v in train_metrics.items()},
-                     **metrics}, out_dir)
-            if at_interval or stop["signal"]:
+                    if main_process:
+                        save_checkpoint(os.path.join(out_dir, "ckpt_best.pt"), make_checkpoint(
+                            model, optimizer, sampler, config, done, best_val_loss, metrics))
+                if main_process:
+                    log({"step": done, "lr": lr_at(step, t), **{f"train/{k}": v for k, v in train_metrics.items()},
+                         **metrics}, out_dir)
+            if (at_interval or stopping) and main_process:
                 save_checkpoint(os.path.join(out_dir, "ckpt_last.pt"), make_checkpoint(
                     model, optimizer, sampler, config, done, best_val_loss, metrics))
-            if stop["signal"]:
+            if stopping:
                 progress.close()
                 return metrics, True
     return metrics, False
@@ -184,35 +209,47 @@ def main(argv):
     config, rest = load_config(DEFAULTS, argv)
     if rest:
         raise ConfigError(f"unexpected arguments {rest} (give one .yaml file and --key=value overrides)")
-    validate_config(config)
-    print_config(config)
-    save_config(config, config["out_dir"])
-    # ---- seed and device
-    seed_everything(config["seed"])
-    device = pick_device(config["device"])
+    rank, world_size, _, device = setup_distributed(config["device"])  # (0, 1, 0, device) without torchrun
+    main_process = is_main(rank)
+    validate_config(config, world_size)
+    if main_process:
+        print_config(config)
+        save_config(config, config["out_dir"])
+    # ---- seed
+    seed_everything(config["seed"])  # the same on every rank: identical initial weights and batches
     # ---- data
+    if not main_process:
+        barrier()  # wait while rank 0 generates a missing data.path
     data = prepare_data(config["data"])
+    if main_process:
+        barrier()
     t = config["train"]
     sampler = EpisodeSampler(data, "train", t["num_targets"], t["max_context"], t["min_context"], seed=config["seed"])
     if t["epochs"] > 0:
         t["steps"] = math.ceil(t["epochs"] * int(sampler.counts.sum()) / (t["batch_size"] * t["num_targets"]))
-        print(f"train.epochs = {t['epochs']}: {t['steps']} steps")
-        save_config(config, config["out_dir"])  # the effective config
-    print(f"data: {data.path}, {len(sampler.labels)} train labels, option dim {data.dim}")
+        if main_process:
+            print(f"train.epochs = {t['epochs']}: {t['steps']} steps")
+            save_config(config, config["out_dir"])  # the effective config
+    if main_process:
+        print(f"data: {data.path}, {len(sampler.labels)} train labels, option dim {data.dim}, {world_size} process(es)")
     # ---- model and optimizer
     model = build_model(config["model"], data.dim).to(device)
-    print(f"model: {config['model']['kind']}, {sum(p.numel() for p in model.parameters())} parameters")
+    if main_process:
+        print(f"model: {config['model']['kind']}, {sum(p.numel() for p in model.parameters())} parameters")
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
     step, best_val_loss = 0, float("inf")
     if config["resume"]:
         checkpoint = load_checkpoint(os.path.join(config["out_dir"], "ckpt_last.pt"))
         step, best_val_loss = restore(checkpoint, model, optimizer, sampler)
-        print(f"resumed from step {step}")
+        if main_process:
+            print(f"resumed from step {step}")
     # ---- loop
-    metrics, stopped = train(model, optimizer, sampler, data, config, device, step, best_val_loss)
+    metrics, stopped = train(model, optimizer, sampler, data, config, device, step, best_val_loss, rank, world_size)
+    check_replicas_agree(model.parameters())
     if stopped:
         sys.exit(f"stopped by a signal: {config['out_dir']}/ckpt_last.pt holds the last step; continue with --resume")
-    print(f"done: best checkpoint {config['out_dir']}/ckpt_best.pt")
+    if main_process:
+        print(f"done: best checkpoint {config['out_dir']}/ckpt_best.pt")
     return metrics
 
 
@@ -221,3 +258,5 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except (ConfigError, DataError, TrainingError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        cleanup_distributed()

@@ -2,6 +2,9 @@ import json
 import math
 import os
 import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -183,3 +186,40 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, pape
         train(tmp_path / "run", paper_path, *TINY, "--eval.interval=3")
     last = load_checkpoint(str(tmp_path / "run" / "ckpt_last.pt"))
     assert last["step"] == 6 and all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+# -----------------------------------------------------------------------------
+# data-parallel (torchrun)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, paper_path):
+    args = [*TINY, f"--data.path={paper_path}"]
+    train(tmp_path / "one", paper_path, *TINY)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", "train_reward.py", *args, f"--out_dir={tmp_path / 'two'}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]  # also: the ranks' final weights agree exactly
+    for name in ("ckpt_last.pt", "ckpt_best.pt"):
+        a, b = (load_checkpoint(str(tmp_path / run / name)) for run in ("one", "two"))
+        assert a["step"] == b["step"] and a["model"].keys() == b["model"].keys()  # no 'module.' prefix
+        assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-5) for k in a["model"])
+    log_one, log_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")  # rank 0 alone logs
+    assert [row["step"] for row in log_two] == [row["step"] for row in log_one] == [10, 20, 30]
+    assert all(b[k] == pytest.approx(a[k], abs=1e-5) for a, b in zip(log_one, log_two) for k in a)
+
+
+def test_global_batch_must_divide_among_processes():
+    config, _ = load_config(train_reward.DEFAULTS, ["--train.batch_size=10"])
+    train_reward.validate_config(config, world_size=2)
+    with pytest.raises(ConfigError, match="config key 'train.batch_size': must be divisible by the number of "
+                                          r"processes \(3\)"):
+        train_reward.validate_config(config, world_size=3)
