@@ -1,10 +1,12 @@
 import json
 import math
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -223,3 +225,21 @@ def test_global_batch_must_divide_among_processes():
     with pytest.raises(ConfigError, match="config key 'train.batch_size': must be divisible by the number of "
                                           r"processes \(3\)"):
         train_reward.validate_config(config, world_size=3)
+
+
+def test_sigkill_at_a_random_step_then_resume_ends_like_an_uninterrupted_run(tmp_path, paper_path):
+    """SIGKILL gives no chance to save: the run resumes from the last interval checkpoint."""
+    args = [*TINY, "--train.steps=1500", "--eval.interval=50", f"--data.path={paper_path}"]
+    straight = train(tmp_path / "a", paper_path, *args)
+    last = tmp_path / "b" / "ckpt_last.pt"
+    process = subprocess.Popen([sys.executable, "train_reward.py", f"--out_dir={tmp_path / 'b'}", *args], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not last.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    time.sleep(random.uniform(0.0, 0.5))
+    process.kill()
+    process.wait()
+    killed_at = load_checkpoint(str(last))["step"]
+    assert 0 < killed_at < 1500, "the run was not interrupted; make it longer"
+    assert train(tmp_path / "b", paper_path, *args, "--resume") == straight
