@@ -125,7 +125,7 @@ def rank_slice(batch, rank, world_size):
 @torch.no_grad()
 def validate(model, data, config, device):
     """Loss and accuracy on fixed val episodes at each context size in eval.context_sizes."""
-    e, t = config["eval"], config["train"]
+    e = config["eval"]
     sizes = e["context_sizes"]
     sampler = EpisodeSampler(data, "val", e["num_targets"], max(sizes), seed=config["seed"] + 1)
     model.eval()

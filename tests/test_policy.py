@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
 from common import ConfigError, save_checkpoint
