@@ -418,6 +418,11 @@ def write_text_pairs(path, rows):
     os.replace(f"{path}.tmp", path)
 
 
+def text_pair_ids(rows):
+    """Each row's id as the feature file stores it: its 'id' field, else its row number."""
+    return [str(row.get("id", i)) for i, row in enumerate(rows)]
+
+
 def text_pairs_to_data(rows, features, path="<memory>"):
     """PreferenceData from text-pair rows and their option features (N, 2, D); a row's id
     is its 'id' field, or its row number if it has none."""
@@ -428,7 +433,7 @@ def text_pairs_to_data(rows, features, path="<memory>"):
             if row["choices"].get(label) is not None:
                 choices[i, j] = row["choices"][label]
     split = np.array([row.get("split", "train") for row in rows], dtype="<U5")
-    ids = np.array([str(row.get("id", i)) for i, row in enumerate(rows)], dtype=str)
+    ids = np.array(text_pair_ids(rows), dtype=str)
     return PreferenceData(features.float(), choices, labels, split, {}, path, ids)
 
 

@@ -44,7 +44,7 @@ import policy as policy_lib
 from common import (ConfigError, TrainingError, check, check_finite, graceful_stop, load_checkpoint, load_config,
                     log, lr_at, pick_device, print_config, rng_state, save_config, seed_everything, set_rng_state)
 from data import (DataError, EpisodeSampler, collate_pairs, last_token_embeddings, load_pairs, make_toy_text_pairs,
-                  prompt_response_batch, read_text_pairs, save_pairs, select_labels, text_pairs_to_data,
+                  prompt_response_batch, read_text_pairs, save_pairs, select_labels, text_pair_ids, text_pairs_to_data,
                   tokenize_pairs, toy_tokenizer, write_text_pairs)
 
 DEFAULTS = {
@@ -180,8 +180,7 @@ def load_inputs(config):
         build_toy_inputs(config)
     rows = read_text_pairs(d["pairs"], d["skip_bad_lines"])
     data = load_pairs(d["features"])
-    row_ids = [str(row.get("id", i)) for i, row in enumerate(rows)]
-    if len(rows) != len(data.pairs) or (data.ids is not None and data.ids.tolist() != row_ids):
+    if len(rows) != len(data.pairs) or (data.ids is not None and data.ids.tolist() != text_pair_ids(rows)):
         raise DataError(f"{d['features']}: its {len(data.pairs)} rows are not row-aligned with the {len(rows)} pairs "
                         f"of {d['pairs']} (embed them again)")
     tokenizer = AutoTokenizer.from_pretrained(p["base"], trust_remote_code=p["trust_remote_code"])
