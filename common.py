@@ -260,13 +260,29 @@ def cleanup_distributed():
         torch.distributed.destroy_process_group()
 
 
-def mean_over_ranks(tensor):
-    """The mean of `tensor` over all processes (itself when there is one)."""
+def sum_over_ranks(tensor):
+    """The sum of `tensor` over all processes (itself when there is one)."""
     if not distributed():
         return tensor
     tensor = tensor.clone()
     torch.distributed.all_reduce(tensor)
-    return tensor / torch.distributed.get_world_size()
+    return tensor
+
+
+def mean_over_ranks(tensor):
+    """The mean of `tensor` over all processes (itself when there is one)."""
+    if not distributed():
+        return tensor
+    return sum_over_ranks(tensor) / torch.distributed.get_world_size()
+
+
+def broadcast_parameters(parameters):
+    """Every process takes rank 0's values (as DDP does at wrap time): replicas start equal
+    even where ranks drew different random numbers before building the model."""
+    if not distributed():
+        return
+    for p in parameters:
+        torch.distributed.broadcast(p.data, src=0)
 
 
 def any_rank(flag, device):

@@ -11,8 +11,9 @@ The DPO reference is the same network with LoRA and FiLM switched off
 (`reference_mode()`), so the base weights are held once. With `film.latent_dim = 0`
 there is no FiLM and no encoder: the same code is plain DPO with LoRA.
 
-Not runnable on its own yet: train_policy.py will drive it and add the generation
-command (`python policy.py <run dir> --context ... --prompt ...`).
+Steer a trained policy with a user's few choices (a JSONL of text pairs, data.py):
+
+    python policy.py runs/steer_text_np_dpo --context=my_choices.jsonl --prompt="tell me about bees ."
 
 Usage:
     policy = SteerablePolicy(build_base_model("Qwen/Qwen2-0.5B"), config, context_dim=D)
@@ -347,7 +348,9 @@ def policy_and_reference_logprobs(policy, batch):
 
     The latent comes from batch['context'] (or batch['latent']) when the policy has
     FiLM. With E contexts and E * T pairs, episode e's latent conditions pairs
-    e*T .. e*T + T-1 (its targets, as train_policy.episode_batch lays them out)."""
+    e*T .. e*T + T-1 (its targets, as train_policy.episode_batch lays them out).
+    Reference log-probs given in the batch (ref_{chosen,rejected}_logps, (B,)) are
+    used as they are; otherwise the reference runs here."""
     latent = None
     if policy.encoder is not None:
         latent = policy.infer_latent(batch["context"], batch.get("context_mask"))  # (E, latent_dim)
@@ -359,6 +362,8 @@ def policy_and_reference_logprobs(policy, batch):
             raise ValueError(f"{pairs} pairs cannot be split evenly among {latent.shape[0]} latents")
         latent = latent.repeat_interleave(pairs // latent.shape[0], dim=0)  # (pairs, latent_dim)
     chosen, rejected = pair_logprobs(policy, batch, latent)
+    if "ref_chosen_logps" in batch:  # precomputed once per pair (train.precompute_ref_logps)
+        return chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     with torch.no_grad(), policy.reference_mode():
         ref_chosen, ref_rejected = pair_logprobs(policy, batch)
     return chosen, rejected, ref_chosen, ref_rejected

@@ -6,6 +6,7 @@ Train a steerable policy with NP-DPO (or plain DPO, the baseline) on text pairs.
     python train_policy.py configs/steer_text_oracle_concise.yaml   # DPO on one user type (the oracle)
     python train_policy.py configs/uf_hh_dpo.yaml              # the paper's LLM setting (GPU and hub)
     python train_policy.py --train.steps=100 --resume          # dotted overrides, continue a run
+    torchrun --nproc_per_node=4 train_policy.py configs/uf_hh_dpo.yaml --train.grad_accum=4   # data-parallel
 
 Inputs (data.*): text pairs as JSONL (data.py's format) and, row-aligned with them,
 a feature-pair .npz of context embeddings (data.py embed). The context encoder reads
@@ -20,6 +21,20 @@ ckpt_last.pt, which hold only LoRA, FiLM and encoder weights. Then:
 
 An episode is one user: n context pairs (embeddings) and num_targets target pairs
 (tokens), disjoint; each target's DPO loss is conditioned on the episode's latent.
+An optimizer step averages the gradients of train.grad_accum micro-batches of
+train.batch_size episodes each.
+
+Under torchrun (DDP with torch.distributed: nccl on GPUs, gloo on CPU) the grad_accum
+micro-batches of a step are split across the N processes (N must divide grad_accum),
+so a config gives the same effective batch, batch_size * grad_accum episodes, on 1 or
+N processes: every rank draws the same global batch, runs its own micro-batches, and
+gradients are averaged in one all-reduce before the update. With dropout off the run
+follows the 1-process run up to float summation order. Rank 0 alone builds missing toy
+inputs (the others wait), validates, prints, logs and saves.
+
+train.precompute_ref_logps runs the reference once per pair before training (the
+train and val pairs, split across ranks) instead of in every step: the reference is
+frozen, so this changes nothing but the cost (about one third of a step's compute).
 
 Departures from the paper's code:
 1. Context and target pairs of an episode are disjoint (data.EpisodeSampler), and the
@@ -41,8 +56,10 @@ import torch
 from tqdm import tqdm
 
 import policy as policy_lib
-from common import (ConfigError, TrainingError, check, check_finite, graceful_stop, load_checkpoint, load_config,
-                    log, lr_at, pick_device, print_config, rng_state, save_config, seed_everything, set_rng_state)
+from common import (ConfigError, TrainingError, any_rank, average_gradients, barrier, broadcast_parameters, check,
+                    check_finite, check_replicas_agree, cleanup_distributed, graceful_stop, is_main, load_checkpoint,
+                    load_config, log, lr_at, mean_over_ranks, print_config, rng_state, save_config, seed_everything,
+                    set_rng_state, setup_distributed, sum_over_ranks)
 from data import (DataError, EpisodeSampler, collate_pairs, last_token_embeddings, load_pairs, make_toy_text_pairs,
                   prompt_response_batch, read_text_pairs, save_pairs, select_labels, text_pair_ids, text_pairs_to_data,
                   tokenize_pairs, toy_tokenizer, write_text_pairs)
@@ -89,6 +106,7 @@ DEFAULTS = {
         "grad_clip": 1.0,  # max gradient norm (0 = off)
         "autocast": "bf16",  # on GPU: bf16 | fp16 | none; CPU always runs fp32
         "gradient_checkpointing": False,  # recompute decoder activations in backward (less memory, slower)
+        "precompute_ref_logps": False,  # reference log-probs once per pair before training, not every step
     },
     "eval": {
         "interval": 500,  # steps between validations and checkpoints
@@ -99,12 +117,14 @@ DEFAULTS = {
 }
 
 
-def validate_config(config):
+def validate_config(config, world_size=1):
     t = config["train"]
     check(t["lr"] > 0, "train.lr", "must be positive")
     check(0 <= t["min_lr"] <= t["lr"], "train.min_lr", "must lie in [0, train.lr]")
     check(t["steps"] > 0 and t["batch_size"] > 0 and t["grad_accum"] > 0, "train.steps",
           "steps, batch_size and grad_accum must be positive")
+    check(t["grad_accum"] % world_size == 0, "train.grad_accum",
+          f"must be divisible by the number of processes ({world_size}): its micro-batches are split among them")
     check(t["beta"] > 0, "train.beta", "must be positive")
     check(0 <= t["min_context"] <= t["max_context"], "train.min_context", "must lie in [0, train.max_context]")
     check(t["autocast"] in ("bf16", "fp16", "none"), "train.autocast", "must be bf16, fp16 or none")
@@ -171,13 +191,15 @@ def build_toy_inputs(config):
         print(f"wrote context embeddings {tuple(features.shape)} to {d['features']}")
 
 
-def load_inputs(config):
-    """Text pairs, their context features (labels, splits, choices) and tokens."""
+def load_inputs(config, rank=0):
+    """Text pairs, their context features (labels, splits, choices) and tokens. Under
+    torchrun rank 0 alone builds missing toy inputs while the others wait."""
     from transformers import AutoTokenizer
 
     d, p = config["data"], config["policy"]
-    if d["toy"]:
+    if d["toy"] and is_main(rank):
         build_toy_inputs(config)
+    barrier()
     rows = read_text_pairs(d["pairs"], d["skip_bad_lines"])
     data = load_pairs(d["features"])
     if len(rows) != len(data.pairs) or (data.ids is not None and data.ids.tolist() != text_pair_ids(rows)):
@@ -197,17 +219,28 @@ def load_inputs(config):
 # batches, validation, checkpoints
 
 
-def make_batch(sampler, token_pairs, batch_size, pad_id, device, num_context=None):
-    return episode_batch(sampler.sample(batch_size, num_context=num_context), token_pairs, pad_id, device)
+def make_batch(sampler, token_pairs, batch_size, pad_id, device, num_context=None, ref_logps=None):
+    return episode_batch(sampler.sample(batch_size, num_context=num_context), token_pairs, pad_id, device, ref_logps)
 
 
-def episode_batch(episodes, token_pairs, pad_id, device):
-    """Episodes -> the context (B, n, 2, D) with its mask and the target pairs' tokens (B * T rows)."""
+def episode_batch(episodes, token_pairs, pad_id, device, ref_logps=None):
+    """Episodes -> the context (B, n, 2, D) with its mask and the target pairs' tokens (B * T rows).
+    With ref_logps (N, 2), the reference log-probs of each pair's two responses, the batch
+    carries the targets' ref_{chosen,rejected}_logps (B * T,) too."""
     n = episodes["context"].shape[1]
-    targets, flipped = episodes["pair_idx"][:, n:], episodes["flipped"][:, n:]  # (B, T) each
-    batch = collate_pairs(token_pairs, targets.reshape(-1), flipped.reshape(-1), pad_id)
+    targets, flipped = episodes["pair_idx"][:, n:].reshape(-1), episodes["flipped"][:, n:].reshape(-1)  # (B * T,)
+    batch = collate_pairs(token_pairs, targets, flipped, pad_id)
     batch.update(context=episodes["context"], context_mask=episodes["context_mask"])
+    if ref_logps is not None:
+        batch.update(ref_chosen_logps=ref_logps[targets, flipped.long()],
+                     ref_rejected_logps=ref_logps[targets, (~flipped).long()])
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def micro_batches(episodes, count):
+    """A global batch of episodes -> `count` equal micro-batches of consecutive episodes."""
+    size = len(episodes["label_rows"]) // count
+    return [{k: v[i * size:(i + 1) * size] for k, v in episodes.items()} for i in range(count)]
 
 
 def autocast(device, kind):
@@ -217,14 +250,39 @@ def autocast(device, kind):
 
 
 @torch.no_grad()
-def validate(policy, data, token_pairs, pad_id, config, device):
+def reference_logprobs(policy, data, token_pairs, config, pad_id, device, rank=0, world_size=1):
+    """The reference's log-probs of both responses of every train and val pair: (N, 2),
+    NaN for pairs no episode can draw. Ranks share the work, then exchange results."""
+    t = config["train"]
+    usable = torch.tensor([pair is not None for pair in token_pairs])
+    usable &= torch.from_numpy(data.split != "test") & (data.choices >= 0).any(1)
+    rows = torch.nonzero(usable).squeeze(1)
+    lengths = torch.tensor([len(token_pairs[i][0]) + max(map(len, token_pairs[i][1])) for i in rows.tolist()])
+    rows = rows[lengths.argsort(stable=True)][rank::world_size]  # similar lengths batch together
+    table = torch.zeros(len(token_pairs), 2, device=device)
+    chunk = t["batch_size"] * t["num_targets"]  # pairs per forward, as in a training step
+    with policy.reference_mode():
+        for start in tqdm(range(0, len(rows), chunk), desc="reference log-probs", disable=not is_main(rank)):
+            idx = rows[start:start + chunk]
+            batch = {k: v.to(device) for k, v in collate_pairs(token_pairs, idx, torch.zeros_like(idx, dtype=torch.bool),
+                                                                pad_id).items()}
+            with autocast(device, t["autocast"]):
+                logps_a, logps_b = policy_lib.pair_logprobs(policy, batch)  # (b,) each
+            table[idx.to(device)] = torch.stack([logps_a, logps_b], 1).float()
+    table = sum_over_ranks(table).cpu()  # each row was computed by exactly one rank
+    table[~usable] = float("nan")
+    return table
+
+
+@torch.no_grad()
+def validate(policy, data, token_pairs, pad_id, config, device, ref_logps=None):
     """DPO loss and implicit-reward accuracy on fixed val episodes at each context size."""
     e, t = config["eval"], config["train"]
     sampler = EpisodeSampler(data, "val", e["num_targets"], max(e["context_sizes"]), seed=config["seed"] + 1)
     policy.eval()
     metrics, losses = {}, []
     for n in e["context_sizes"]:
-        batch = make_batch(sampler, token_pairs, e["episodes"], pad_id, device, num_context=n)
+        batch = make_batch(sampler, token_pairs, e["episodes"], pad_id, device, num_context=n, ref_logps=ref_logps)
         with autocast(device, t["autocast"]):
             loss, step_metrics = policy_lib.dpo_step(policy, batch, t["beta"], t["nll_weight"])
         losses.append(loss.item())
@@ -245,23 +303,32 @@ def save(name, policy, optimizer, sampler, config, step, best_val_loss, metrics)
 # the loop
 
 
-def train(policy, optimizer, sampler, data, token_pairs, pad_id, config, device, step, best_val_loss):
-    """Returns (last validation metrics, True if stopped early by SIGINT/SIGTERM)."""
-    t = config["train"]
+def train(policy, optimizer, sampler, data, token_pairs, pad_id, config, device, step, best_val_loss,
+          rank=0, world_size=1, ref_logps=None):
+    """Returns (last validation metrics, True if stopped early by SIGINT/SIGTERM). Under
+    torchrun a signal on any rank stops every rank after the same step."""
+    t, main_process = config["train"], is_main(rank)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t["autocast"] == "fp16")
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    progress = tqdm(range(step, t["steps"]), initial=step, total=t["steps"], desc="train", mininterval=1.0)
+    own_micro_batches = t["grad_accum"] // world_size
+    progress = tqdm(range(step, t["steps"]), initial=step, total=t["steps"], desc="train", mininterval=1.0,
+                    disable=not main_process)
     metrics = {}
     with graceful_stop() as stop:
         for step in progress:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, t)
-            for _ in range(t["grad_accum"]):
-                batch = make_batch(sampler, token_pairs, t["batch_size"], pad_id, device)
+            # every rank draws the same global batch, then runs micro-batches rank, rank + N, ...
+            episodes = micro_batches(sampler.sample(t["batch_size"] * t["grad_accum"]), t["grad_accum"])
+            step_metrics = []
+            for micro in episodes[rank::world_size]:
+                batch = episode_batch(micro, token_pairs, pad_id, device, ref_logps)
                 with autocast(device, t["autocast"]):
                     loss, train_metrics = policy_lib.dpo_step(policy, batch, t["beta"], t["nll_weight"])
-                check_finite(loss, step + 1, config["out_dir"])
-                scaler.scale(loss / t["grad_accum"]).backward()
+                check_finite(mean_over_ranks(loss.detach()), step + 1, config["out_dir"])  # all ranks raise together
+                scaler.scale(loss / own_micro_batches).backward()
+                step_metrics.append(train_metrics)
+            average_gradients(trainable)  # before unscaling: every rank then takes the same fp16 skip decision
             if t["grad_clip"] > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(trainable, t["grad_clip"])
@@ -272,19 +339,29 @@ def train(policy, optimizer, sampler, data, token_pairs, pad_id, config, device,
                                  acc=f"{train_metrics['rewards/accuracies']:.3f}", refresh=False)
             done = step + 1
             at_interval = done % config["eval"]["interval"] == 0 or done == t["steps"]
+            stopping = any_rank(stop["signal"] is not None, device)
             if at_interval:
-                metrics = validate(policy, data, token_pairs, pad_id, config, device)
+                train_metrics = mean_metrics(step_metrics, device)  # over this step's micro-batches and ranks
+            if at_interval and main_process:
+                metrics = validate(policy, data, token_pairs, pad_id, config, device, ref_logps)
                 if metrics["val/loss"] < best_val_loss:
                     best_val_loss = metrics["val/loss"]
                     save("ckpt_best.pt", policy, optimizer, sampler, config, done, best_val_loss, metrics)
                 log({"step": done, "lr": lr_at(step, t), **{f"train/{k}": v for k, v in train_metrics.items()},
                      **metrics}, config["out_dir"])
-            if at_interval or stop["signal"]:
+            if (at_interval or stopping) and main_process:
                 save("ckpt_last.pt", policy, optimizer, sampler, config, done, best_val_loss, metrics)
-            if stop["signal"]:
+            if stopping:
                 progress.close()
                 return metrics, True
     return metrics, False
+
+
+def mean_metrics(rows, device):
+    """The mean of each metric over a step's micro-batches and over ranks."""
+    keys = list(rows[0])
+    values = torch.tensor([[row[k] for k in keys] for row in rows], dtype=torch.float64, device=device).mean(0)
+    return dict(zip(keys, mean_over_ranks(values).tolist()))
 
 
 def main(argv):
@@ -292,25 +369,32 @@ def main(argv):
     config, rest = load_config(DEFAULTS, argv or ["configs/steer_text.yaml"])
     if rest:
         raise ConfigError(f"unexpected arguments {rest} (give one .yaml file and --key=value overrides)")
-    validate_config(config)
-    print_config(config)
-    save_config(config, config["out_dir"])
-    # ---- seed and device
+    rank, world_size, _, device = setup_distributed(config["device"])  # (0, 1, 0, device) without torchrun
+    main_process = is_main(rank)
+    validate_config(config, world_size)
+    if main_process:
+        print_config(config)
+        save_config(config, config["out_dir"])
+    # ---- seed
     seed_everything(config["seed"])
-    device = pick_device(config["device"])
     # ---- data
-    data, token_pairs, tokenizer = load_inputs(config)
+    data, token_pairs, tokenizer = load_inputs(config, rank)
     t, p = config["train"], config["policy"]
     sampler = EpisodeSampler(data, "train", t["num_targets"], t["max_context"], t["min_context"], seed=config["seed"])
-    print(f"data: {len(sampler.labels)} train labels {sampler.labels[:5]}, context features of dimension {data.dim}")
+    if main_process:
+        print(f"data: {len(sampler.labels)} train labels {sampler.labels[:5]}, context features of dimension "
+              f"{data.dim}, {world_size} process(es)")
     # ---- model and optimizer
+    seed_everything(config["seed"])  # the same init whether or not the toy inputs were just built
     base = policy_lib.build_base_model(p["base"], p["dtype"], p["trust_remote_code"])
     policy = policy_lib.SteerablePolicy(base, p, context_dim=data.dim).to(device)
     if t["gradient_checkpointing"]:
         policy.enable_gradient_checkpointing()
     trainable = [q for q in policy.parameters() if q.requires_grad]
-    print(f"policy: {sum(q.numel() for q in trainable):,} trained parameters "
-          f"(LoRA{', FiLM, encoder' if policy.encoder is not None else ''}) on a {p['base']} base")
+    broadcast_parameters(trainable)  # replicas start equal, as DDP guarantees
+    if main_process:
+        print(f"policy: {sum(q.numel() for q in trainable):,} trained parameters "
+              f"(LoRA{', FiLM, encoder' if policy.encoder is not None else ''}) on a {p['base']} base")
     optimizer = torch.optim.AdamW(trainable, lr=t["lr"], weight_decay=t["weight_decay"])
     step, best_val_loss = 0, float("inf")
     if config["resume"]:
@@ -320,13 +404,20 @@ def main(argv):
         sampler.gen.set_state(checkpoint["sampler_rng"])
         set_rng_state(checkpoint["torch_rng"])
         step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-        print(f"resumed from step {step}")
+        if main_process:
+            print(f"resumed from step {step}")
+    ref_logps = None
+    if t["precompute_ref_logps"]:
+        ref_logps = reference_logprobs(policy, data, token_pairs, config, tokenizer.pad_token_id, device,
+                                       rank, world_size)
     # ---- loop
     metrics, stopped = train(policy, optimizer, sampler, data, token_pairs, tokenizer.pad_token_id, config, device,
-                             step, best_val_loss)
+                             step, best_val_loss, rank, world_size, ref_logps)
+    check_replicas_agree(trainable)
     if stopped:
         sys.exit(f"stopped by a signal: {config['out_dir']}/ckpt_last.pt holds the last step; continue with --resume")
-    print(f"done: best checkpoint {config['out_dir']}/ckpt_best.pt")
+    if main_process:
+        print(f"done: best checkpoint {config['out_dir']}/ckpt_best.pt")
     return metrics
 
 
@@ -335,3 +426,5 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except (ConfigError, DataError, TrainingError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        cleanup_distributed()

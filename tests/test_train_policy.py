@@ -2,8 +2,12 @@
 trains, resumes exactly, refuses bad configs; evaluate.py and policy.py use its runs."""
 
 import json
+import math
 import os
 import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ import data
 import evaluate
 import policy as policy_lib
 import train_policy
-from common import ConfigError, load_checkpoint
+from common import ConfigError, TrainingError, load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -80,16 +84,17 @@ def test_plain_dpo_run_has_no_encoder(toy_root, tmp_path):
 
 
 def signal_at_step(monkeypatch, step, sig):
-    make_batch, calls = train_policy.make_batch, [0]
+    """Deliver `sig` to this process while the training batch of `step` (1-based) is drawn."""
+    sample, calls = data.EpisodeSampler.sample, [0]
 
-    def make_batch_and_signal(sampler, token_pairs, batch_size, pad_id, device, num_context=None):
-        if num_context is None:  # a training batch
+    def sample_and_signal(self, batch_size, num_context=None, label_rows=None):
+        if num_context is None:  # a training batch; validation fixes num_context
             calls[0] += 1
             if calls[0] == step:
                 os.kill(os.getpid(), sig)
-        return make_batch(sampler, token_pairs, batch_size, pad_id, device, num_context)
+        return sample(self, batch_size, num_context, label_rows)
 
-    monkeypatch.setattr(train_policy, "make_batch", make_batch_and_signal)
+    monkeypatch.setattr(data.EpisodeSampler, "sample", sample_and_signal)
 
 
 def test_resume_equals_uninterrupted_training(toy_root, tmp_path, monkeypatch):
@@ -143,3 +148,100 @@ def test_policy_cli_steers_from_a_context_file(np_dpo_run, tmp_path, capsys):
                      "--max_new_tokens=12"])
     lines = capsys.readouterr().out.strip().splitlines()[-2:]
     assert len(lines) == 2 and all(lines)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(toy_root, tmp_path, monkeypatch):
+    dpo_step, calls = policy_lib.dpo_step, [0]
+
+    def dpo_step_turning_nan(policy, batch, beta, nll_weight=0.0):
+        loss, metrics = dpo_step(policy, batch, beta, nll_weight)
+        calls[0] += policy.training  # validation runs in eval mode
+        return (loss * math.nan if calls[0] == 5 else loss), metrics
+
+    monkeypatch.setattr(policy_lib, "dpo_step", dpo_step_turning_nan)
+    with pytest.raises(TrainingError, match="non-finite loss .* at step 5: stopped"):
+        train_policy.main(small(toy_root, f"--out_dir={tmp_path}", "--train.steps=8", "--eval.interval=2"))
+    last = load_checkpoint(f"{tmp_path}/ckpt_last.pt")
+    assert last["step"] == 4
+    assert all(torch.isfinite(t).all() for part in last["model"].values() for t in part.values())
+
+
+# -----------------------------------------------------------------------------
+# reference log-probs computed once per pair
+
+
+def test_precomputed_reference_logps_equal_the_reference(toy_root):
+    config, _ = train_policy.load_config(train_policy.DEFAULTS, small(toy_root))
+    features, token_pairs, tokenizer = train_policy.load_inputs(config)
+    base = policy_lib.build_base_model(config["policy"]["base"])
+    policy = policy_lib.SteerablePolicy(base, config["policy"], features.dim)
+    table = train_policy.reference_logprobs(policy, features, token_pairs, config, tokenizer.pad_token_id,
+                                            torch.device("cpu"))
+    test_rows = torch.from_numpy(features.split == "test")
+    assert table[test_rows].isnan().all() and not table[~test_rows].isnan().any()
+    with torch.no_grad():
+        for row in torch.nonzero(~test_rows).squeeze(1)[:: 97].tolist():  # one pair at a time: no padding
+            prompt, (a, b) = token_pairs[row]
+            for response, expected in ((a, table[row, 0]), (b, table[row, 1])):
+                ids = torch.tensor([prompt + response])
+                mask = torch.arange(ids.shape[1])[None] >= len(prompt)
+                logp = policy_lib.sequence_logprob(base(input_ids=ids).logits, ids, mask)  # base = reference here
+                assert logp.item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_precomputed_reference_runs_the_reference_once_and_changes_nothing(toy_root, tmp_path, monkeypatch):
+    args = ["--train.steps=6", "--eval.interval=3", "--train.grad_accum=2", "--policy.lora.dropout=0.0"]
+    on_the_fly = train_policy.main(small(toy_root, f"--out_dir={tmp_path}/a", *args))
+    reference_mode, entered = policy_lib.SteerablePolicy.reference_mode, [0]
+
+    def counted(self):
+        entered[0] += 1
+        return reference_mode(self)
+
+    monkeypatch.setattr(policy_lib.SteerablePolicy, "reference_mode", counted)
+    precomputed = train_policy.main(small(toy_root, f"--out_dir={tmp_path}/b", *args, "--train.precompute_ref_logps"))
+    assert entered[0] == 1  # one pass over the pairs before training; none in training or validation
+    assert precomputed == pytest.approx(on_the_fly, abs=1e-5)
+    a, b = (load_checkpoint(f"{tmp_path}/{x}/ckpt_last.pt")["model"] for x in "ab")
+    assert all(torch.allclose(a[part][k], b[part][k], atol=1e-6) for part in a for k in a[part])
+
+
+# -----------------------------------------------------------------------------
+# data-parallel (torchrun)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_with_the_same_effective_batch(toy_root, tmp_path):
+    """grad_accum = 2 micro-batches per step: one process runs both, or each of two runs one."""
+    args = small(toy_root, "--train.steps=6", "--eval.interval=3", "--train.grad_accum=2", "--policy.lora.dropout=0.0")
+    one = train_policy.main([*args, f"--out_dir={tmp_path}/one"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", "train_policy.py", *args, f"--out_dir={tmp_path}/two",
+                             "--train.precompute_ref_logps"],  # ranks share that pass too
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]  # also: the ranks' final weights agree exactly
+    for name in ("ckpt_last.pt", "ckpt_best.pt"):
+        a, b = (load_checkpoint(f"{tmp_path}/{run}/{name}") for run in ("one", "two"))
+        assert a["step"] == b["step"] and a["model"].keys() == b["model"].keys()
+        assert all(torch.allclose(a["model"][p][k], b["model"][p][k], atol=1e-5) for p in a["model"]
+                   for k in a["model"][p])
+    logs = [[json.loads(line) for line in open(f"{tmp_path}/{run}/log.jsonl")] for run in ("one", "two")]
+    assert [row["step"] for row in logs[1]] == [row["step"] for row in logs[0]] == [3, 6]  # rank 0 alone logs
+    assert all(b[k] == pytest.approx(a[k], abs=1e-4) for a, b in zip(*logs) for k in a)
+    assert one == pytest.approx({k: v for k, v in logs[1][-1].items() if k.startswith("val/")}, abs=1e-4)
+
+
+def test_grad_accum_must_divide_among_processes():
+    config, _ = train_policy.load_config(train_policy.DEFAULTS, ["--policy.base=x", "--train.grad_accum=4"])
+    train_policy.validate_config(config, world_size=2)
+    with pytest.raises(ConfigError, match="config key 'train.grad_accum': must be divisible by the number of "
+                                          r"processes \(3\)"):
+        train_policy.validate_config(config, world_size=3)
