@@ -1,10 +1,10 @@
 """
-Speed figures for the README, measured on this machine.
+Speed and memory figures for the README, measured on this machine. One table.
 
-    python bench.py                                   # reward: configs/synthetic.yaml, an untrained model
-    python bench.py configs/synthetic.yaml --run=runs/synthetic_np_btl
+    python bench.py                                   # both: reward (configs/synthetic.yaml) and policy (steer_text)
+    python bench.py reward configs/synthetic.yaml --run=runs/synthetic_np_btl
     python bench.py policy                            # NP-DPO: configs/steer_text.yaml
-    python bench.py policy configs/steer_text.yaml --train.batch_size=16
+    python bench.py policy configs/steer_text.yaml --train.batch_size=16 --train.precompute_ref_logps
 
 Reward: training throughput (episodes/s, optimizer steps of train.batch_size
 episodes, data sampling included) and the latency of adapting to a new user: infer
@@ -12,24 +12,30 @@ the latent from `context_pairs` context pairs, then score `candidate_pairs` cand
 pairs (median and 90th percentile over `repeats` calls, batch of one user).
 
 Policy: NP-DPO training throughput (pairs/s and tokens/s of optimizer steps, policy
-and reference forwards, backward and batching included), peak memory on a GPU, and
-the latency of adapting to a new user: latent from `context_pairs` embedded pairs,
-then greedy generation of `new_tokens` tokens.
+and reference forwards, backward and batching included; with train.precompute_ref_logps
+the reference runs once per pair before the timed steps and its speed is reported
+apart) and the latency of adapting to a new user: latent from `context_pairs`
+embedded pairs, then greedy generation of `new_tokens` tokens.
+
+Peak memory: on a GPU, torch's peak allocated memory during the timed training steps;
+on the CPU, the process's peak resident set size so far (everything the process has
+held, the Python interpreter and earlier benchmarks included).
 Timings depend on torch's thread count: say which when you report them.
 """
 
+import resource
 import statistics
 import sys
 import time
 
 import torch
 
-from common import load_config, load_checkpoint, pick_device, seed_everything
+from common import ConfigError, load_checkpoint, load_config, pick_device, seed_everything
 from data import EpisodeSampler
 from reward import build_model
 from train_reward import DEFAULTS as TRAIN_DEFAULTS, prepare_data, to_device
 
-DEFAULTS = dict(TRAIN_DEFAULTS, bench={
+REWARD_DEFAULTS = dict(TRAIN_DEFAULTS, bench={
     "run": None,  # a run dir whose trained weights to time (speed does not depend on them)
     "train_steps": 200,  # timed optimizer steps (after 20 warm-up steps)
     "context_pairs": 10,  # a new user's context size
@@ -37,23 +43,57 @@ DEFAULTS = dict(TRAIN_DEFAULTS, bench={
     "repeats": 1000,  # latency measurements
 })
 ALIASES = {"run": "bench.run"}
+POLICY_BENCH = {
+    "train_steps": 20,  # timed optimizer steps (after 3 warm-up steps)
+    "context_pairs": 10,  # a new user's context size
+    "new_tokens": 32,  # greedily generated tokens
+    "repeats": 20,  # latency measurements
+}
 
 
-def time_training(model, sampler, config, device):
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def start_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_row(device, what):
+    if device.type == "cuda":
+        return f"{what}: peak GPU memory allocated, GiB", f"{torch.cuda.max_memory_allocated() / 2**30:.2f}"
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return f"{what}: peak process memory (RSS so far), MiB", f"{peak_kib / 1024:,.0f}"
+
+
+def percentiles_ms(times):
+    return 1000 * statistics.median(times), 1000 * statistics.quantiles(times, n=10)[-1]
+
+
+# -----------------------------------------------------------------------------
+# reward
+
+
+def time_reward_training(model, sampler, config, device):
     t, b = config["train"], config["bench"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"])
     for step in range(20 + b["train_steps"]):
         if step == 20:
+            sync(device)
+            start_peak_memory(device)
             start = time.perf_counter()
         loss, _ = model.loss(to_device(sampler.sample(t["batch_size"]), device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    sync(device)
     return b["train_steps"] * t["batch_size"] / (time.perf_counter() - start)
 
 
 @torch.no_grad()
-def time_adaptation(model, data, config, device):
+def time_reward_adaptation(model, data, config, device):
     """Seconds per call of: latent from the context, then rewards of candidate pairs."""
     b = config["bench"]
     sampler = EpisodeSampler(data, "test", b["candidate_pairs"], b["context_pairs"], seed=0)
@@ -64,98 +104,152 @@ def time_adaptation(model, data, config, device):
         start = time.perf_counter()
         latent = model.infer_latent(batch["context"]) if hasattr(model, "infer_latent") else None
         model.rewards(batch["targets"], latent)  # (1, candidates, 2)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times), statistics.quantiles(times, n=10)[-1]
+    return percentiles_ms(times)
 
 
-def bench_policy(argv):
-    import policy as policy_lib
-    import train_policy
-    from data import tokenize_prompt
-
-    defaults = dict(train_policy.DEFAULTS, bench={
-        "train_steps": 20,  # timed optimizer steps (after 3 warm-up steps)
-        "context_pairs": 10,  # a new user's context size
-        "new_tokens": 32,  # greedily generated tokens
-        "repeats": 20,  # latency measurements
-    })
-    config, _ = load_config(defaults, argv or ["configs/steer_text.yaml"])
+def bench_reward(argv, device_name=None):
+    """-> (description, rows of (measure, value))."""
+    config, rest = load_config(REWARD_DEFAULTS, argv or ["configs/synthetic.yaml"], ALIASES)
+    if rest:
+        raise ConfigError(f"unexpected arguments {rest}")
     seed_everything(config["seed"])
-    device = pick_device(config["device"])
-    data, token_pairs, tokenizer = train_policy.load_inputs(config)
-    t, b, p = config["train"], config["bench"], config["policy"]
-    policy = policy_lib.SteerablePolicy(policy_lib.build_base_model(p["base"], p["dtype"]), p, data.dim).to(device)
-    optimizer = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=t["lr"])
-    sampler = EpisodeSampler(data, "train", t["num_targets"], t["max_context"], t["min_context"], seed=0)
-    pairs = tokens = 0
-    for step in range(3 + b["train_steps"]):
-        if step == 3:
-            sync(device)
-            start, pairs, tokens = time.perf_counter(), 0, 0
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-        batch = train_policy.make_batch(sampler, token_pairs, t["batch_size"], tokenizer.pad_token_id, device)
-        with train_policy.autocast(device, t["autocast"]):
-            loss, _ = policy_lib.dpo_step(policy, batch, t["beta"], t["nll_weight"])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        pairs += batch["chosen_input_ids"].shape[0]
-        tokens += int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
-    sync(device)
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    policy.eval()
-    context = sampler.sample(1, num_context=b["context_pairs"])["context"].to(device)
-    prompt = torch.tensor([tokenize_prompt(tokenizer, "tell me about cats .")], device=device)
-    times = []
-    with torch.no_grad():
-        for _ in range(b["repeats"]):
-            begin = time.perf_counter()
-            latent = policy.infer_latent(context) if policy.encoder is not None else None
-            policy.generate(prompt, torch.ones_like(prompt), latent=latent, do_sample=False, min_new_tokens=b["new_tokens"],
-                            max_new_tokens=b["new_tokens"], pad_token_id=tokenizer.pad_token_id)
-            sync(device)
-            times.append(time.perf_counter() - begin)
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, base {p['base']}, "
-          f"batch {t['batch_size']} episodes x {t['num_targets']} targets\n")
-    print("| measure | value |\n|---|---|")
-    print(f"| NP-DPO training, pairs/s | {pairs / seconds:,.1f} |")
-    print(f"| NP-DPO training, tokens/s (chosen + rejected tokens; each runs policy and reference) | {tokens / seconds:,.0f} |")
-    print(f"| peak GPU memory, GiB | {'n/a (CPU)' if device.type != 'cuda' else f'{peak:.2f}'} |")
-    print(f"| adapt to a new user: latent from {b['context_pairs']} pairs + {b['new_tokens']} greedy tokens, "
-          f"median ms | {1000 * statistics.median(times):.1f} |")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def main(argv):
-    if argv and argv[0] == "policy":
-        return bench_policy(argv[1:])
-    config, _ = load_config(DEFAULTS, argv or ["configs/synthetic.yaml"], ALIASES)
-    seed_everything(config["seed"])
-    device = pick_device(config["device"])
+    device = pick_device(device_name or config["device"])
     data = prepare_data(config["data"])
     t, b = config["train"], config["bench"]
     model = build_model(config["model"], data.dim).to(device)
     if b["run"]:
         model.load_state_dict(load_checkpoint(b["run"])["model"])
     sampler = EpisodeSampler(data, "train", t["num_targets"], t["max_context"], t["min_context"], seed=0)
-    episodes_per_s = time_training(model, sampler, config, device)
-    median, p90 = time_adaptation(model, data, config, device)
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"model {config['model']['kind']} ({config['model']['encoder']['aggregator']} aggregator)\n")
+    episodes_per_s = time_reward_training(model, sampler, config, device)
+    memory = peak_memory_row(device, "reward training")
+    median, p90 = time_reward_adaptation(model, data, config, device)
+    name = f"reward {config['model']['kind']} ({config['model']['encoder']['aggregator']} aggregator)"
+    return name, [
+        (f"reward training, episodes/s (batch {t['batch_size']}, {t['num_targets']} targets)", f"{episodes_per_s:,.0f}"),
+        memory,
+        (f"reward: adapt to a new user, latent from {b['context_pairs']} pairs + score {b['candidate_pairs']} pairs, "
+         "median / p90 ms", f"{median:.3f} / {p90:.3f}"),
+    ]
+
+
+# -----------------------------------------------------------------------------
+# policy
+
+
+def time_policy_training(policy, optimizer, sampler, token_pairs, pad_id, config, device, ref_logps):
+    """(pairs/s, tokens/s) over bench.train_steps optimizer steps, after 3 warm-up steps."""
+    import policy as policy_lib
+    import train_policy
+
+    t, b = config["train"], config["bench"]
+    for step in range(3 + b["train_steps"]):
+        if step == 3:
+            sync(device)
+            start_peak_memory(device)
+            start, pairs, tokens = time.perf_counter(), 0, 0
+        batch = train_policy.make_batch(sampler, token_pairs, t["batch_size"], pad_id, device, ref_logps=ref_logps)
+        with train_policy.autocast(device, t["autocast"]):
+            loss, _ = policy_lib.dpo_step(policy, batch, t["beta"], t["nll_weight"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= 3:
+            pairs += batch["chosen_input_ids"].shape[0]
+            tokens += int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
+    sync(device)
+    seconds = time.perf_counter() - start
+    return pairs / seconds, tokens / seconds
+
+
+@torch.no_grad()
+def time_policy_adaptation(policy, sampler, tokenizer, config, device):
+    """Seconds per call of: latent from the context, then greedy generation."""
+    from data import tokenize_prompt
+
+    b = config["bench"]
+    policy.eval()
+    context = sampler.sample(1, num_context=b["context_pairs"])["context"].to(device)
+    prompt = torch.tensor([tokenize_prompt(tokenizer, "tell me about cats .")], device=device)
+    times = []
+    for _ in range(b["repeats"]):
+        start = time.perf_counter()
+        latent = policy.infer_latent(context) if policy.encoder is not None else None
+        policy.generate(prompt, torch.ones_like(prompt), latent=latent, do_sample=False,
+                        min_new_tokens=b["new_tokens"], max_new_tokens=b["new_tokens"],
+                        pad_token_id=tokenizer.pad_token_id)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return percentiles_ms(times)
+
+
+def bench_policy(argv, device_name=None):
+    """-> (description, rows of (measure, value))."""
+    import policy as policy_lib
+    import train_policy
+
+    config, rest = load_config(dict(train_policy.DEFAULTS, bench=POLICY_BENCH), argv or ["configs/steer_text.yaml"])
+    if rest:
+        raise ConfigError(f"unexpected arguments {rest}")
+    seed_everything(config["seed"])
+    device = pick_device(device_name or config["device"])
+    data, token_pairs, tokenizer = train_policy.load_inputs(config)
+    t, b, p = config["train"], config["bench"], config["policy"]
+    base = policy_lib.build_base_model(p["base"], p["dtype"], p["trust_remote_code"])
+    policy = policy_lib.SteerablePolicy(base, p, data.dim).to(device)
+    if t["gradient_checkpointing"]:
+        policy.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=t["lr"])
+    sampler = EpisodeSampler(data, "train", t["num_targets"], t["max_context"], t["min_context"], seed=0)
+    rows, ref_logps = [], None
+    if t["precompute_ref_logps"]:
+        start = time.perf_counter()
+        ref_logps = train_policy.reference_logprobs(policy, data, token_pairs, config, tokenizer.pad_token_id, device)
+        sync(device)
+        pairs = int((~ref_logps[:, 0].isnan()).sum())
+        rows.append(("NP-DPO: reference log-probs precomputed once, pairs/s", f"{pairs / (time.perf_counter() - start):,.1f}"))
+    pairs_per_s, tokens_per_s = time_policy_training(policy, optimizer, sampler, token_pairs, tokenizer.pad_token_id,
+                                                     config, device, ref_logps)
+    memory = peak_memory_row(device, "NP-DPO training")
+    median, p90 = time_policy_adaptation(policy, sampler, tokenizer, config, device)
+    reference = "precomputed reference" if ref_logps is not None else "policy and reference forwards"
+    name = (f"policy {p['base']}, batch {t['batch_size']} episodes x {t['num_targets']} targets, "
+            f"autocast {t['autocast'] if device.type == 'cuda' else 'none (CPU)'}")
+    return name, rows + [
+        (f"NP-DPO training, pairs/s ({reference})", f"{pairs_per_s:,.1f}"),
+        ("NP-DPO training, tokens/s (chosen + rejected tokens)", f"{tokens_per_s:,.0f}"),
+        memory,
+        (f"NP-DPO: adapt to a new user, latent from {b['context_pairs']} pairs + {b['new_tokens']} greedy tokens, "
+         "median / p90 ms", f"{median:.1f} / {p90:.1f}"),
+    ]
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv):
+    mode = argv[0] if argv and argv[0] in ("reward", "policy") else None
+    args = argv[1:] if mode else argv
+    if mode is None and args:
+        raise ConfigError("usage: python bench.py [reward|policy [CONFIG] [--key=value ...]]")
+    results = []
+    if mode in (None, "reward"):
+        results.append(bench_reward(args))
+    if mode in (None, "policy"):
+        results.append(bench_policy(args))
+    device = pick_device("auto")
+    print(f"\ndevice {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; " + "; ".join(name for name, _ in results) + "\n")
     print("| measure | value |\n|---|---|")
-    print(f"| reward training, episodes/s (batch {t['batch_size']}, {t['num_targets']} targets) | {episodes_per_s:,.0f} |")
-    print(f"| adapt to a new user: latent from {b['context_pairs']} pairs + score {b['candidate_pairs']} pairs, "
-          f"median ms | {1000 * median:.3f} |")
-    print(f"| same, 90th percentile ms | {1000 * p90:.3f} |")
+    for _, rows in results:
+        for measure, value in rows:
+            print(f"| {measure} | {value} |")
+    return [row for _, rows in results for row in rows]
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"error: {e}")

@@ -4,6 +4,7 @@ BTL) is trained once per session on a small copy of the paper's synthetic task."
 import pytest
 
 import data
+import train_policy
 import train_reward
 
 # A tiny model and schedule: a full run takes well under a second on 2 CPU cores.
@@ -47,3 +48,26 @@ def btl_run(tmp_path_factory, paper_path):
     metrics = train(out_dir, paper_path, "--model.kind=btl", "--train.steps=100", "--train.warmup_steps=20",
                     "--eval.interval=50", "--eval.episodes=128")
     return out_dir, metrics
+
+
+# -----------------------------------------------------------------------------
+# the policy's toy task
+
+
+def small(root, *overrides):
+    """Overrides for a seconds-long toy run whose inputs live under `root`."""
+    return [f"--data.pairs={root}/pairs.jsonl", f"--data.features={root}/features.npz",
+            f"--policy.base={root}/base", "--data.toy_pairs=800", "--toy_model.hidden_size=32",
+            "--toy_model.intermediate_size=64", "--toy_model.sft_steps=150", "--toy_model.sft_batch_size=32",
+            "--policy.lora.r=4", "--policy.film.hidden=32", "--policy.encoder.hidden=32", "--policy.film.latent_dim=8",
+            "--train.steps=60", "--train.warmup_steps=5", "--train.batch_size=4", "--train.num_targets=4",
+            "--eval.interval=30", "--eval.episodes=16", "--eval.context_sizes=[0,5]", *overrides]
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory):
+    """Toy pairs, a fine-tuned tiny base and its embeddings, built once."""
+    root = str(tmp_path_factory.mktemp("toy"))
+    config, _ = train_policy.load_config(train_policy.DEFAULTS, small(root))
+    train_policy.build_toy_inputs(config)
+    return root

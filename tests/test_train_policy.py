@@ -17,27 +17,9 @@ import evaluate
 import policy as policy_lib
 import train_policy
 from common import ConfigError, TrainingError, load_checkpoint
+from conftest import small
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-
-
-def small(root, *overrides):
-    """Overrides for a seconds-long toy run whose inputs live under `root`."""
-    return [f"--data.pairs={root}/pairs.jsonl", f"--data.features={root}/features.npz",
-            f"--policy.base={root}/base", "--data.toy_pairs=800", "--toy_model.hidden_size=32",
-            "--toy_model.intermediate_size=64", "--toy_model.sft_steps=150", "--toy_model.sft_batch_size=32",
-            "--policy.lora.r=4", "--policy.film.hidden=32", "--policy.encoder.hidden=32", "--policy.film.latent_dim=8",
-            "--train.steps=60", "--train.warmup_steps=5", "--train.batch_size=4", "--train.num_targets=4",
-            "--eval.interval=30", "--eval.episodes=16", "--eval.context_sizes=[0,5]", *overrides]
-
-
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    """Toy pairs, a fine-tuned tiny base and its embeddings, built once."""
-    root = str(tmp_path_factory.mktemp("toy"))
-    config, _ = train_policy.load_config(train_policy.DEFAULTS, small(root))
-    train_policy.build_toy_inputs(config)
-    return root
 
 
 @pytest.fixture(scope="module")
