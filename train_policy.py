@@ -6,7 +6,7 @@ Train a steerable policy with NP-DPO (or plain DPO, the baseline) on text pairs.
     python train_policy.py configs/steer_text_oracle_concise.yaml   # DPO on one user type (the oracle)
     python train_policy.py configs/uf_hh_dpo.yaml              # the paper's LLM setting (GPU and hub)
     python train_policy.py --train.steps=100 --resume          # dotted overrides, continue a run
-    torchrun --nproc_per_node=4 train_policy.py configs/uf_hh_dpo.yaml --train.grad_accum=4   # data-parallel
+    torchrun --nproc_per_node=4 train_policy.py configs/uf_hh_dpo.yaml   # data-parallel
 
 Inputs (data.*): text pairs as JSONL (data.py's format) and, row-aligned with them,
 a feature-pair .npz of context embeddings (data.py embed). The context encoder reads
@@ -24,7 +24,7 @@ An episode is one user: n context pairs (embeddings) and num_targets target pair
 An optimizer step averages the gradients of train.grad_accum micro-batches of
 train.batch_size episodes each.
 
-Under torchrun (DDP with torch.distributed: nccl on GPUs, gloo on CPU) the grad_accum
+Under torchrun (torch.distributed: nccl on GPUs, gloo on CPU) the grad_accum
 micro-batches of a step are split across the N processes (N must divide grad_accum),
 so a config gives the same effective batch, batch_size * grad_accum episodes, on 1 or
 N processes: every rank draws the same global batch, runs its own micro-batches, and
@@ -34,7 +34,7 @@ inputs (the others wait), validates, prints, logs and saves.
 
 train.precompute_ref_logps runs the reference once per pair before training (the
 train and val pairs, split across ranks) instead of in every step: the reference is
-frozen, so this changes nothing but the cost (about one third of a step's compute).
+frozen, so this changes nothing but the cost (a quarter of a step on the toy task, bench.py).
 
 Departures from the paper's code:
 1. Context and target pairs of an episode are disjoint (data.EpisodeSampler), and the
