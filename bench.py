@@ -5,6 +5,7 @@ Speed and memory figures for the README, measured on this machine. One table.
     python bench.py reward configs/synthetic.yaml --run=runs/synthetic_np_btl
     python bench.py policy                            # NP-DPO: configs/steer_text.yaml
     python bench.py policy configs/steer_text.yaml --train.batch_size=16 --train.precompute_ref_logps
+    python bench.py policy configs/bench_qwen2.5_1.5b.yaml     # GPU: the paper's policy size, random weights
 
 Reward: training throughput (episodes/s, optimizer steps of train.batch_size
 episodes, data sampling included) and the latency of adapting to a new user: infer
@@ -15,7 +16,11 @@ Policy: NP-DPO training throughput (pairs/s and tokens/s of optimizer steps, pol
 and reference forwards, backward and batching included; with train.precompute_ref_logps
 the reference runs once per pair before the timed steps and its speed is reported
 apart) and the latency of adapting to a new user: latent from `context_pairs`
-embedded pairs, then greedy generation of `new_tokens` tokens.
+embedded pairs, then greedy generation of `new_tokens` tokens. With bench.random_weights
+the base is built from the config.json in policy.base with random weights (no download)
+and the pairs are random tokens of fixed lengths (bench.prompt_tokens, bench.response_tokens)
+with random context features (bench.context_dim): speed at a real model's size and a
+real batch shape, without the model or the data.
 
 Peak memory: on a GPU, torch's peak allocated memory during the timed training steps;
 on the CPU, the process's peak resident set size so far (everything the process has
@@ -28,10 +33,11 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
-from common import ConfigError, load_checkpoint, load_config, pick_device, seed_everything
-from data import EpisodeSampler
+from common import ConfigError, check, load_checkpoint, load_config, pick_device, seed_everything
+from data import EpisodeSampler, PreferenceData
 from reward import build_model
 from train_reward import DEFAULTS as TRAIN_DEFAULTS, prepare_data, to_device
 
@@ -48,6 +54,11 @@ POLICY_BENCH = {
     "context_pairs": 10,  # a new user's context size
     "new_tokens": 32,  # greedily generated tokens
     "repeats": 20,  # latency measurements
+    "random_weights": False,  # base from policy.base's config.json with random weights, random token pairs
+    "random_pairs": 512,  # random token pairs (random_weights only)
+    "prompt_tokens": 256,  # tokens per random prompt
+    "response_tokens": 256,  # tokens per random response
+    "context_dim": 4096,  # size of a random context feature (Llama-3-8B's hidden size)
 }
 
 
@@ -66,6 +77,11 @@ def peak_memory_row(device, what):
         return f"{what}: peak GPU memory allocated, GiB", f"{torch.cuda.max_memory_allocated() / 2**30:.2f}"
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return f"{what}: peak process memory (RSS so far), MiB", f"{peak_kib / 1024:,.0f}"
+
+
+def check_bench(b):
+    check(b["train_steps"] > 0, "bench.train_steps", "must be positive")
+    check(b["repeats"] >= 2, "bench.repeats", "must be at least 2 (a median and a 90th percentile)")
 
 
 def percentiles_ms(times):
@@ -114,6 +130,7 @@ def bench_reward(argv, device_name=None):
     config, rest = load_config(REWARD_DEFAULTS, argv or ["configs/synthetic.yaml"], ALIASES)
     if rest:
         raise ConfigError(f"unexpected arguments {rest}")
+    check_bench(config["bench"])
     seed_everything(config["seed"])
     device = pick_device(device_name or config["device"])
     data = prepare_data(config["data"])
@@ -164,21 +181,19 @@ def time_policy_training(policy, optimizer, sampler, token_pairs, pad_id, config
 
 
 @torch.no_grad()
-def time_policy_adaptation(policy, sampler, tokenizer, config, device):
+def time_policy_adaptation(policy, sampler, prompt_ids, pad_id, config, device):
     """Seconds per call of: latent from the context, then greedy generation."""
-    from data import tokenize_prompt
-
     b = config["bench"]
     policy.eval()
     context = sampler.sample(1, num_context=b["context_pairs"])["context"].to(device)
-    prompt = torch.tensor([tokenize_prompt(tokenizer, "tell me about cats .")], device=device)
+    prompt = torch.tensor([prompt_ids], device=device)
     times = []
     for _ in range(b["repeats"]):
         start = time.perf_counter()
         latent = policy.infer_latent(context) if policy.encoder is not None else None
         policy.generate(prompt, torch.ones_like(prompt), latent=latent, do_sample=False,
                         min_new_tokens=b["new_tokens"], max_new_tokens=b["new_tokens"],
-                        pad_token_id=tokenizer.pad_token_id)
+                        pad_token_id=pad_id)
         sync(device)
         times.append(time.perf_counter() - start)
     return percentiles_ms(times)
@@ -192,11 +207,18 @@ def bench_policy(argv, device_name=None):
     config, rest = load_config(dict(train_policy.DEFAULTS, bench=POLICY_BENCH), argv or ["configs/steer_text.yaml"])
     if rest:
         raise ConfigError(f"unexpected arguments {rest}")
+    check_bench(config["bench"])
     seed_everything(config["seed"])
     device = pick_device(device_name or config["device"])
-    data, token_pairs, tokenizer = train_policy.load_inputs(config)
     t, b, p = config["train"], config["bench"], config["policy"]
-    base = policy_lib.build_base_model(p["base"], p["dtype"], p["trust_remote_code"])
+    if b["random_weights"]:
+        base, data, token_pairs, prompt_ids, pad_id = random_policy_inputs(config)
+    else:
+        from data import tokenize_prompt
+
+        data, token_pairs, tokenizer = train_policy.load_inputs(config)
+        base = policy_lib.build_base_model(p["base"], p["dtype"], p["trust_remote_code"])
+        prompt_ids, pad_id = tokenize_prompt(tokenizer, "tell me about cats ."), tokenizer.pad_token_id
     policy = policy_lib.SteerablePolicy(base, p, data.dim).to(device)
     if t["gradient_checkpointing"]:
         policy.enable_gradient_checkpointing()
@@ -205,16 +227,17 @@ def bench_policy(argv, device_name=None):
     rows, ref_logps = [], None
     if t["precompute_ref_logps"]:
         start = time.perf_counter()
-        ref_logps = train_policy.reference_logprobs(policy, data, token_pairs, config, tokenizer.pad_token_id, device)
+        ref_logps = train_policy.reference_logprobs(policy, data, token_pairs, config, pad_id, device)
         sync(device)
         pairs = int((~ref_logps[:, 0].isnan()).sum())
         rows.append(("NP-DPO: reference log-probs precomputed once, pairs/s", f"{pairs / (time.perf_counter() - start):,.1f}"))
-    pairs_per_s, tokens_per_s = time_policy_training(policy, optimizer, sampler, token_pairs, tokenizer.pad_token_id,
-                                                     config, device, ref_logps)
+    pairs_per_s, tokens_per_s = time_policy_training(policy, optimizer, sampler, token_pairs, pad_id, config, device,
+                                                     ref_logps)
     memory = peak_memory_row(device, "NP-DPO training")
-    median, p90 = time_policy_adaptation(policy, sampler, tokenizer, config, device)
+    median, p90 = time_policy_adaptation(policy, sampler, prompt_ids, pad_id, config, device)
     reference = "precomputed reference" if ref_logps is not None else "policy and reference forwards"
-    name = (f"policy {p['base']}, batch {t['batch_size']} episodes x {t['num_targets']} targets, "
+    weights = f"random weights, {b['prompt_tokens']} + {b['response_tokens']} tokens a pair, " if b["random_weights"] else ""
+    name = (f"policy {p['base']} ({weights}{p['dtype']}), batch {t['batch_size']} episodes x {t['num_targets']} targets, "
             f"autocast {t['autocast'] if device.type == 'cuda' else 'none (CPU)'}")
     return name, rows + [
         (f"NP-DPO training, pairs/s ({reference})", f"{pairs_per_s:,.1f}"),
@@ -223,6 +246,28 @@ def bench_policy(argv, device_name=None):
         (f"NP-DPO: adapt to a new user, latent from {b['context_pairs']} pairs + {b['new_tokens']} greedy tokens, "
          "median / p90 ms", f"{median:.1f} / {p90:.1f}"),
     ]
+
+
+def random_policy_inputs(config):
+    """A base model with random weights from policy.base's config.json, and random token
+    pairs with random context features, answered oppositely by two users (all train).
+    Returns (base, data, token_pairs, prompt_ids, pad_id)."""
+    import policy as policy_lib
+    from transformers import AutoConfig
+
+    p, b = config["policy"], config["bench"]
+    model_config = AutoConfig.from_pretrained(p["base"], trust_remote_code=p["trust_remote_code"])
+    base = policy_lib.build_base_model(model_config, p["dtype"], p["trust_remote_code"])
+    n, vocab = b["random_pairs"], model_config.get_text_config().vocab_size
+    gen = torch.Generator().manual_seed(config["seed"])
+    def tokens(length):
+        return torch.randint(1, vocab, (length,), generator=gen).tolist()
+    token_pairs = [(tokens(b["prompt_tokens"]), (tokens(b["response_tokens"]), tokens(b["response_tokens"])))
+                   for _ in range(n)]
+    first = torch.randint(2, (n, 1), generator=gen, dtype=torch.int8)
+    data = PreferenceData(torch.randn(n, 2, b["context_dim"], generator=gen), torch.cat([first, 1 - first], 1),
+                          ["user_a", "user_b"], np.full(n, "train"), {}, "<random pairs>")
+    return base, data, token_pairs, token_pairs[0][0], 0
 
 
 # -----------------------------------------------------------------------------
