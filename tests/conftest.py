@@ -1,6 +1,8 @@
 """Shared fixtures: every test runs in its own tmp dir, and one small NP-BTL (and one
 BTL) is trained once per session on a small copy of the paper's synthetic task."""
 
+import os
+
 import pytest
 
 import data
@@ -11,6 +13,9 @@ import train_reward
 TINY = ["--model.hidden=16", "--model.encoder.hidden=16", "--model.encoder.latent_dim=4",
         "--train.batch_size=8", "--train.steps=30", "--train.warmup_steps=5",
         "--eval.interval=10", "--eval.episodes=16", "--eval.context_sizes=[0,3]"]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # scripts run from here in subprocesses
 
 
 def train(out_dir, data_path, *overrides):

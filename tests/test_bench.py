@@ -8,10 +8,9 @@ import pytest
 
 import bench
 from common import ConfigError
-from conftest import small
+from conftest import REPO, small
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def numbers(value):

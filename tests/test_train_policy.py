@@ -5,7 +5,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ import evaluate
 import policy as policy_lib
 import train_policy
 from common import ConfigError, TrainingError, load_checkpoint
-from conftest import small
+from conftest import REPO, small
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -191,22 +190,13 @@ def test_precomputed_reference_runs_the_reference_once_and_changes_nothing(toy_r
 # -----------------------------------------------------------------------------
 # data-parallel (torchrun)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one_with_the_same_effective_batch(toy_root, tmp_path):
     """grad_accum = 2 micro-batches per step: one process runs both, or each of two runs one."""
     args = small(toy_root, "--train.steps=6", "--eval.interval=3", "--train.grad_accum=2", "--policy.lora.dropout=0.0")
     one = train_policy.main([*args, f"--out_dir={tmp_path}/one"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             f"--master_port={free_port()}", "train_policy.py", *args, f"--out_dir={tmp_path}/two",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train_policy.py", *args, f"--out_dir={tmp_path}/two",
                              "--train.precompute_ref_logps"],  # ranks share that pass too
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]  # also: the ranks' final weights agree exactly

@@ -3,7 +3,6 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import data
 import reward
 import train_reward
 from common import ConfigError, TrainingError, load_checkpoint, load_config, lr_at
-from conftest import TINY, train
+from conftest import REPO, TINY, train
 from data import DataError
 
 
@@ -193,21 +192,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, pape
 # -----------------------------------------------------------------------------
 # data-parallel (torchrun)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, paper_path):
     args = [*TINY, f"--data.path={paper_path}"]
     train(tmp_path / "one", paper_path, *TINY)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             f"--master_port={free_port()}", "train_reward.py", *args, f"--out_dir={tmp_path / 'two'}"],
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train_reward.py", *args, f"--out_dir={tmp_path / 'two'}"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]  # also: the ranks' final weights agree exactly
     for name in ("ckpt_last.pt", "ckpt_best.pt"):
