@@ -222,6 +222,28 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rng_states():
+    """Every process's rng_state(), a list indexed by rank: under torchrun the ranks' streams
+    differ (dropout on micro-batches of other shapes), so a checkpoint keeps each one.
+    A collective: every rank calls it."""
+    if not distributed():
+        return [rng_state()]
+    states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+def restore_rng_states(states, rank, world_size):
+    """This process's state from rng_states(). A checkpoint written by another number of
+    processes (or an older one holding a single state) gives every rank the first state:
+    the run goes on, but not bit for bit."""
+    states = states if isinstance(states, list) else [states]
+    if len(states) != world_size and is_main(rank):
+        print(f"note: the checkpoint holds {len(states)} processes' random states, this run has {world_size}; "
+              "continuing with the first one's")
+    set_rng_state(states[rank] if len(states) == world_size else states[0])
+
+
 # -----------------------------------------------------------------------------
 # data-parallel training (torchrun); without torchrun every helper is a no-op
 

@@ -29,8 +29,10 @@ micro-batches of a step are split across the N processes (N must divide grad_acc
 so a config gives the same effective batch, batch_size * grad_accum episodes, on 1 or
 N processes: every rank draws the same global batch, runs its own micro-batches, and
 gradients are averaged in one all-reduce before the update. With dropout off the run
-follows the 1-process run up to float summation order. Rank 0 alone builds missing toy
-inputs (the others wait), validates, prints, logs and saves.
+follows the 1-process run up to float summation order; each rank draws its own dropout
+masks. Rank 0 alone builds missing toy inputs (the others wait), validates, prints, logs
+and saves. Checkpoints keep every rank's random state, so --resume on the same number of
+processes ends bit for bit where an uninterrupted run would.
 
 train.precompute_ref_logps runs the reference once per pair before training (the
 train and val pairs, split across ranks) instead of in every step: the reference is
@@ -58,8 +60,8 @@ from tqdm import tqdm
 import policy as policy_lib
 from common import (ConfigError, TrainingError, any_rank, average_gradients, barrier, broadcast_parameters, check,
                     check_finite, check_replicas_agree, cleanup_distributed, graceful_stop, is_main, load_checkpoint,
-                    load_config, log, lr_at, mean_over_ranks, print_config, rng_state, save_config, seed_everything,
-                    set_rng_state, setup_distributed, sum_over_ranks)
+                    load_config, log, lr_at, mean_over_ranks, print_config, restore_rng_states, rng_states, save_config,
+                    seed_everything, setup_distributed, sum_over_ranks)
 from data import (DataError, EpisodeSampler, collate_pairs, last_token_embeddings, load_pairs, make_toy_text_pairs,
                   prompt_response_batch, read_text_pairs, save_pairs, select_labels, text_pair_ids, text_pairs_to_data,
                   tokenize_pairs, toy_tokenizer, write_text_pairs)
@@ -291,10 +293,10 @@ def validate(policy, data, token_pairs, pad_id, config, device, ref_logps=None):
     return {"val/loss": sum(losses) / len(losses), **metrics}
 
 
-def save(name, policy, optimizer, sampler, config, step, best_val_loss, metrics):
+def save(name, policy, optimizer, sampler, config, step, best_val_loss, metrics, torch_rng):
     policy_lib.save_policy(os.path.join(config["out_dir"], name), policy, config, step,
                            optimizer=optimizer.state_dict(), best_val_loss=best_val_loss, metrics=metrics,
-                           sampler_rng=sampler.gen.get_state(), torch_rng=rng_state())
+                           sampler_rng=sampler.gen.get_state(), torch_rng=torch_rng)
 
 
 
@@ -340,17 +342,18 @@ def train(policy, optimizer, sampler, data, token_pairs, pad_id, config, device,
             done = step + 1
             at_interval = done % config["eval"]["interval"] == 0 or done == t["steps"]
             stopping = any_rank(stop["signal"] is not None, device)
-            if at_interval:
+            if at_interval or stopping:  # collectives: every rank takes part
+                torch_rng = rng_states()  # each rank's, so --resume continues each rank's dropout stream
                 train_metrics = mean_metrics(step_metrics, device)  # over this step's micro-batches and ranks
             if at_interval and main_process:
                 metrics = validate(policy, data, token_pairs, pad_id, config, device, ref_logps)
                 if metrics["val/loss"] < best_val_loss:
                     best_val_loss = metrics["val/loss"]
-                    save("ckpt_best.pt", policy, optimizer, sampler, config, done, best_val_loss, metrics)
+                    save("ckpt_best.pt", policy, optimizer, sampler, config, done, best_val_loss, metrics, torch_rng)
                 log({"step": done, "lr": lr_at(step, t), **{f"train/{k}": v for k, v in train_metrics.items()},
                      **metrics}, config["out_dir"])
             if (at_interval or stopping) and main_process:
-                save("ckpt_last.pt", policy, optimizer, sampler, config, done, best_val_loss, metrics)
+                save("ckpt_last.pt", policy, optimizer, sampler, config, done, best_val_loss, metrics, torch_rng)
             if stopping:
                 progress.close()
                 return metrics, True
@@ -392,6 +395,8 @@ def main(argv):
         policy.enable_gradient_checkpointing()
     trainable = [q for q in policy.parameters() if q.requires_grad]
     broadcast_parameters(trainable)  # replicas start equal, as DDP guarantees
+    if world_size > 1:
+        torch.manual_seed(config["seed"] + rank)  # each rank its own dropout masks (nanoGPT's seed offset)
     if main_process:
         print(f"policy: {sum(q.numel() for q in trainable):,} trained parameters "
               f"(LoRA{', FiLM, encoder' if policy.encoder is not None else ''}) on a {p['base']} base")
@@ -402,7 +407,7 @@ def main(argv):
         policy.load_trained_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         sampler.gen.set_state(checkpoint["sampler_rng"])
-        set_rng_state(checkpoint["torch_rng"])
+        restore_rng_states(checkpoint["torch_rng"], rank, world_size)
         step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
         if main_process:
             print(f"resumed from step {step}")

@@ -17,7 +17,9 @@ Validation scores the same fixed val episodes at every eval, at each context siz
 Under torchrun, train.batch_size stays the global batch: every process draws the same
 global batch and trains on its own equal slice, gradients are averaged across processes,
 so N processes follow the 1-process run (up to float summation order; the stochastic
-encoder's noise differs). All ranks validate; rank 0 alone prints, logs and saves.
+encoder's noise differs: each rank draws its own). All ranks validate; rank 0 alone prints,
+logs and saves. Checkpoints keep every rank's random state, so --resume on the same
+number of processes is exact.
 """
 
 import math
@@ -27,10 +29,10 @@ import sys
 import torch
 from tqdm import tqdm
 
-from common import (ConfigError, TrainingError, any_rank, average_gradients, barrier, check, check_finite,
-                    check_replicas_agree, cleanup_distributed, graceful_stop, is_main, load_checkpoint, load_config,
-                    log, lr_at, mean_over_ranks, print_config, rng_state, save_checkpoint, save_config,
-                    seed_everything, set_rng_state, setup_distributed)
+from common import (ConfigError, TrainingError, any_rank, average_gradients, barrier, broadcast_parameters, check,
+                    check_finite, check_replicas_agree, cleanup_distributed, graceful_stop, is_main, load_checkpoint,
+                    load_config, log, lr_at, mean_over_ranks, print_config, restore_rng_states, rng_states,
+                    save_checkpoint, save_config, seed_everything, setup_distributed)
 from data import (DataError, EpisodeSampler, load_pairs, make_linear_synthetic, make_paper_synthetic, save_pairs,
                   select_labels)
 from reward import MODEL_KINDS, build_model, choice_correct
@@ -139,17 +141,17 @@ def validate(model, data, config, device):
     return {"val/loss": sum(losses) / len(losses), **metrics}
 
 
-def make_checkpoint(model, optimizer, sampler, config, step, best_val_loss, metrics):
+def make_checkpoint(model, optimizer, sampler, config, step, best_val_loss, metrics, torch_rng):
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
             "step": step, "best_val_loss": best_val_loss, "metrics": metrics,
-            "sampler_rng": sampler.gen.get_state(), "torch_rng": rng_state()}
+            "sampler_rng": sampler.gen.get_state(), "torch_rng": torch_rng}
 
 
-def restore(checkpoint, model, optimizer, sampler):
+def restore(checkpoint, model, optimizer, sampler, rank=0, world_size=1):
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     sampler.gen.set_state(checkpoint["sampler_rng"])
-    set_rng_state(checkpoint["torch_rng"])
+    restore_rng_states(checkpoint["torch_rng"], rank, world_size)
     return checkpoint["step"], checkpoint["best_val_loss"]
 
 
@@ -185,19 +187,21 @@ def train(model, optimizer, sampler, data, config, device, step, best_val_loss, 
             done = step + 1
             at_interval = done % config["eval"]["interval"] == 0 or done == t["steps"]
             stopping = any_rank(stop["signal"] is not None, device)
+            if at_interval or stopping:
+                torch_rng = rng_states()  # a collective: each rank's generator, for an exact --resume
             if at_interval:  # every rank validates (identical weights), so best_val_loss agrees
                 metrics = validate(model, data, config, device)
                 if metrics["val/loss"] < best_val_loss:
                     best_val_loss = metrics["val/loss"]
                     if main_process:
                         save_checkpoint(os.path.join(out_dir, "ckpt_best.pt"), make_checkpoint(
-                            model, optimizer, sampler, config, done, best_val_loss, metrics))
+                            model, optimizer, sampler, config, done, best_val_loss, metrics, torch_rng))
                 if main_process:
                     log({"step": done, "lr": lr_at(step, t), **{f"train/{k}": v for k, v in train_metrics.items()},
                          **metrics}, out_dir)
             if (at_interval or stopping) and main_process:
                 save_checkpoint(os.path.join(out_dir, "ckpt_last.pt"), make_checkpoint(
-                    model, optimizer, sampler, config, done, best_val_loss, metrics))
+                    model, optimizer, sampler, config, done, best_val_loss, metrics, torch_rng))
             if stopping:
                 progress.close()
                 return metrics, True
@@ -234,13 +238,16 @@ def main(argv):
         print(f"data: {data.path}, {len(sampler.labels)} train labels, option dim {data.dim}, {world_size} process(es)")
     # ---- model and optimizer
     model = build_model(config["model"], data.dim).to(device)
+    broadcast_parameters(model.parameters())  # replicas start equal, as DDP guarantees
+    if world_size > 1:
+        torch.manual_seed(config["seed"] + rank)  # each rank its own encoder noise (nanoGPT's seed offset)
     if main_process:
         print(f"model: {config['model']['kind']}, {sum(p.numel() for p in model.parameters())} parameters")
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
     step, best_val_loss = 0, float("inf")
     if config["resume"]:
         checkpoint = load_checkpoint(os.path.join(config["out_dir"], "ckpt_last.pt"))
-        step, best_val_loss = restore(checkpoint, model, optimizer, sampler)
+        step, best_val_loss = restore(checkpoint, model, optimizer, sampler, rank, world_size)
         if main_process:
             print(f"resumed from step {step}")
     # ---- loop

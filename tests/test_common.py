@@ -240,3 +240,19 @@ def test_crafted_pickle_is_refused_and_does_not_run(tmp_path):
 def test_space_separated_value_is_read_for_a_non_bool_key():
     config, rest = load_config(DEFAULTS, ["--train.lr", "0.5", "--resume", "run_dir"])
     assert config["train"]["lr"] == 0.5 and config["resume"] is True and rest == ["run_dir"]
+
+
+def test_rng_states_restore_each_rank_and_read_older_checkpoints(capsys):
+    from common import restore_rng_states, rng_states
+
+    torch.manual_seed(1)
+    states = rng_states()  # without torchrun: [this process's state]
+    expected = torch.rand(3)
+    for saved in (states, states[0]):  # this format, and an older checkpoint's single state
+        torch.manual_seed(2)
+        restore_rng_states(saved, rank=0, world_size=1)
+        assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(2)
+    restore_rng_states(states * 2, rank=0, world_size=1)  # written by 2 processes, resumed by 1
+    assert torch.equal(torch.rand(3), expected)
+    assert "holds 2 processes' random states, this run has 1" in capsys.readouterr().out
