@@ -287,7 +287,8 @@ class EpisodeSampler:
     (chosen, rejected). Vectorised; all randomness from one torch.Generator.
     """
 
-    def __init__(self, data, split, num_targets, max_context, min_context=0, seed=0):
+    def __init__(self, data, split, num_targets, max_context, min_context=0, seed=0,
+                 size_keys="num_targets + max_context"):  # how the error message names the two settings
         in_split = torch.from_numpy(data.split == split)
         answered = (data.choices >= 0) & in_split[:, None]  # (N, L)
         counts = answered.sum(0)
@@ -298,7 +299,7 @@ class EpisodeSampler:
         short = [(data.labels[i], int(counts[i])) for i in self.label_ids if counts[i] < needed]
         if short:
             raise DataError(f"{data.path}: label '{short[0][0]}' has {short[0][1]} answered pairs in split "
-                            f"'{split}', fewer than num_targets + max_context = {needed}")
+                            f"'{split}', fewer than {size_keys} = {needed}")
         self.data, self.split = data, split
         self.num_targets, self.min_context, self.max_context = num_targets, min_context, max_context
         self.counts = counts[self.label_ids]  # (L_split,)
@@ -347,6 +348,18 @@ class EpisodeSampler:
         keys = torch.rand(len(label_rows), self.table.shape[1], generator=self.gen)
         keys[torch.arange(self.table.shape[1])[None] >= counts[:, None]] = 2.0
         return keys.topk(k, dim=1, largest=False).indices  # (B, k)
+
+
+def train_val_samplers(data, config):
+    """The train and val samplers of a training script's config (its train and eval
+    sections). Built before any work, so a split too small for its settings stops the
+    run with a message naming them."""
+    t, e = config["train"], config["eval"]
+    train = EpisodeSampler(data, "train", t["num_targets"], t["max_context"], t["min_context"], seed=config["seed"],
+                           size_keys="train.num_targets + train.max_context")
+    val = EpisodeSampler(data, "val", e["num_targets"], max(e["context_sizes"]), seed=config["seed"] + 1,
+                         size_keys="eval.num_targets + the largest of eval.context_sizes")
+    return train, val
 
 
 # -----------------------------------------------------------------------------

@@ -62,9 +62,9 @@ from common import (ConfigError, TrainingError, any_rank, average_gradients, bar
                     check_finite, check_replicas_agree, cleanup_distributed, graceful_stop, is_main, load_checkpoint,
                     load_config, log, lr_at, mean_over_ranks, print_config, restore_rng_states, rng_states, save_config,
                     seed_everything, setup_distributed, sum_over_ranks)
-from data import (DataError, EpisodeSampler, collate_pairs, last_token_embeddings, load_pairs, make_toy_text_pairs,
+from data import (DataError, collate_pairs, last_token_embeddings, load_pairs, make_toy_text_pairs,
                   prompt_response_batch, read_text_pairs, save_pairs, select_labels, text_pair_ids, text_pairs_to_data,
-                  tokenize_pairs, toy_tokenizer, write_text_pairs)
+                  tokenize_pairs, toy_tokenizer, train_val_samplers, write_text_pairs)
 
 DEFAULTS = {
     "out_dir": "runs/steer_text_np_dpo",  # checkpoints, config and logs go here
@@ -277,10 +277,10 @@ def reference_logprobs(policy, data, token_pairs, config, pad_id, device, rank=0
 
 
 @torch.no_grad()
-def validate(policy, data, token_pairs, pad_id, config, device, ref_logps=None):
+def validate(policy, sampler, token_pairs, pad_id, config, device, ref_logps=None):
     """DPO loss and implicit-reward accuracy on fixed val episodes at each context size."""
     e, t = config["eval"], config["train"]
-    sampler = EpisodeSampler(data, "val", e["num_targets"], max(e["context_sizes"]), seed=config["seed"] + 1)
+    sampler.gen.manual_seed(config["seed"] + 1)  # the same episodes at every validation
     policy.eval()
     metrics, losses = {}, []
     for n in e["context_sizes"]:
@@ -305,7 +305,7 @@ def save(name, policy, optimizer, sampler, config, step, best_val_loss, metrics,
 # the loop
 
 
-def train(policy, optimizer, sampler, data, token_pairs, pad_id, config, device, step, best_val_loss,
+def train(policy, optimizer, sampler, val_sampler, token_pairs, pad_id, config, device, step, best_val_loss,
           rank=0, world_size=1, ref_logps=None):
     """Returns (last validation metrics, True if stopped early by SIGINT/SIGTERM). Under
     torchrun a signal on any rank stops every rank after the same step."""
@@ -346,7 +346,7 @@ def train(policy, optimizer, sampler, data, token_pairs, pad_id, config, device,
                 torch_rng = rng_states()  # each rank's, so --resume continues each rank's dropout stream
                 train_metrics = mean_metrics(step_metrics, device)  # over this step's micro-batches and ranks
             if at_interval and main_process:
-                metrics = validate(policy, data, token_pairs, pad_id, config, device, ref_logps)
+                metrics = validate(policy, val_sampler, token_pairs, pad_id, config, device, ref_logps)
                 if metrics["val/loss"] < best_val_loss:
                     best_val_loss = metrics["val/loss"]
                     save("ckpt_best.pt", policy, optimizer, sampler, config, done, best_val_loss, metrics, torch_rng)
@@ -383,7 +383,7 @@ def main(argv):
     # ---- data
     data, token_pairs, tokenizer = load_inputs(config, rank)
     t, p = config["train"], config["policy"]
-    sampler = EpisodeSampler(data, "train", t["num_targets"], t["max_context"], t["min_context"], seed=config["seed"])
+    sampler, val_sampler = train_val_samplers(data, config)
     if main_process:
         print(f"data: {len(sampler.labels)} train labels {sampler.labels[:5]}, context features of dimension "
               f"{data.dim}, {world_size} process(es)")
@@ -416,8 +416,8 @@ def main(argv):
         ref_logps = reference_logprobs(policy, data, token_pairs, config, tokenizer.pad_token_id, device,
                                        rank, world_size)
     # ---- loop
-    metrics, stopped = train(policy, optimizer, sampler, data, token_pairs, tokenizer.pad_token_id, config, device,
-                             step, best_val_loss, rank, world_size, ref_logps)
+    metrics, stopped = train(policy, optimizer, sampler, val_sampler, token_pairs, tokenizer.pad_token_id, config,
+                             device, step, best_val_loss, rank, world_size, ref_logps)
     check_replicas_agree(trainable)
     if stopped:
         sys.exit(f"stopped by a signal: {config['out_dir']}/ckpt_last.pt holds the last step; continue with --resume")

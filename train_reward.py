@@ -33,8 +33,8 @@ from common import (ConfigError, TrainingError, any_rank, average_gradients, bar
                     check_finite, check_replicas_agree, cleanup_distributed, graceful_stop, is_main, load_checkpoint,
                     load_config, log, lr_at, mean_over_ranks, print_config, restore_rng_states, rng_states,
                     save_checkpoint, save_config, seed_everything, setup_distributed)
-from data import (DataError, EpisodeSampler, load_pairs, make_linear_synthetic, make_paper_synthetic, save_pairs,
-                  select_labels)
+from data import (DataError, load_pairs, make_linear_synthetic, make_paper_synthetic, save_pairs, select_labels,
+                  train_val_samplers)
 from reward import MODEL_KINDS, build_model, choice_correct
 
 DEFAULTS = {
@@ -125,11 +125,11 @@ def rank_slice(batch, rank, world_size):
 
 
 @torch.no_grad()
-def validate(model, data, config, device):
+def validate(model, sampler, config, device):
     """Loss and accuracy on fixed val episodes at each context size in eval.context_sizes."""
     e = config["eval"]
     sizes = e["context_sizes"]
-    sampler = EpisodeSampler(data, "val", e["num_targets"], max(sizes), seed=config["seed"] + 1)
+    sampler.gen.manual_seed(config["seed"] + 1)  # the same episodes at every validation
     model.eval()
     metrics, losses = {}, []
     for n in sizes:
@@ -155,7 +155,7 @@ def restore(checkpoint, model, optimizer, sampler, rank=0, world_size=1):
     return checkpoint["step"], checkpoint["best_val_loss"]
 
 
-def train(model, optimizer, sampler, data, config, device, step, best_val_loss, rank=0, world_size=1):
+def train(model, optimizer, sampler, val_sampler, config, device, step, best_val_loss, rank=0, world_size=1):
     """The loop. Returns (last validation metrics, True if stopped early by SIGINT/SIGTERM).
 
     A stop signal ends the current step, saves ckpt_last.pt and returns: --resume then
@@ -190,7 +190,7 @@ def train(model, optimizer, sampler, data, config, device, step, best_val_loss, 
             if at_interval or stopping:
                 torch_rng = rng_states()  # a collective: each rank's generator, for an exact --resume
             if at_interval:  # every rank validates (identical weights), so best_val_loss agrees
-                metrics = validate(model, data, config, device)
+                metrics = validate(model, val_sampler, config, device)
                 if metrics["val/loss"] < best_val_loss:
                     best_val_loss = metrics["val/loss"]
                     if main_process:
@@ -228,7 +228,7 @@ def main(argv):
     if main_process:
         barrier()
     t = config["train"]
-    sampler = EpisodeSampler(data, "train", t["num_targets"], t["max_context"], t["min_context"], seed=config["seed"])
+    sampler, val_sampler = train_val_samplers(data, config)
     if t["epochs"] > 0:
         t["steps"] = math.ceil(t["epochs"] * int(sampler.counts.sum()) / (t["batch_size"] * t["num_targets"]))
         if main_process:
@@ -251,7 +251,8 @@ def main(argv):
         if main_process:
             print(f"resumed from step {step}")
     # ---- loop
-    metrics, stopped = train(model, optimizer, sampler, data, config, device, step, best_val_loss, rank, world_size)
+    metrics, stopped = train(model, optimizer, sampler, val_sampler, config, device, step, best_val_loss, rank,
+                             world_size)
     check_replicas_agree(model.parameters())
     if stopped:
         sys.exit(f"stopped by a signal: {config['out_dir']}/ckpt_last.pt holds the last step; continue with --resume")

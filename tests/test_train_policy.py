@@ -103,6 +103,13 @@ def test_bad_config_names_the_key(toy_root, tmp_path, override, key):
         train_policy.main(small(toy_root, f"--out_dir={tmp_path}", override))
 
 
+def test_eval_settings_larger_than_the_val_split_stop_before_training(toy_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(policy_lib, "dpo_step", None)  # any training or validation step would fail differently
+    with pytest.raises(data.DataError, match=r"in split 'val', fewer than eval.num_targets \+ the largest of "
+                                             r"eval.context_sizes = 1005"):
+        train_policy.main(small(toy_root, f"--out_dir={tmp_path}", "--eval.num_targets=1000"))
+
+
 def test_features_must_align_with_pairs(toy_root, tmp_path):
     rows = data.read_text_pairs(f"{toy_root}/pairs.jsonl")
     data.write_text_pairs(f"{tmp_path}/fewer.jsonl", rows[:-1])

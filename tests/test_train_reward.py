@@ -108,6 +108,18 @@ def test_bad_config_names_the_key_before_writing_anything(tmp_path, overrides, k
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["--train.num_targets=3200"], r"label 'type\d' has 3200 answered pairs in split 'train', fewer than "
+                                   r"train.num_targets \+ train.max_context = 3210"),
+    (["--eval.num_targets=398"], r"label 'type\d' has 400 answered pairs in split 'val', fewer than "
+                                 r"eval.num_targets \+ the largest of eval.context_sizes = 401"),
+])
+def test_settings_larger_than_a_labels_pairs_stop_before_training(tmp_path, paper_path, overrides, message):
+    with pytest.raises(DataError, match=message):
+        train(tmp_path / "run", paper_path, *TINY, *overrides)
+    assert not [f for f in os.listdir(tmp_path / "run") if f.startswith("ckpt")]  # no step was trained
+
+
 def test_unexpected_positional_argument(tmp_path):
     with pytest.raises(ConfigError, match=r"unexpected arguments \['oops'\]"):
         train_reward.main(["oops", f"--out_dir={tmp_path}"])
