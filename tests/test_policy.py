@@ -1,4 +1,5 @@
 import copy
+import json
 import math
 
 import pytest
@@ -379,3 +380,27 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     got = gradients()
     assert len(calls) == 2  # each of the 2 decoder layers was checkpointed
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected))
+
+
+def test_model_code_shipped_with_a_checkpoint_runs_only_when_the_config_allows_it(tmp_path):
+    """A model folder whose config maps to its own Python files: loading it for the policy or
+    for embedding refuses, and its code never runs, unless trust_remote_code is set."""
+    import data
+
+    marker = tmp_path / "code_ran"
+    payload = f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import PretrainedConfig\n" \
+              "class SneakyConfig(PretrainedConfig):\n    model_type = 'sneaky'\n"
+    folder = tmp_path / "sneaky_model"
+    folder.mkdir()
+    (folder / "configuration_sneaky.py").write_text(payload)
+    (folder / "modeling_sneaky.py").write_text(payload)
+    auto_map = {"AutoConfig": "configuration_sneaky.SneakyConfig", "AutoModel": "modeling_sneaky.SneakyModel",
+                "AutoModelForCausalLM": "modeling_sneaky.SneakyModel"}
+    (folder / "config.json").write_text(json.dumps({"model_type": "sneaky", "auto_map": auto_map}))
+    for load in (lambda: build_base_model(str(folder)), lambda: data.load_embedder(str(folder), "cpu")):
+        with pytest.raises(ValueError, match="contains custom code"):
+            load()
+    assert not marker.exists()
+    with pytest.raises(Exception):  # the payload is live: with trust it runs (then fails, having no model)
+        build_base_model(str(folder), trust_remote_code=True)
+    assert marker.exists()
