@@ -419,8 +419,9 @@ def main(argv):
     metrics, stopped = train(policy, optimizer, sampler, val_sampler, token_pairs, tokenizer.pad_token_id, config,
                              device, step, best_val_loss, rank, world_size, ref_logps)
     check_replicas_agree(trainable)
-    if stopped:
-        sys.exit(f"stopped by a signal: {config['out_dir']}/ckpt_last.pt holds the last step; continue with --resume")
+    if stopped:  # rank 0 alone says so
+        sys.exit(f"stopped by a signal: {config['out_dir']}/ckpt_last.pt holds the last step; continue with --resume"
+                 if main_process else 1)
     if main_process:
         print(f"done: best checkpoint {config['out_dir']}/ckpt_best.pt")
     return metrics

@@ -254,8 +254,9 @@ def main(argv):
     metrics, stopped = train(model, optimizer, sampler, val_sampler, config, device, step, best_val_loss, rank,
                              world_size)
     check_replicas_agree(model.parameters())
-    if stopped:
-        sys.exit(f"stopped by a signal: {config['out_dir']}/ckpt_last.pt holds the last step; continue with --resume")
+    if stopped:  # rank 0 alone says so
+        sys.exit(f"stopped by a signal: {config['out_dir']}/ckpt_last.pt holds the last step; continue with --resume"
+                 if main_process else 1)
     if main_process:
         print(f"done: best checkpoint {config['out_dir']}/ckpt_best.pt")
     return metrics
