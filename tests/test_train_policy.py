@@ -228,20 +228,21 @@ def test_grad_accum_must_divide_among_processes():
         train_policy.validate_config(config, world_size=3)
 
 
-def torchrun(args, **kwargs):
+def torchrun(args, log):
+    """A 2-process train_policy.py run; its output goes to the file `log` (a pipe could fill and block it)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_policy.py",
                *args]
-    return subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
 
 
 def test_sigterm_to_torchrun_then_resume_ends_like_an_uninterrupted_run(toy_root, tmp_path):
     """torchrun forwards SIGTERM to both ranks; they stop after the same step, rank 0 saves,
     and a resumed 2-process run ends bit for bit where an uninterrupted one does."""
     args = small(toy_root, "--train.steps=100", "--eval.interval=20", "--eval.episodes=8", "--train.grad_accum=2")
-    straight = torchrun([*args, f"--out_dir={tmp_path}/a"])
-    assert straight.wait(timeout=120) == 0, straight.stderr.read()[-3000:]
-    interrupted, last = torchrun([*args, f"--out_dir={tmp_path}/b"]), tmp_path / "b" / "ckpt_last.pt"
+    straight = torchrun([*args, f"--out_dir={tmp_path}/a"], tmp_path / "a.log")
+    assert straight.wait(timeout=120) == 0, (tmp_path / "a.log").read_text()[-3000:]
+    interrupted, last = torchrun([*args, f"--out_dir={tmp_path}/b"], tmp_path / "b.log"), tmp_path / "b/ckpt_last.pt"
     deadline = time.time() + 60
     while not last.exists() and time.time() < deadline and interrupted.poll() is None:
         time.sleep(0.01)
@@ -250,8 +251,8 @@ def test_sigterm_to_torchrun_then_resume_ends_like_an_uninterrupted_run(toy_root
     assert interrupted.wait(timeout=60) != 0
     stopped_at = load_checkpoint(str(last))["step"]
     assert 0 < stopped_at < 100, "the run was not interrupted; make it longer"
-    resumed = torchrun([*args, f"--out_dir={tmp_path}/b", "--resume"])
-    assert resumed.wait(timeout=120) == 0, resumed.stderr.read()[-3000:]
+    resumed = torchrun([*args, f"--out_dir={tmp_path}/b", "--resume"], tmp_path / "resumed.log")
+    assert resumed.wait(timeout=120) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     a, b = (load_checkpoint(f"{tmp_path}/{x}/ckpt_last.pt") for x in "ab")
     assert a["step"] == b["step"] == 100 and a["metrics"] == b["metrics"]
     assert all(torch.equal(a["model"][p][k], b["model"][p][k]) for p in a["model"] for k in a["model"][p])
