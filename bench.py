@@ -144,7 +144,8 @@ def bench_reward(argv, device_name=None):
     median, p90 = time_reward_adaptation(model, data, config, device)
     name = f"reward {config['model']['kind']} ({config['model']['encoder']['aggregator']} aggregator)"
     return name, [
-        (f"reward training, episodes/s (batch {t['batch_size']}, {t['num_targets']} targets)", f"{episodes_per_s:,.0f}"),
+        (f"reward training, episodes/s (batch {t['batch_size']}, {t['num_targets']} targets)",
+         f"{episodes_per_s:,.0f}"),
         memory,
         (f"reward: adapt to a new user, latent from {b['context_pairs']} pairs + score {b['candidate_pairs']} pairs, "
          "median / p90 ms", f"{median:.3f} / {p90:.3f}"),
@@ -230,14 +231,17 @@ def bench_policy(argv, device_name=None):
         ref_logps = train_policy.reference_logprobs(policy, data, token_pairs, config, pad_id, device)
         sync(device)
         pairs = int((~ref_logps[:, 0].isnan()).sum())
-        rows.append(("NP-DPO: reference log-probs precomputed once, pairs/s", f"{pairs / (time.perf_counter() - start):,.1f}"))
+        pairs_per_s = pairs / (time.perf_counter() - start)
+        rows.append(("NP-DPO: reference log-probs precomputed once, pairs/s", f"{pairs_per_s:,.1f}"))
     pairs_per_s, tokens_per_s = time_policy_training(policy, optimizer, sampler, token_pairs, pad_id, config, device,
                                                      ref_logps)
     memory = peak_memory_row(device, "NP-DPO training")
     median, p90 = time_policy_adaptation(policy, sampler, prompt_ids, pad_id, config, device)
     reference = "precomputed reference" if ref_logps is not None else "policy and reference forwards"
-    weights = f"random weights, {b['prompt_tokens']} + {b['response_tokens']} tokens a pair, " if b["random_weights"] else ""
-    name = (f"policy {p['base']} ({weights}{p['dtype']}), batch {t['batch_size']} episodes x {t['num_targets']} targets, "
+    random_inputs = f"random weights, {b['prompt_tokens']} + {b['response_tokens']} tokens a pair, "
+    weights = random_inputs if b["random_weights"] else ""
+    name = (f"policy {p['base']} ({weights}{p['dtype']}), "
+            f"batch {t['batch_size']} episodes x {t['num_targets']} targets, "
             f"autocast {t['autocast'] if device.type == 'cuda' else 'none (CPU)'}")
     return name, rows + [
         (f"NP-DPO training, pairs/s ({reference})", f"{pairs_per_s:,.1f}"),

@@ -266,8 +266,8 @@ def reference_logprobs(policy, data, token_pairs, config, pad_id, device, rank=0
     with policy.reference_mode():
         for start in tqdm(range(0, len(rows), chunk), desc="reference log-probs", disable=not is_main(rank)):
             idx = rows[start:start + chunk]
-            batch = {k: v.to(device) for k, v in collate_pairs(token_pairs, idx, torch.zeros_like(idx, dtype=torch.bool),
-                                                                pad_id).items()}
+            as_given = torch.zeros_like(idx, dtype=torch.bool)  # "chosen" = response a, "rejected" = response b
+            batch = {k: v.to(device) for k, v in collate_pairs(token_pairs, idx, as_given, pad_id).items()}
             with autocast(device, t["autocast"]):
                 logps_a, logps_b = policy_lib.pair_logprobs(policy, batch)  # (b,) each
             table[idx.to(device)] = torch.stack([logps_a, logps_b], 1).float()
