@@ -298,13 +298,15 @@ def mean_over_ranks(tensor):
     return sum_over_ranks(tensor) / torch.distributed.get_world_size()
 
 
-def broadcast_parameters(parameters):
-    """Every process takes rank 0's values (as DDP does at wrap time): replicas start equal
-    even where ranks drew different random numbers before building the model."""
+def start_replicas(parameters, seed, rank):
+    """Every process takes rank 0's initial weights (as DDP does at wrap time), then seeds
+    torch with seed + rank, so that dropout and sampling noise differ across ranks
+    (nanoGPT's seed offset). Without torchrun it does nothing."""
     if not distributed():
         return
     for p in parameters:
         torch.distributed.broadcast(p.data, src=0)
+    torch.manual_seed(seed + rank)
 
 
 def any_rank(flag, device):

@@ -58,10 +58,10 @@ import torch
 from tqdm import tqdm
 
 import policy as policy_lib
-from common import (ConfigError, TrainingError, any_rank, average_gradients, barrier, broadcast_parameters, check,
+from common import (ConfigError, TrainingError, any_rank, average_gradients, barrier, check,
                     check_finite, check_replicas_agree, cleanup_distributed, graceful_stop, is_main, load_checkpoint,
                     load_config, log, lr_at, mean_over_ranks, print_config, restore_rng_states, rng_states, save_config,
-                    seed_everything, setup_distributed, sum_over_ranks)
+                    seed_everything, setup_distributed, start_replicas, sum_over_ranks)
 from data import (DataError, collate_pairs, last_token_embeddings, load_pairs, make_toy_text_pairs,
                   prompt_response_batch, read_text_pairs, save_pairs, select_labels, text_pair_ids, text_pairs_to_data,
                   tokenize_pairs, toy_tokenizer, train_val_samplers, write_text_pairs)
@@ -322,14 +322,14 @@ def train(policy, optimizer, sampler, val_sampler, token_pairs, pad_id, config, 
                 group["lr"] = lr_at(step, t)
             # every rank draws the same global batch, then runs micro-batches rank, rank + N, ...
             episodes = micro_batches(sampler.sample(t["batch_size"] * t["grad_accum"]), t["grad_accum"])
-            step_metrics = []
+            step_metrics, step_loss = [], 0.0
             for micro in episodes[rank::world_size]:
                 batch = episode_batch(micro, token_pairs, pad_id, device, ref_logps)
                 with autocast(device, t["autocast"]):
                     loss, train_metrics = policy_lib.dpo_step(policy, batch, t["beta"], t["nll_weight"])
-                check_finite(mean_over_ranks(loss.detach()), step + 1, config["out_dir"])  # all ranks raise together
                 scaler.scale(loss / own_micro_batches).backward()
-                step_metrics.append(train_metrics)
+                step_loss, step_metrics = step_loss + loss.detach(), step_metrics + [train_metrics]
+            check_finite(mean_over_ranks(step_loss), step + 1, config["out_dir"])  # before the update, on all ranks
             average_gradients(trainable)  # before unscaling: every rank then takes the same fp16 skip decision
             if t["grad_clip"] > 0:
                 scaler.unscale_(optimizer)
@@ -394,9 +394,7 @@ def main(argv):
     if t["gradient_checkpointing"]:
         policy.enable_gradient_checkpointing()
     trainable = [q for q in policy.parameters() if q.requires_grad]
-    broadcast_parameters(trainable)  # replicas start equal, as DDP guarantees
-    if world_size > 1:
-        torch.manual_seed(config["seed"] + rank)  # each rank its own dropout masks (nanoGPT's seed offset)
+    start_replicas(trainable, config["seed"], rank)
     if main_process:
         print(f"policy: {sum(q.numel() for q in trainable):,} trained parameters "
               f"(LoRA{', FiLM, encoder' if policy.encoder is not None else ''}) on a {p['base']} base")

@@ -29,10 +29,10 @@ import sys
 import torch
 from tqdm import tqdm
 
-from common import (ConfigError, TrainingError, any_rank, average_gradients, barrier, broadcast_parameters, check,
+from common import (ConfigError, TrainingError, any_rank, average_gradients, barrier, check,
                     check_finite, check_replicas_agree, cleanup_distributed, graceful_stop, is_main, load_checkpoint,
                     load_config, log, lr_at, mean_over_ranks, print_config, restore_rng_states, rng_states,
-                    save_checkpoint, save_config, seed_everything, setup_distributed)
+                    save_checkpoint, save_config, seed_everything, setup_distributed, start_replicas)
 from data import (DataError, load_pairs, make_linear_synthetic, make_paper_synthetic, save_pairs, select_labels,
                   train_val_samplers)
 from reward import MODEL_KINDS, build_model, choice_correct
@@ -238,9 +238,7 @@ def main(argv):
         print(f"data: {data.path}, {len(sampler.labels)} train labels, option dim {data.dim}, {world_size} process(es)")
     # ---- model and optimizer
     model = build_model(config["model"], data.dim).to(device)
-    broadcast_parameters(model.parameters())  # replicas start equal, as DDP guarantees
-    if world_size > 1:
-        torch.manual_seed(config["seed"] + rank)  # each rank its own encoder noise (nanoGPT's seed offset)
+    start_replicas(model.parameters(), config["seed"], rank)
     if main_process:
         print(f"model: {config['model']['kind']}, {sum(p.numel() for p in model.parameters())} parameters")
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
