@@ -10,21 +10,35 @@ of the wrong type is an error that names the key; `???` marks a required value.
 
 import contextlib
 import copy
+import datetime
+import fcntl
 import json
 import math
 import os
 import random
+import shutil
 import signal
+import socket
+import sys
+import time
 
 import numpy as np
 import torch
 import yaml
 
-REQUIRED = "???"  # a default that the user must set
+REQUIRED = "???"  # a default that the user must set (always text: a path, a name, a prompt)
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Something the user can fix: the scripts print its message on one line and exit 2."""
+
+
+class ConfigError(UserError, ValueError):
     """A bad config value; the message names the key."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint or run folder that is missing, unreadable or of another kind."""
 
 
 class TrainingError(RuntimeError):
@@ -37,25 +51,67 @@ def check_finite(loss, step, out_dir):
                             f"{out_dir}/ckpt_last.pt holds the last good checkpoint")
 
 
+def run_script(main):
+    """Every script's entry point. A user error prints one line and exits 2, a run that
+    cannot go on exits 1, Ctrl-C exits quietly with 130; nothing else is caught."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        sys.exit(_exit_line(e, 2))
+    except TrainingError as e:
+        sys.exit(_exit_line(e, 1))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _exit_line(error, code):
+    print(f"error: {error}", file=sys.stderr)
+    return code
+
+
 # -----------------------------------------------------------------------------
 # config
 
 
-def _parse_literal(text):
+def _cli_value(default, text):
+    """A command-line value as a person means it: a text key keeps its text verbatim
+    (`--prompt=yes`, `--out_dir=2024-05-01`); other keys read it as a YAML literal."""
+    if text == "null":
+        return None
+    if isinstance(default, str):
+        return text
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    return value if isinstance(value, (bool, int, float, list, dict, type(None))) else text
+
+
+def _whole_number(value):
+    """1e3 -> 1000 for an integer key; None if `value` is not a whole number."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if math.isfinite(number) and number.is_integer() else None
 
 
 def _check_type(key, default, value):
     if value is None and not (default is None or isinstance(default, str)):
         raise ConfigError(f"config key '{key}': a value is required (got null or nothing)")
-    if default is None or default == REQUIRED or value is None:
+    if default is None or value is None:
         return value
+    if isinstance(default, str) and isinstance(value, datetime.date):
+        return value.isoformat()  # YAML reads 2024-05-01 as a date
     if isinstance(default, bool) or isinstance(value, bool):
         if isinstance(default, bool) and isinstance(value, bool):
             return value
+    elif isinstance(default, int) and not isinstance(value, int) and _whole_number(value) is not None:
+        return _whole_number(value)  # 1e3 or 1000.0 for an integer key
     elif isinstance(default, float) and isinstance(value, (int, float)):
         return float(value)
     elif isinstance(default, float) and isinstance(value, str):
@@ -68,7 +124,7 @@ def _check_type(key, default, value):
     raise ConfigError(f"config key '{key}': expected {type(default).__name__}, got {value!r}")
 
 
-def _set(config, dotted_key, value):
+def _set(config, dotted_key, value, from_cli=False):
     node, parts = config, dotted_key.split(".")
     for i, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
@@ -77,6 +133,8 @@ def _set(config, dotted_key, value):
         if i < len(parts) - 1:
             node = node[part]
     old = node[parts[-1]]
+    if from_cli:
+        value = _cli_value(old, value)
     if isinstance(old, dict):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{dotted_key}': expected a mapping, got {value!r}")
@@ -103,6 +161,39 @@ def _find_required(config, prefix=""):
             yield prefix + key
 
 
+def read_yaml(path):
+    """A config file's mapping; a missing, empty or malformed file is a ConfigError with its line."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path}")
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a folder, not a config file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        hint = " (indent with spaces: YAML does not allow tabs)" if "\\t" in problem or "\t" in problem else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}{hint}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it ({e})") from None
+    if loaded is None:
+        raise ConfigError(f"{path} holds no settings: an empty config is not taken as 'all defaults' "
+                          "(run without a config file for those)")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return loaded
+
+
+def _check_stage(defaults, stage, source):
+    """A trainer's DEFAULTS name its stage (reward | policy); a config of the other stage is refused."""
+    mine = defaults.get("stage")
+    if mine is not None and stage != mine:
+        raise ConfigError(f"{source} is a config for train_{stage}.py (stage: {stage}), "
+                          f"not for train_{mine}.py")
+
+
 def load_config(defaults, argv, aliases=None):
     """Defaults <- YAML file <- `--key=value` (or `--key value`) overrides.
     Returns (config, positionals).
@@ -119,24 +210,26 @@ def load_config(defaults, argv, aliases=None):
             continue
         key, has_value, text = arg[2:].partition("=")
         key = (aliases or {}).get(key, key.replace("-", "_"))
-        if not has_value and args and not args[0].startswith("--") and not isinstance(_default_of(config, key), bool):
+        default = _default_of(config, key)
+        if not has_value and args and not args[0].startswith("--") and not isinstance(default, bool):
             has_value, text = True, args.pop(0)  # `--key value`
-        overrides.append((key, _parse_literal(text) if has_value else True))
+        if not has_value and default is not None and not isinstance(default, (bool, dict)):
+            raise ConfigError(f"--{key} needs a value: --{key}=...")
+        overrides.append((key, text if has_value else True, has_value))
     yaml_files = [p for p in positionals if p.endswith((".yaml", ".yml"))]
     for path in yaml_files:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        loaded = read_yaml(path)
+        _check_stage(defaults, loaded.get("stage", defaults.get("stage")), path)
         for key, value in loaded.items():
             _set(config, key, value)
-    for key, value in overrides:
-        _set(config, key, value)
+    for key, value, from_cli in overrides:
+        _set(config, key, value, from_cli)
+    _check_stage(defaults, config.get("stage"), "--stage")
     missing = list(_find_required(config))
     if missing:
         raise ConfigError(f"config key '{missing[0]}': a value is required")
+    if "seed" in config:
+        check(0 <= config["seed"] < 2**32, "seed", "must lie in [0, 2**32 - 1]")
     return config, [p for p in positionals if p not in yaml_files]
 
 
@@ -151,12 +244,22 @@ def print_config(config):
 
 
 def save_config(config, out_dir):
-    """Writes out_dir/config.yaml; a fresh (not resumed) run also starts a new log.jsonl."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+    """Writes out_dir/config.yaml atomically (inside claimed_run_folder)."""
+    path = os.path.join(out_dir, "config.yaml")
+    with open(f"{path}.tmp{os.getpid()}", "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
-    if not config.get("resume") and os.path.exists(os.path.join(out_dir, "log.jsonl")):
-        os.remove(os.path.join(out_dir, "log.jsonl"))
+    os.replace(f"{path}.tmp{os.getpid()}", path)
+
+
+def flatten(config, prefix=""):
+    """{'train': {'lr': 1}} -> {'train.lr': 1}."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 # -----------------------------------------------------------------------------
@@ -170,9 +273,24 @@ def seed_everything(seed):
 
 
 def pick_device(name):
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'; a device that does
+    not exist or is not available here is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    if name == "mps" and torch.backends.mps.is_available():
+        return torch.device("mps")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"config key 'device': unknown device {name!r} (auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device': {name!r} is not available here (torch {torch.__version__} "
+                          "sees no CUDA GPU); use --device=cpu or --device=auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"config key 'device': {name!r}, but there are {torch.cuda.device_count()} GPUs")
+    return device
 
 
 def lr_at(step, t):
@@ -208,139 +326,6 @@ def graceful_stop():
             signal.signal(sig, old)
 
 
-def rng_state():
-    """torch's CPU (and CUDA) generator states, for exact resumption."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def rng_states():
-    """Every process's rng_state(), a list indexed by rank: under torchrun the ranks' streams
-    differ (dropout on micro-batches of other shapes), so a checkpoint keeps each one.
-    A collective: every rank calls it."""
-    if not distributed():
-        return [rng_state()]
-    states = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(states, rng_state())
-    return states
-
-
-def restore_rng_states(states, rank, world_size):
-    """This process's state from rng_states(). A checkpoint written by another number of
-    processes (or an older one holding a single state) gives every rank the first state:
-    the run goes on, but not bit for bit."""
-    states = states if isinstance(states, list) else [states]
-    if len(states) != world_size and is_main(rank):
-        print(f"note: the checkpoint holds {len(states)} processes' random states, this run has {world_size}; "
-              "continuing with the first one's")
-    set_rng_state(states[rank] if len(states) == world_size else states[0])
-
-
-# -----------------------------------------------------------------------------
-# data-parallel training (torchrun); without torchrun every helper is a no-op
-
-
-def setup_distributed(device_name):
-    """Returns (rank, world_size, local_rank, device). Under torchrun (RANK, WORLD_SIZE
-    and LOCAL_RANK set) it joins the process group: nccl on CUDA, gloo on CPU; each
-    process takes GPU LOCAL_RANK. Otherwise (0, 1, 0, pick_device(device_name))."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0, pick_device(device_name)
-    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, local_rank, device
-
-
-def is_main(rank):
-    """Rank 0 alone prints, logs and writes files."""
-    return rank == 0
-
-
-def distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def barrier():
-    if distributed():
-        torch.distributed.barrier()
-
-
-def cleanup_distributed():
-    if distributed():
-        torch.distributed.destroy_process_group()
-
-
-def sum_over_ranks(tensor):
-    """The sum of `tensor` over all processes (itself when there is one)."""
-    if not distributed():
-        return tensor
-    tensor = tensor.clone()
-    torch.distributed.all_reduce(tensor)
-    return tensor
-
-
-def mean_over_ranks(tensor):
-    """The mean of `tensor` over all processes (itself when there is one)."""
-    if not distributed():
-        return tensor
-    return sum_over_ranks(tensor) / torch.distributed.get_world_size()
-
-
-def start_replicas(parameters, seed, rank):
-    """Every process takes rank 0's initial weights (as DDP does at wrap time), then seeds
-    torch with seed + rank, so that dropout and sampling noise differ across ranks
-    (nanoGPT's seed offset). Without torchrun it does nothing."""
-    if not distributed():
-        return
-    for p in parameters:
-        torch.distributed.broadcast(p.data, src=0)
-    torch.manual_seed(seed + rank)
-
-
-def any_rank(flag, device):
-    """True on every process if `flag` is true on any one: all ranks stop at the same step."""
-    return bool(mean_over_ranks(torch.tensor(float(flag), device=device)) > 0)
-
-
-def average_gradients(parameters):
-    """Replaces each trainable parameter's gradient by its mean over processes, in one
-    all-reduce. Each rank's loss is a mean over an equal slice of the global batch, so
-    this is the single-process gradient of the global batch. A missing grad counts as 0."""
-    if not distributed():
-        return
-    params = [p for p in parameters if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = mean_over_ranks(torch.cat([p.grad.flatten() for p in params]))
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad.copy_(g.view_as(p))
-
-
-def check_replicas_agree(parameters):
-    """Raises TrainingError unless every process holds rank 0's weights: a cheap end-of-run invariant."""
-    if not distributed():
-        return
-    flat = torch.cat([p.detach().flatten() for p in parameters])
-    reference = flat.clone()
-    torch.distributed.broadcast(reference, src=0)
-    if not any_rank(not torch.equal(flat, reference), flat.device):
-        return
-    raise TrainingError("data-parallel replicas diverged: some rank's weights differ from rank 0's")
-
-
 # -----------------------------------------------------------------------------
 # checkpoints
 
@@ -354,15 +339,176 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Loads with weights_only=True, so a crafted pickle cannot run code."""
+    """Loads with weights_only=True, so a crafted pickle cannot run code. A run folder
+    means its ckpt_best.pt. Problems are CheckpointErrors naming the file."""
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt_best.pt")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, foreign pickle, ...
-        raise RuntimeError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line})") from None
     if not isinstance(checkpoint, dict) or not {"model", "config", "step"} <= checkpoint.keys():
-        raise RuntimeError(f"{path}: not a checkpoint of this codebase (missing model/config/step)")
+        raise CheckpointError(f"{path}: not a checkpoint of this codebase (missing model/config/step)")
     return checkpoint
+
+
+def resolve_path(path, checkpoint):
+    """A path recorded in a run's config, as seen from here: relative paths are tried
+    from the current folder, then from the folder the run was trained in."""
+    if path is None or os.path.isabs(path) or os.path.exists(path) or not checkpoint.get("cwd"):
+        return path
+    candidate = os.path.join(checkpoint["cwd"], path)
+    return candidate if os.path.exists(candidate) else path
+
+
+# -----------------------------------------------------------------------------
+# run folders: never overwritten by accident, never written by two processes at once
+
+RUN_FILES = ("config.yaml", "log.jsonl", "ckpt_last.pt", "ckpt_best.pt", "adapter")  # a folder holding any holds a run
+DERIVED_FILES = ("eval.json", "accuracy.png", "reward_curves.png", "steering.png")  # replaced with it by --overwrite
+LOCK_FILE = ".lock"
+
+
+def run_stage(out_dir):
+    """'reward' or 'policy' for the run in out_dir, from its config; None if unknown."""
+    for name in ("config.yaml", "ckpt_last.pt", "ckpt_best.pt"):
+        path = os.path.join(out_dir, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            config = read_yaml(path) if name.endswith(".yaml") else load_checkpoint(path)["config"]
+        except UserError:
+            continue
+        return config.get("stage") or ("policy" if "policy" in config else "reward")
+    return None
+
+
+def check_run_folder(config, stage, holding_lock=False):
+    """Read-only, before any work: can this run write to out_dir? A folder that holds a
+    run needs --resume or --overwrite; a run of the other stage, or a folder in use by
+    another process, is refused."""
+    out_dir, resume, overwrite = config["out_dir"], config["resume"], config["overwrite"]
+    check(out_dir.strip() != "", "out_dir", "must name a folder")
+    check(not (resume and overwrite), "resume",
+          "--resume continues the run in out_dir and --overwrite replaces it: give one of them")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"config key 'out_dir': {out_dir} is a file, not a folder")
+    _check_creatable(out_dir)
+    if not holding_lock:
+        _check_not_in_use(out_dir)
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+    other = run_stage(out_dir) if found else None
+    if other is not None and other != stage:
+        raise ConfigError(f"{out_dir} holds a {other} run (made by train_{other}.py): train_{stage}.py will not "
+                          "write there; choose another --out_dir")
+    if resume and not os.path.isfile(os.path.join(out_dir, "ckpt_last.pt")):
+        raise CheckpointError(f"--resume: no {os.path.join(out_dir, 'ckpt_last.pt')} to continue "
+                              "(drop --resume to start a new run)")
+    if found and not (resume or overwrite):
+        raise ConfigError(f"{out_dir} already holds a run ({', '.join(found)}): continue it with --resume, "
+                          "or replace it with --overwrite")
+
+
+def _check_creatable(out_dir):
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"config key 'out_dir': cannot create {out_dir}: {parent} is a file")
+    if not os.access(parent if not os.path.isdir(out_dir) else out_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"config key 'out_dir': cannot write to {out_dir} (no permission)")
+
+
+def _lock_holder(handle):
+    handle.seek(0)
+    return handle.read().strip() or "another process"
+
+
+def _check_not_in_use(out_dir):
+    path = os.path.join(out_dir, LOCK_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{out_dir} is in use by {_lock_holder(handle)}: wait for it to finish, "
+                              "or choose another --out_dir") from None
+
+
+@contextlib.contextmanager
+def claimed_run_folder(config, stage, main_process=True):
+    """The one place a trainer starts writing to out_dir. Holds an exclusive lock on
+    out_dir/.lock for the block (the OS drops it if the process dies, so a crashed run's
+    lock is stale and taken over), checks the folder again under the lock, and with
+    --overwrite removes the old run's files. Other ranks of a torchrun job write nothing."""
+    if not main_process:
+        yield
+        return
+    out_dir = config["out_dir"]
+    created = not os.path.isdir(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"config key 'out_dir': cannot create {out_dir} ({e.strerror})") from None
+    handle = _acquire_lock(out_dir)
+    try:
+        check_run_folder(config, stage, holding_lock=True)  # another run may have written here meanwhile
+        if config["overwrite"]:
+            _remove_run_files(out_dir)
+        yield
+    finally:
+        os.remove(os.path.join(out_dir, LOCK_FILE))
+        handle.close()
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+
+
+def _acquire_lock(out_dir):
+    path = os.path.join(out_dir, LOCK_FILE)
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(handle)
+            handle.close()
+            raise ConfigError(f"{out_dir} is in use by {holder}: wait for it to finish, "
+                              "or choose another --out_dir") from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()  # the holder removed the file as we opened it: take the new one
+    previous = _lock_holder(handle) if handle.tell() > 0 else None
+    if previous:
+        print(f"note: {path} was left by {previous}, which no longer runs (a crash?): taking the folder over")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
+def _remove_run_files(out_dir):
+    for name in RUN_FILES + DERIVED_FILES:
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def check_resume(saved, config, fixed_prefixes):
+    """Before anything is written: keys under `fixed_prefixes` (those that shape the model)
+    must equal the saved run's. Returns {key: [saved, new]} of the other keys that changed;
+    they may change on resume (the step budget, for instance)."""
+    old, new = flatten(saved), flatten(config)
+    shared = [k for k in new if k in old]
+    fixed = [k for k in shared if k.startswith(fixed_prefixes) and old[k] != new[k]]
+    if fixed:
+        raise ConfigError(f"--resume: {config['out_dir']} was trained with " + "; ".join(
+            f"{k} = {old[k]!r} (given {new[k]!r})" for k in fixed) + ": these shape the model and cannot change "
+            "on resume (start a new run with another --out_dir)")
+    return {k: [old.get(k), new[k]] for k in new if k not in ("resume", "overwrite") and old.get(k) != new[k]}

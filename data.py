@@ -59,13 +59,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import REQUIRED, ConfigError, check, load_config, pick_device, print_config
+from common import REQUIRED, ConfigError, UserError, check, load_config, pick_device, print_config
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A bad data file; the message names the file and the problem."""
 
 

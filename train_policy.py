@@ -58,19 +58,22 @@ import torch
 from tqdm import tqdm
 
 import policy as policy_lib
-from common import (ConfigError, TrainingError, any_rank, average_gradients, barrier, check,
-                    check_finite, check_replicas_agree, cleanup_distributed, graceful_stop, is_main, load_checkpoint,
-                    load_config, log, lr_at, mean_over_ranks, print_config, restore_rng_states, rng_states, save_config,
-                    seed_everything, setup_distributed, start_replicas, sum_over_ranks)
+from common import (ConfigError, check, check_finite, check_resume, check_run_folder, claimed_run_folder,
+                    graceful_stop, load_checkpoint, load_config, log, lr_at, print_config, run_script, save_config,
+                    seed_everything)
+from dist import (any_rank, average_gradients, barrier, check_replicas_agree, is_main,
+                  mean_over_ranks, restore_rng_states, rng_states, setup_distributed, start_replicas, sum_over_ranks)
 from data import (DataError, collate_pairs, last_token_embeddings, load_pairs, make_toy_text_pairs,
                   prompt_response_batch, read_text_pairs, save_pairs, select_labels, text_pair_ids, text_pairs_to_data,
                   tokenize_pairs, toy_tokenizer, train_val_samplers, write_text_pairs)
 
 DEFAULTS = {
+    "stage": "policy",  # which trainer a config is for; train_reward.py refuses this one
     "out_dir": "runs/steer_text_np_dpo",  # checkpoints, config and logs go here
     "seed": 0,  # seeds torch, numpy, python and the episode sampler
     "device": "auto",  # auto = cuda if available, else cpu
-    "resume": False,  # continue from out_dir/ckpt_last.pt
+    "resume": False,  # continue the run in out_dir from its ckpt_last.pt
+    "overwrite": False,  # replace the run already in out_dir (without it, such a folder is refused)
     "data": {
         "pairs": "data/steer_text/pairs.jsonl",  # text pairs (JSONL, data.py)
         "features": "data/steer_text/features.npz",  # context embeddings, row-aligned with pairs
@@ -78,7 +81,8 @@ DEFAULTS = {
         "labels": None,  # train on these labels only (a label-specific oracle); null = all
         "max_length": 64,  # prompt + response tokens; longer pairs are dropped and counted
         "skip_bad_lines": False,  # drop malformed JSONL lines instead of stopping
-        "toy": True,  # build missing pairs, base model and features for the toy task
+        "toy": True,  # the toy task: build its missing pairs, base model and features at their default paths
+        "generate": False,  # also build missing toy inputs away from their default paths
         "toy_pairs": 6000,  # toy text pairs to generate
         "toy_conflict_fraction": 0.8,  # share of toy pairs the two user types rank oppositely
     },
@@ -167,6 +171,23 @@ def finetune_base(model, token_pairs, m, seed):
     return model.eval()
 
 
+def toy_inputs_to_build(config):
+    """The toy inputs that are missing and may be built: those at their default paths,
+    or any with data.generate. A missing input at another path is a mistyped path."""
+    d, p = config["data"], config["policy"]
+    wanted = {"data.pairs": (d["pairs"], d["pairs"]), "data.features": (d["features"], d["features"]),
+              "policy.base": (p["base"], os.path.join(p["base"], "config.json"))}
+    defaults = {"data.pairs": DEFAULTS["data"]["pairs"], "data.features": DEFAULTS["data"]["features"],
+                "policy.base": DEFAULTS["policy"]["base"]}
+    missing = [key for key, (_, marker) in wanted.items() if not os.path.exists(marker)]
+    for key in missing:
+        path = wanted[key][0]
+        if os.path.normpath(path) != defaults[key] and not d["generate"]:
+            raise DataError(f"{key}: {path} not found (to build the toy task's {key.split('.')[1]} there, "
+                            "add --data.generate)")
+    return missing
+
+
 def build_toy_inputs(config):
     """Writes whichever of the toy pairs, base model and features is missing."""
     d, base_dir = config["data"], config["policy"]["base"]
@@ -199,9 +220,12 @@ def load_inputs(config, rank=0):
     from transformers import AutoTokenizer
 
     d, p = config["data"], config["policy"]
-    if d["toy"] and is_main(rank):
+    if d["toy"] and is_main(rank) and toy_inputs_to_build(config):
         build_toy_inputs(config)
     barrier()
+    for key, path in (("data.pairs", d["pairs"]), ("data.features", d["features"])):
+        if not os.path.exists(path):
+            raise DataError(f"{key}: {path} not found")
     rows = read_text_pairs(d["pairs"], d["skip_bad_lines"])
     data = load_pairs(d["features"])
     if len(rows) != len(data.pairs) or (data.ids is not None and data.ids.tolist() != text_pair_ids(rows)):
@@ -293,6 +317,24 @@ def validate(policy, sampler, token_pairs, pad_id, config, device, ref_logps=Non
     return {"val/loss": sum(losses) / len(losses), **metrics}
 
 
+def restore(checkpoint, policy, optimizer, sampler, data, config, rank=0, world_size=1):
+    """Continue from a checkpoint whose config check_resume accepted. -> (step, best_val_loss)"""
+    saved_dim = checkpoint.get("policy_config", {}).get("context_dim", data.dim)
+    if saved_dim != data.dim:
+        raise DataError(f"--resume: {data.path} has context features of dimension {data.dim}, but the run in "
+                        f"{config['out_dir']} was trained on dimension {saved_dim}")
+    if checkpoint["step"] >= config["train"]["steps"]:
+        raise ConfigError(f"--resume: the run in {config['out_dir']} is at step {checkpoint['step']} and "
+                          f"train.steps = {config['train']['steps']}: raise train.steps to train further")
+    policy.load_trained_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    sampler.gen.set_state(checkpoint["sampler_rng"])
+    restore_rng_states(checkpoint["torch_rng"], rank, world_size)
+    if is_main(rank):
+        print(f"resumed from step {checkpoint['step']}")
+    return checkpoint["step"], checkpoint["best_val_loss"]
+
+
 def save(name, policy, optimizer, sampler, config, step, best_val_loss, metrics, torch_rng):
     policy_lib.save_policy(os.path.join(config["out_dir"], name), policy, config, step,
                            optimizer=optimizer.state_dict(), best_val_loss=best_val_loss, metrics=metrics,
@@ -375,9 +417,13 @@ def main(argv):
     rank, world_size, _, device = setup_distributed(config["device"])  # (0, 1, 0, device) without torchrun
     main_process = is_main(rank)
     validate_config(config, world_size)
+    check_run_folder(config, "policy")  # read-only: nothing is written to out_dir before the loop
+    checkpoint = load_checkpoint(os.path.join(config["out_dir"], "ckpt_last.pt")) if config["resume"] else None
+    changed = check_resume(checkpoint["config"], config, ("stage", "policy.", "data.max_length")) if checkpoint else {}
+    if config["data"]["toy"]:
+        toy_inputs_to_build(config)  # a mistyped input path stops here, before any work
     if main_process:
         print_config(config)
-        save_config(config, config["out_dir"])
     # ---- seed
     seed_everything(config["seed"])
     # ---- data
@@ -400,23 +446,21 @@ def main(argv):
               f"(LoRA{', FiLM, encoder' if policy.encoder is not None else ''}) on a {p['base']} base")
     optimizer = torch.optim.AdamW(trainable, lr=t["lr"], weight_decay=t["weight_decay"])
     step, best_val_loss = 0, float("inf")
-    if config["resume"]:
-        checkpoint = load_checkpoint(os.path.join(config["out_dir"], "ckpt_last.pt"), map_location=device)
-        policy.load_trained_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        sampler.gen.set_state(checkpoint["sampler_rng"])
-        restore_rng_states(checkpoint["torch_rng"], rank, world_size)
-        step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-        if main_process:
-            print(f"resumed from step {step}")
+    if checkpoint:
+        step, best_val_loss = restore(checkpoint, policy, optimizer, sampler, data, config, rank, world_size)
     ref_logps = None
     if t["precompute_ref_logps"]:
         ref_logps = reference_logprobs(policy, data, token_pairs, config, tokenizer.pad_token_id, device,
                                        rank, world_size)
-    # ---- loop
-    metrics, stopped = train(policy, optimizer, sampler, val_sampler, token_pairs, tokenizer.pad_token_id, config,
-                             device, step, best_val_loss, rank, world_size, ref_logps)
-    check_replicas_agree(trainable)
+    # ---- loop: the only part that writes to out_dir
+    with claimed_run_folder(config, "policy", main_process):
+        if main_process:
+            save_config(config, config["out_dir"])  # the effective config
+            if changed:  # recorded beside the original values, which config.yaml no longer shows
+                log({"step": step, "event": "resume", "changed": changed}, config["out_dir"])
+        metrics, stopped = train(policy, optimizer, sampler, val_sampler, token_pairs, tokenizer.pad_token_id,
+                                 config, device, step, best_val_loss, rank, world_size, ref_logps)
+        check_replicas_agree(trainable)
     if stopped:  # rank 0 alone says so
         sys.exit(f"stopped by a signal: {config['out_dir']}/ckpt_last.pt holds the last step; continue with --resume"
                  if main_process else 1)
@@ -426,9 +470,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, DataError, TrainingError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        cleanup_distributed()
+    run_script(main)

@@ -29,22 +29,26 @@ import sys
 import torch
 from tqdm import tqdm
 
-from common import (ConfigError, TrainingError, any_rank, average_gradients, barrier, check,
-                    check_finite, check_replicas_agree, cleanup_distributed, graceful_stop, is_main, load_checkpoint,
-                    load_config, log, lr_at, mean_over_ranks, print_config, restore_rng_states, rng_states,
-                    save_checkpoint, save_config, seed_everything, setup_distributed, start_replicas)
+from common import (ConfigError, check, check_finite, check_resume, check_run_folder, claimed_run_folder,
+                    graceful_stop, load_checkpoint, load_config, log, lr_at, print_config, run_script, save_checkpoint,
+                    save_config, seed_everything)
+from dist import (any_rank, average_gradients, barrier, check_replicas_agree, is_main,
+                  mean_over_ranks, restore_rng_states, rng_states, setup_distributed, start_replicas)
 from data import (DataError, load_pairs, make_linear_synthetic, make_paper_synthetic, save_pairs, select_labels,
                   train_val_samplers)
 from reward import MODEL_KINDS, build_model, choice_correct
 
 DEFAULTS = {
+    "stage": "reward",  # which trainer a config is for; train_policy.py refuses this one
     "out_dir": "runs/synthetic_np_btl",  # checkpoints, config and logs go here
     "seed": 0,  # seeds torch, numpy, python and the episode sampler
     "device": "auto",  # auto = cuda if available, else cpu
-    "resume": False,  # continue from out_dir/ckpt_last.pt
+    "resume": False,  # continue the run in out_dir from its ckpt_last.pt
+    "overwrite": False,  # replace the run already in out_dir (without it, such a folder is refused)
     "data": {
         "path": "data/paper_synthetic.npz",  # feature-pair .npz (format: data.py)
-        "synthetic": "paper",  # if path is missing, generate it: paper | linear | null (never)
+        "synthetic": "paper",  # generator of a missing data.path at its default path: paper | linear | null
+        "generate": False,  # also generate a missing data.path that is not the generator's default path
         "labels": None,  # train on these labels only (a label-specific BTL); null = all
     },
     "model": {
@@ -102,16 +106,21 @@ def validate_config(config, world_size=1):
     check(config["data"]["synthetic"] in ("paper", "linear", None), "data.synthetic", "must be paper, linear or null")
 
 
+GENERATED_PATHS = {"paper": "data/paper_synthetic.npz", "linear": "data/linear_synthetic.npz"}
+
+
 def prepare_data(data_config):
-    """Load data.path, generating it first if it is missing and a generator is named."""
+    """Load data.path. A missing file is generated only at its generator's default path
+    (or with data.generate): a mistyped path is an error, never a new dataset."""
     path, generator = data_config["path"], data_config["synthetic"]
     if not os.path.exists(path) and generator is not None:
+        if os.path.normpath(path) != GENERATED_PATHS[generator] and not data_config["generate"]:
+            raise DataError(f"data.path: {path} not found (to generate the '{generator}' task there, "
+                            "add --data.generate)")
         print(f"{path} not found: generating the '{generator}' synthetic task there")
         save_pairs(path, make_paper_synthetic() if generator == "paper" else make_linear_synthetic())
     data = load_pairs(path)
     return select_labels(data, data_config["labels"]) if data_config["labels"] else data
-
-
 
 
 def to_device(batch, device):
@@ -143,15 +152,25 @@ def validate(model, sampler, config, device):
 
 def make_checkpoint(model, optimizer, sampler, config, step, best_val_loss, metrics, torch_rng):
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
-            "step": step, "best_val_loss": best_val_loss, "metrics": metrics,
-            "sampler_rng": sampler.gen.get_state(), "torch_rng": torch_rng}
+            "step": step, "best_val_loss": best_val_loss, "metrics": metrics, "data_dim": sampler.data.dim,
+            "cwd": os.getcwd(), "sampler_rng": sampler.gen.get_state(), "torch_rng": torch_rng}
 
 
-def restore(checkpoint, model, optimizer, sampler, rank=0, world_size=1):
+def restore(checkpoint, model, optimizer, sampler, data, config, rank=0, world_size=1):
+    """Continue from a checkpoint whose config check_resume accepted. -> (step, best_val_loss)"""
+    saved_dim = checkpoint.get("data_dim", data.dim)
+    if saved_dim != data.dim:
+        raise DataError(f"--resume: {data.path} has options of dimension {data.dim}, but the run in "
+                        f"{config['out_dir']} was trained on dimension {saved_dim}")
+    if checkpoint["step"] >= config["train"]["steps"]:
+        raise ConfigError(f"--resume: the run in {config['out_dir']} is at step {checkpoint['step']} and "
+                          f"train.steps = {config['train']['steps']}: raise train.steps to train further")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     sampler.gen.set_state(checkpoint["sampler_rng"])
     restore_rng_states(checkpoint["torch_rng"], rank, world_size)
+    if is_main(rank):
+        print(f"resumed from step {checkpoint['step']}")
     return checkpoint["step"], checkpoint["best_val_loss"]
 
 
@@ -216,9 +235,11 @@ def main(argv):
     rank, world_size, _, device = setup_distributed(config["device"])  # (0, 1, 0, device) without torchrun
     main_process = is_main(rank)
     validate_config(config, world_size)
+    check_run_folder(config, "reward")  # read-only: nothing is written before the loop
+    checkpoint = load_checkpoint(os.path.join(config["out_dir"], "ckpt_last.pt")) if config["resume"] else None
+    changed = check_resume(checkpoint["config"], config, ("stage", "model.")) if checkpoint else {}
     if main_process:
         print_config(config)
-        save_config(config, config["out_dir"])
     # ---- seed
     seed_everything(config["seed"])  # the same on every rank: identical initial weights and batches
     # ---- data
@@ -233,7 +254,6 @@ def main(argv):
         t["steps"] = math.ceil(t["epochs"] * int(sampler.counts.sum()) / (t["batch_size"] * t["num_targets"]))
         if main_process:
             print(f"train.epochs = {t['epochs']}: {t['steps']} steps")
-            save_config(config, config["out_dir"])  # the effective config
     if main_process:
         print(f"data: {data.path}, {len(sampler.labels)} train labels, option dim {data.dim}, {world_size} process(es)")
     # ---- model and optimizer
@@ -243,15 +263,17 @@ def main(argv):
         print(f"model: {config['model']['kind']}, {sum(p.numel() for p in model.parameters())} parameters")
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
     step, best_val_loss = 0, float("inf")
-    if config["resume"]:
-        checkpoint = load_checkpoint(os.path.join(config["out_dir"], "ckpt_last.pt"))
-        step, best_val_loss = restore(checkpoint, model, optimizer, sampler, rank, world_size)
+    if checkpoint:
+        step, best_val_loss = restore(checkpoint, model, optimizer, sampler, data, config, rank, world_size)
+    # ---- loop: the only part that writes to out_dir
+    with claimed_run_folder(config, "reward", main_process):
         if main_process:
-            print(f"resumed from step {step}")
-    # ---- loop
-    metrics, stopped = train(model, optimizer, sampler, val_sampler, config, device, step, best_val_loss, rank,
-                             world_size)
-    check_replicas_agree(model.parameters())
+            save_config(config, config["out_dir"])  # the effective config
+            if changed:  # recorded beside the original values, which config.yaml no longer shows
+                log({"step": step, "event": "resume", "changed": changed}, config["out_dir"])
+        metrics, stopped = train(model, optimizer, sampler, val_sampler, config, device, step, best_val_loss, rank,
+                                 world_size)
+        check_replicas_agree(model.parameters())
     if stopped:  # rank 0 alone says so
         sys.exit(f"stopped by a signal: {config['out_dir']}/ckpt_last.pt holds the last step; continue with --resume"
                  if main_process else 1)
@@ -261,9 +283,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, DataError, TrainingError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        cleanup_distributed()
+    run_script(main)

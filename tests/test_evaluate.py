@@ -101,7 +101,7 @@ def test_bad_arguments_name_the_key(np_btl_run, args, key):
 
 
 def test_models_on_different_data_are_refused(tmp_path, np_btl_run):
-    train(tmp_path / "other", tmp_path / "other.npz", *TINY, "--train.steps=2")
+    train(tmp_path / "other", tmp_path / "other.npz", *TINY, "--train.steps=2", "--data.generate")
     with pytest.raises(ConfigError, match="trained on different data files"):
         evaluate.main([np_btl_run[0], str(tmp_path / "other")])
 

@@ -13,7 +13,7 @@ import torch
 import data
 import reward
 import train_reward
-from common import ConfigError, TrainingError, load_checkpoint, load_config, lr_at
+from common import CheckpointError, ConfigError, TrainingError, load_checkpoint, load_config, lr_at
 from conftest import REPO, TINY, train
 from data import DataError
 
@@ -63,10 +63,18 @@ def test_stochastic_np_btl_learns(tmp_path, paper_path):
     assert metrics["val/acc@10"] > 0.85
 
 
-def test_data_is_generated_at_a_missing_path(tmp_path):
+def test_data_is_generated_at_a_missing_path_only_when_asked(tmp_path):
     path = str(tmp_path / "new" / "paper.npz")
-    train(tmp_path / "run", path, *TINY, "--train.steps=2")
+    with pytest.raises(DataError, match=f"data.path: {path} not found .*add --data.generate"):
+        train(tmp_path / "run", path, *TINY, "--train.steps=2")  # a typo is not an invitation
+    assert not os.path.exists(path) and not os.path.exists(tmp_path / "run")
+    train(tmp_path / "run", path, *TINY, "--train.steps=2", "--data.generate")
     assert data.load_pairs(path).meta["generator"] == "paper"
+
+
+def test_data_is_generated_at_its_default_path():
+    train_reward.main(["--out_dir=run", *TINY, "--train.steps=2"])  # in a tmp dir (conftest)
+    assert data.load_pairs("data/paper_synthetic.npz").meta["generator"] == "paper"
 
 
 def test_missing_data_without_a_generator_is_an_error(tmp_path):
@@ -117,7 +125,7 @@ def test_bad_config_names_the_key_before_writing_anything(tmp_path, overrides, k
 def test_settings_larger_than_a_labels_pairs_stop_before_training(tmp_path, paper_path, overrides, message):
     with pytest.raises(DataError, match=message):
         train(tmp_path / "run", paper_path, *TINY, *overrides)
-    assert not [f for f in os.listdir(tmp_path / "run") if f.startswith("ckpt")]  # no step was trained
+    assert not os.path.exists(tmp_path / "run")  # nothing written, no step trained
 
 
 def test_unexpected_positional_argument(tmp_path):
@@ -182,7 +190,7 @@ def test_resume_equals_uninterrupted_training(tmp_path, paper_path, monkeypatch,
 
 
 def test_resume_without_a_checkpoint_names_it(tmp_path, paper_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*ckpt_last.pt"):
+    with pytest.raises(CheckpointError, match="--resume: no .*run/ckpt_last.pt to continue"):
         train(tmp_path / "run", paper_path, *TINY, "--resume")
 
 
