@@ -339,7 +339,8 @@ def save(name, policy, optimizer, sampler, config, step, best_val_loss, metrics,
     policy_lib.save_policy(os.path.join(config["out_dir"], name), policy, config, step,
                            optimizer=optimizer.state_dict(), best_val_loss=best_val_loss, metrics=metrics,
                            sampler_rng=sampler.gen.get_state(), torch_rng=torch_rng)
-
+    if name == "ckpt_best.pt":  # the best weights also as a peft adapter folder (+ FiLM and encoder)
+        policy_lib.save_adapter_folder(os.path.join(config["out_dir"], "adapter"), policy)
 
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures: every test runs in its own tmp dir, and one small NP-BTL (and one
 BTL) is trained once per session on a small copy of the paper's synthetic task."""
 
+import hashlib
 import os
 
 import pytest
@@ -16,6 +17,17 @@ TINY = ["--model.hidden=16", "--model.encoder.hidden=16", "--model.encoder.laten
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # scripts run from here in subprocesses
+
+
+def folder_hashes(folder):
+    """{relative path: sha256} of every file under `folder`: equal before and after means nothing was written."""
+    hashes = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                hashes[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return hashes
 
 
 def train(out_dir, data_path, *overrides):

@@ -1,12 +1,15 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from common import (REQUIRED, CheckpointError, ConfigError, check, graceful_stop, load_checkpoint, load_config, log, save_checkpoint,
-                    save_config, seed_everything)
+from common import (REQUIRED, CheckpointError, ConfigError, check, check_resume, check_run_folder, claimed_run_folder,
+                    graceful_stop, load_checkpoint, load_config, log, pick_device, resolve_path, run_script,
+                    save_checkpoint, save_config, seed_everything)
 
 DEFAULTS = {
     "name": "run",
@@ -257,3 +260,191 @@ def test_rng_states_restore_each_rank_and_read_older_checkpoints(capsys):
     restore_rng_states(states * 2, rank=0, world_size=1)  # written by 2 processes, resumed by 1
     assert torch.equal(torch.rand(3), expected)
     assert "holds 2 processes' random states, this run has 1" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# command-line values as a person means them, malformed YAML, seed and device
+
+
+TEXT_DEFAULTS = {"prompt": "hello", "name": REQUIRED, "out_dir": "runs/x", "steps": 10, "labels": None, "seed": 0}
+
+
+@pytest.mark.parametrize("text", ["what about: snow?", "yes", "42", "#1 tip", "2024-05-01", "[a, b]", "x: y"])
+def test_text_keys_keep_the_command_line_verbatim(text):
+    config, _ = load_config(TEXT_DEFAULTS, [f"--prompt={text}", f"--out_dir={text}", f"--name={text}"])
+    assert config["prompt"] == config["out_dir"] == config["name"] == text
+
+
+def test_a_date_in_a_yaml_file_is_text_for_a_text_key(tmp_path):
+    (tmp_path / "c.yaml").write_text("out_dir: 2024-05-01\n")
+    assert load_config(TEXT_DEFAULTS, ["--name=x", str(tmp_path / "c.yaml")])[0]["out_dir"] == "2024-05-01"
+
+
+@pytest.mark.parametrize("text, value", [("1e3", 1000), ("1000.0", 1000), ("2.5e2", 250), ("7", 7)])
+def test_whole_numbers_are_accepted_for_integer_keys(text, value):
+    config, _ = load_config(TEXT_DEFAULTS, ["--name=x", f"--steps={text}"])
+    assert config["steps"] == value and isinstance(config["steps"], int)
+
+
+@pytest.mark.parametrize("text", ["1.5", "1e-3", "inf", "ten"])
+def test_non_whole_numbers_are_refused_for_integer_keys(text):
+    with pytest.raises(ConfigError, match="config key 'steps': expected int"):
+        load_config(TEXT_DEFAULTS, ["--name=x", f"--steps={text}"])
+
+
+def test_null_default_still_reads_lists_and_null():
+    assert load_config(TEXT_DEFAULTS, ["--name=x", "--labels=[a, b]"])[0]["labels"] == ["a", "b"]
+    assert load_config(TEXT_DEFAULTS, ["--name=x", "--labels=null"])[0]["labels"] is None
+    assert load_config(TEXT_DEFAULTS, ["--name=x", "--labels=2024-05-01"])[0]["labels"] == "2024-05-01"
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_seed_out_of_range_is_refused(seed):
+    with pytest.raises(ConfigError, match=r"config key 'seed': must lie in \[0, 2\*\*32 - 1\]"):
+        load_config(TEXT_DEFAULTS, ["--name=x", f"--seed={seed}"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  steps: [1, 2\n", r"c.yaml, line \d+: not valid YAML"),
+    ("train:\n\tsteps: 3\n", r"c.yaml, line 2: not valid YAML: .*\(indent with spaces: YAML does not allow tabs\)"),
+    ("# only a comment\n", r"c.yaml holds no settings: an empty config is not taken as 'all defaults'"),
+    ("", r"c.yaml holds no settings"),
+    ("\xff\xfe", r"c.yaml"),
+])
+def test_malformed_yaml_gives_one_line_with_its_place(tmp_path, text, message):
+    (tmp_path / "c.yaml").write_bytes(text.encode("latin-1"))
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(TEXT_DEFAULTS, ["--name=x", str(tmp_path / "c.yaml")])
+    assert "\n" not in str(error.value)
+
+
+def test_a_config_path_that_is_a_folder_is_refused(tmp_path):
+    (tmp_path / "c.yaml").mkdir()
+    with pytest.raises(ConfigError, match="c.yaml is a folder, not a config file"):
+        load_config(TEXT_DEFAULTS, ["--name=x", str(tmp_path / "c.yaml")])
+
+
+@pytest.mark.parametrize("name, message", [
+    ("gpu", "unknown device 'gpu'"), ("cuda:x", "unknown device 'cuda:x'"), ("", "unknown device ''"),
+    pytest.param("cuda", "'cuda' is not available here", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has a GPU")),
+])
+def test_devices_that_do_not_exist_or_are_not_here_are_refused(name, message):
+    with pytest.raises(ConfigError, match=f"config key 'device': {message}"):
+        pick_device(name)
+
+
+def test_a_stage_names_the_trainer_a_config_is_for(tmp_path):
+    defaults = {"stage": "reward", "out_dir": "x"}
+    (tmp_path / "policy.yaml").write_text("stage: policy\n")
+    with pytest.raises(ConfigError, match=r"policy.yaml is a config for train_policy.py \(stage: policy\), "
+                                          "not for train_reward.py"):
+        load_config(defaults, [str(tmp_path / "policy.yaml")])
+    with pytest.raises(ConfigError, match="--stage is a config for train_policy.py"):
+        load_config(defaults, ["--stage=policy"])
+
+
+# -----------------------------------------------------------------------------
+# run folders
+
+
+RUN = {"out_dir": "run", "resume": False, "overwrite": False}
+
+
+def claim(out_dir, **settings):
+    return claimed_run_folder(dict(RUN, out_dir=str(out_dir), **settings), "reward")
+
+
+def test_a_claimed_folder_holds_a_lock_that_another_claim_is_refused(tmp_path):
+    with claim(tmp_path / "run"):
+        assert os.path.exists(tmp_path / "run" / ".lock")
+        with pytest.raises(ConfigError, match=fr"run is in use by process {os.getpid()} on .*: wait for it"):
+            check_run_folder(dict(RUN, out_dir=str(tmp_path / "run")), "reward")
+        with pytest.raises(ConfigError, match="in use by process"):
+            with claim(tmp_path / "run"):
+                pass
+    assert not os.path.exists(tmp_path / "run")  # nothing was written inside: the folder goes again
+
+
+def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path):
+    with claim(tmp_path / "run"):
+        (tmp_path / "run" / "ckpt_last.pt").write_text("x")
+    with pytest.raises(ConfigError, match="run already holds a run \\(ckpt_last.pt\\): continue it with --resume, "
+                                          "or replace it with --overwrite"):
+        check_run_folder(dict(RUN, out_dir=str(tmp_path / "run")), "reward")
+    check_run_folder(dict(RUN, out_dir=str(tmp_path / "run"), resume=True), "reward")
+    with claim(tmp_path / "run", overwrite=True):
+        assert os.listdir(tmp_path / "run") == [".lock"]  # the old run's files are gone
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="--resume continues the run in out_dir and --overwrite replaces it"):
+        check_run_folder(dict(RUN, out_dir=str(tmp_path), resume=True, overwrite=True), "reward")
+
+
+def test_a_run_of_the_other_stage_is_refused_even_with_overwrite(tmp_path):
+    os.makedirs(tmp_path / "run")
+    (tmp_path / "run" / "config.yaml").write_text("stage: policy\nout_dir: run\n")
+    with pytest.raises(ConfigError, match=r"holds a policy run \(made by train_policy.py\): train_reward.py will not"):
+        check_run_folder(dict(RUN, out_dir=str(tmp_path / "run"), overwrite=True), "reward")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_text("x"), "run is a file, not a folder"),
+    (lambda p: (p.parent / "file").write_text("x"), "cannot create .*: .*file is a file"),
+])
+def test_an_out_dir_that_cannot_be_a_folder_is_refused(tmp_path, make, message):
+    out_dir = tmp_path / "run"
+    make(out_dir)
+    target = out_dir if out_dir.exists() else tmp_path / "file" / "run"
+    with pytest.raises(ConfigError, match=message):
+        check_run_folder(dict(RUN, out_dir=str(target)), "reward")
+
+
+def test_a_stale_lock_from_a_killed_process_is_taken_over(tmp_path, capsys):
+    os.makedirs(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.write('process 99999 on elsewhere'); f.flush(); "
+                               "print('held', flush=True); time.sleep(60)", str(tmp_path / "run" / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ConfigError, match="in use by process 99999 on elsewhere"):
+        check_run_folder(dict(RUN, out_dir=str(tmp_path / "run")), "reward")
+    holder.kill()
+    holder.wait()
+    with claim(tmp_path / "run"):  # the OS dropped the dead process's lock
+        pass
+    assert "was left by process 99999 on elsewhere, which no longer runs (a crash?)" in capsys.readouterr().out
+
+
+def test_resume_refuses_keys_that_shape_the_model_and_reports_the_others():
+    saved = {"out_dir": "r", "model": {"hidden": 64, "kind": "np_btl"}, "train": {"steps": 100, "lr": 0.1}}
+    new = {"out_dir": "r", "model": {"hidden": 32, "kind": "btl"}, "train": {"steps": 200, "lr": 0.1}}
+    with pytest.raises(ConfigError, match=r"--resume: r was trained with model.hidden = 64 \(given 32\); "
+                                          r"model.kind = 'np_btl' \(given 'btl'\): these shape the model"):
+        check_resume(saved, new, ("model.",))
+    assert check_resume(saved, dict(new, model=saved["model"]), ("model.",)) == {"train.steps": [100, 200]}
+
+
+def test_resolve_path_tries_the_folder_the_run_was_trained_in(tmp_path):
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    (tmp_path / "repo" / "data" / "x.npz").write_text("x")
+    trained_in = {"cwd": str(tmp_path / "repo")}
+    assert resolve_path("data/x.npz", trained_in) == str(tmp_path / "repo" / "data" / "x.npz")
+    assert resolve_path("data/y.npz", trained_in) == "data/y.npz"  # not there either: as given
+    assert resolve_path("Qwen/Qwen2-0.5B", {}) == "Qwen/Qwen2-0.5B"
+
+
+def test_run_script_turns_user_errors_into_one_line_and_exit_2(capsys, monkeypatch):
+    def main(argv):
+        raise ConfigError("config key 'x': bad")
+    monkeypatch.setattr(sys, "argv", ["script.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(main)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: config key 'x': bad\n"
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(interrupted)
+    assert exit_info.value.code == 130 and "Traceback" not in capsys.readouterr().err

@@ -17,8 +17,8 @@ import data
 import evaluate
 import policy as policy_lib
 import train_policy
-from common import ConfigError, TrainingError, load_checkpoint
-from conftest import REPO, small
+from common import ConfigError, TrainingError, UserError, load_checkpoint
+from conftest import REPO, folder_hashes, small
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -256,3 +256,73 @@ def test_sigterm_to_torchrun_then_resume_ends_like_an_uninterrupted_run(toy_root
     a, b = (load_checkpoint(f"{tmp_path}/{x}/ckpt_last.pt") for x in "ab")
     assert a["step"] == b["step"] == 100 and a["metrics"] == b["metrics"]
     assert all(torch.equal(a["model"][p][k], b["model"][p][k]) for p in a["model"] for k in a["model"][p])
+
+
+# -----------------------------------------------------------------------------
+# a run folder is never lost to an ordinary mistake; user errors write nothing
+
+
+@pytest.fixture(scope="module")
+def short_run(toy_root, tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("short") / "run")
+    train_policy.main(small(toy_root, f"--out_dir={out_dir}", "--train.steps=4", "--eval.interval=2"))
+    return out_dir
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "already holds a run .*: continue it with --resume, or replace it with --overwrite"),
+    (["--resume", "--policy.lora.r=8"], r"policy.lora.r = 4 \(given 8\): these shape the model"),
+    (["--resume", "--policy.film.latent_dim=0"], r"policy.film.latent_dim = 8 \(given 0\)"),
+    (["--resume", "--train.steps=3"], "is at step 4 and train.steps = 3: raise train.steps"),
+    (["--data.pairs=typo.jsonl", "--overwrite"], "data.pairs: typo.jsonl not found"),
+])
+def test_mistakes_leave_a_finished_policy_run_untouched(toy_root, short_run, args, message):
+    before = folder_hashes(short_run)
+    overrides = small(toy_root, f"--out_dir={short_run}", "--train.steps=4", *args)
+    if "--data.pairs=typo.jsonl" in args:
+        overrides.remove("--data.generate")  # as a user would type it: no explicit flag
+    with pytest.raises(UserError, match=message):
+        train_policy.main(overrides)
+    assert folder_hashes(short_run) == before and not os.path.exists("typo.jsonl")
+
+
+def test_a_mistyped_toy_input_path_is_not_built(toy_root, tmp_path):
+    for key in ("data.features", "policy.base"):
+        with pytest.raises(UserError, match=f"{key}: {tmp_path}/typo not found .*add --data.generate"):
+            args = [a for a in small(toy_root, f"--out_dir={tmp_path}/run", f"--{key}={tmp_path}/typo")
+                    if a != "--data.generate"]
+            train_policy.main(args)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_reward_config_or_run_folder_is_refused(toy_root, tmp_path):
+    with pytest.raises(ConfigError, match=r"configs/synthetic.yaml is a config for train_reward.py \(stage: reward\)"):
+        train_policy.main([os.path.join(REPO, "configs/synthetic.yaml"), f"--out_dir={tmp_path}/new"])
+    os.makedirs(tmp_path / "reward_run")
+    (tmp_path / "reward_run" / "config.yaml").write_text("stage: reward\nout_dir: x\n")
+    with pytest.raises(ConfigError, match="holds a reward run .*: train_policy.py will not write there"):
+        train_policy.main(small(toy_root, f"--out_dir={tmp_path}/reward_run", "--overwrite"))
+    assert os.listdir(tmp_path) == ["reward_run"] and os.listdir(tmp_path / "reward_run") == ["config.yaml"]
+
+
+def test_the_best_weights_open_with_peft_and_match_the_project_loader(toy_root, short_run):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    folder = os.path.join(short_run, "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors", "steering.safetensors"} <= set(os.listdir(folder))
+    policy, checkpoint = policy_lib.load_policy(short_run)
+    peft_model = PeftModel.from_pretrained(policy_lib.build_base_model(f"{toy_root}/base"), folder).eval()
+    tokens = torch.tensor([[2, 5, 9, 7, 3, 11, 4], [2, 6, 8, 10, 12, 3, 1]])
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, 3:] = True
+    with torch.no_grad():
+        ours = policy_lib.sequence_logprob(policy.eval()(tokens), tokens, mask)  # latent off: LoRA alone
+        theirs = policy_lib.sequence_logprob(peft_model(input_ids=tokens).logits, tokens, mask)
+        base = policy_lib.sequence_logprob(policy_lib.build_base_model(f"{toy_root}/base")(tokens).logits, tokens, mask)
+    assert torch.allclose(ours, theirs, atol=1e-5) and not torch.allclose(ours, base, atol=1e-3)
+    steering = load_file(os.path.join(folder, "steering.safetensors"))
+    for name in ("film", "encoder"):
+        for key, value in getattr(policy, name).state_dict().items():
+            assert torch.equal(steering[f"{name}.{key}"], value)
+    assert checkpoint["step"] == load_checkpoint(os.path.join(short_run, "ckpt_best.pt"))["step"]

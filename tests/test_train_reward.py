@@ -2,6 +2,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import data
 import reward
 import train_reward
 from common import CheckpointError, ConfigError, TrainingError, load_checkpoint, load_config, lr_at
-from conftest import REPO, TINY, train
+from conftest import REPO, TINY, folder_hashes, train
 from data import DataError
 
 
@@ -253,3 +254,119 @@ def test_sigkill_at_a_random_step_then_resume_ends_like_an_uninterrupted_run(tmp
     killed_at = load_checkpoint(str(last))["step"]
     assert 0 < killed_at < 1500, "the run was not interrupted; make it longer"
     assert train(tmp_path / "b", paper_path, *args, "--resume") == straight
+
+
+# -----------------------------------------------------------------------------
+# a run folder is never lost to an ordinary mistake; user errors write nothing
+
+
+@pytest.fixture
+def finished_run(tmp_path, paper_path):
+    """A finished 20-step run in tmp_path/run and the hashes of its files."""
+    train(tmp_path / "run", paper_path, *TINY, "--train.steps=20")
+    return str(tmp_path / "run"), folder_hashes(tmp_path / "run")
+
+
+@pytest.mark.parametrize("args, error, message", [
+    ([], ConfigError, r"run already holds a run \(config.yaml, log.jsonl, ckpt_last.pt, ckpt_best.pt\): continue it "
+                      "with --resume, or replace it with --overwrite"),
+    (["--resume", "--overwrite"], ConfigError, "--resume continues the run in out_dir and --overwrite replaces it"),
+    (["--resume", "--model.hidden=32"], ConfigError, r"--resume: .*run was trained with model.hidden = 16 \(given "
+                                                     r"32\): these shape the model and cannot change on resume"),
+    (["--resume", "--model.kind=btl"], ConfigError, r"model.kind = 'np_btl' \(given 'btl'\)"),
+    (["--resume"], ConfigError, r"--resume: the run in .*run is at step 20 and train.steps = 20: raise train.steps"),
+    (["--resume", "--train.steps=10"], ConfigError, "is at step 20 and train.steps = 10"),
+    (["--resume", "--train.steps=40", "--seed=-1"], ConfigError, "config key 'seed'"),
+    (["--device=gpu"], ConfigError, "unknown device 'gpu'"),
+])
+def test_mistakes_leave_a_finished_run_untouched(finished_run, paper_path, args, error, message):
+    out_dir, before = finished_run
+    with pytest.raises(error, match=message):
+        train(out_dir, paper_path, *TINY, "--train.steps=20", *args)
+    assert folder_hashes(out_dir) == before
+
+
+def test_resume_with_data_of_another_dimension_names_the_file(finished_run, tmp_path):
+    out_dir, before = finished_run
+    other = str(tmp_path / "wide.npz")
+    data.save_pairs(other, data.make_linear_synthetic(num_pairs=4000, dim=3))
+    with pytest.raises(DataError, match=f"--resume: {other} has options of dimension 3, but the run in .* was "
+                                        "trained on dimension 1"):
+        train(out_dir, other, *TINY, "--train.steps=40", "--resume")
+    assert folder_hashes(out_dir) == before
+
+
+def test_overwrite_replaces_the_run(finished_run, paper_path):
+    out_dir, before = finished_run
+    train(out_dir, paper_path, *TINY, "--train.steps=10", "--overwrite")
+    assert load_checkpoint(os.path.join(out_dir, "ckpt_last.pt"))["step"] == 10
+    assert [row["step"] for row in read_log(out_dir)] == [10]  # the old log went with the old run
+
+
+def test_resume_records_changed_keys_beside_their_original_values(finished_run, paper_path):
+    out_dir, _ = finished_run
+    train(out_dir, paper_path, *TINY, "--train.steps=30", "--train.lr=5e-4", "--resume")
+    events = [row for row in read_log(out_dir) if row.get("event") == "resume"]
+    assert events == [{"step": 20, "event": "resume", "changed": {"train.steps": [20, 30], "train.lr": [1e-3, 5e-4]}}]
+    assert load_config(train_reward.DEFAULTS, [os.path.join(out_dir, "config.yaml")])[0]["train"]["steps"] == 30
+
+
+def test_a_policy_config_or_run_folder_is_refused(finished_run, tmp_path):
+    with pytest.raises(ConfigError, match=r"configs/steer_text.yaml is a config for train_policy.py \(stage: policy\)"):
+        train_reward.main([os.path.join(REPO, "configs/steer_text.yaml"), f"--out_dir={tmp_path}/new"])
+    os.makedirs(tmp_path / "policy_run")
+    (tmp_path / "policy_run" / "config.yaml").write_text("stage: policy\n")
+    before = folder_hashes(tmp_path / "policy_run")
+    with pytest.raises(ConfigError, match="holds a policy run .*: train_reward.py will not write there"):
+        train_reward.main([f"--out_dir={tmp_path}/policy_run", "--overwrite"])
+    assert folder_hashes(tmp_path / "policy_run") == before and not os.path.exists(tmp_path / "new")
+
+
+def test_an_empty_config_file_does_not_count_as_all_defaults(finished_run, tmp_path):
+    out_dir, before = finished_run
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(ConfigError, match="empty.yaml holds no settings"):
+        train_reward.main([str(tmp_path / "empty.yaml"), f"--out_dir={out_dir}"])
+    assert folder_hashes(out_dir) == before
+
+
+def run_script_file(args, cwd):
+    return subprocess.run([sys.executable, os.path.join(REPO, "train_reward.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed=-1"], "config key 'seed': must lie in"),
+    (["--device=cuda"] if not torch.cuda.is_available() else ["--device=tpu"], "config key 'device'"),
+    (["--train.steps=1e3", "--data.path=typo.npz"], "data.path: typo.npz not found"),
+    (["--out_dir=taken_by_a_file"], "taken_by_a_file is a file, not a folder"),
+    (["--out_dir=taken_by_a_file/run"], "cannot create .*taken_by_a_file/run: .*taken_by_a_file is a file"),
+    (["broken.yaml"], r"broken.yaml, line \d+: not valid YAML"),
+    (["--resume"], "--resume: no runs/synthetic_np_btl/ckpt_last.pt to continue"),
+])
+def test_user_errors_exit_2_with_one_line_and_write_nothing(tmp_path, args, message):
+    (tmp_path / "taken_by_a_file").write_text("x")
+    (tmp_path / "broken.yaml").write_text("train:\n  steps: [1\n")
+    before = folder_hashes(tmp_path)
+    result = run_script_file(args, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: ")
+    assert re.search(message, result.stderr) and "Traceback" not in result.stderr
+    assert folder_hashes(tmp_path) == before
+
+
+def test_two_trainings_into_one_folder_the_second_is_refused(tmp_path, paper_path):
+    args = [f"--data.path={paper_path}", "--out_dir=run", *TINY, "--train.steps=100000", "--eval.interval=50"]
+    first = subprocess.Popen([sys.executable, os.path.join(REPO, "train_reward.py"), *args], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 60
+        while not os.path.exists(tmp_path / "run" / "ckpt_last.pt") and time.time() < deadline:
+            time.sleep(0.2)
+        second = run_script_file([*args, "--overwrite"], tmp_path)
+        assert second.returncode == 2
+        assert re.match(fr"error: run is in use by process {first.pid} on .*: wait for it to finish", second.stderr)
+    finally:
+        first.send_signal(signal.SIGINT)  # saves and exits
+        first.wait(timeout=60)
+    assert load_config(train_reward.DEFAULTS, [str(tmp_path / "run" / "config.yaml")])[0]["train"]["steps"] == 100000
