@@ -11,6 +11,7 @@ of the wrong type is an error that names the key; `???` marks a required value.
 import contextlib
 import copy
 import datetime
+import difflib
 import fcntl
 import json
 import math
@@ -83,7 +84,7 @@ def _cli_value(default, text):
     if text == "null":
         return None
     if isinstance(default, str):
-        return text
+        return os.path.expanduser(text) if text.startswith("~/") else text  # the shell leaves ~ after '=' alone
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -128,8 +129,10 @@ def _set(config, dotted_key, value, from_cli=False):
     node, parts = config, dotted_key.split(".")
     for i, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
-            known = ", ".join(sorted(node)) if isinstance(node, dict) else ""
-            raise ConfigError(f"unknown config key '{dotted_key}' (known here: {known})")
+            known = sorted(node) if isinstance(node, dict) else []
+            close = difflib.get_close_matches(part, known, n=1)
+            hint = f"did you mean '{'.'.join(parts[:i] + close + parts[i + 1:])}'? " if close else ""
+            raise ConfigError(f"unknown config key '{dotted_key}' ({hint}known here: {', '.join(known)})")
         if i < len(parts) - 1:
             node = node[part]
     old = node[parts[-1]]
@@ -217,6 +220,9 @@ def load_config(defaults, argv, aliases=None):
             raise ConfigError(f"--{key} needs a value: --{key}=...")
         overrides.append((key, text if has_value else True, has_value))
     yaml_files = [p for p in positionals if p.endswith((".yaml", ".yml"))]
+    if len(yaml_files) > 1:
+        raise ConfigError(f"give one config file, not {len(yaml_files)} ({', '.join(yaml_files)}): "
+                          "put what differs into --key=value overrides")
     for path in yaml_files:
         loaded = read_yaml(path)
         _check_stage(defaults, loaded.get("stage", defaults.get("stage")), path)

@@ -11,11 +11,15 @@ Train a steerable policy with NP-DPO (or plain DPO, the baseline) on text pairs.
 Inputs (data.*): text pairs as JSONL (data.py's format) and, row-aligned with them,
 a feature-pair .npz of context embeddings (data.py embed). The context encoder reads
 the embeddings; the policy reads tokens. With data.toy (the default), missing inputs
-are built first: the toy text pairs, the base model fine-tuned on the mixed responses
-(the reference policy, written to policy.base), and its last-token embeddings.
+at their default paths (or anywhere, with data.generate) are built first: the toy text
+pairs, the base model fine-tuned on the mixed responses (the reference policy, written
+to policy.base), and its last-token embeddings. A mistyped input path is an error.
 
 Writes to out_dir: config.yaml, log.jsonl, ckpt_best.pt (lowest val DPO loss) and
-ckpt_last.pt, which hold only LoRA, FiLM and encoder weights. Then:
+ckpt_last.pt, which hold only LoRA, FiLM and encoder weights, and adapter/: the best
+LoRA as a peft adapter folder (PeftModel.from_pretrained opens it) with FiLM and
+encoder weights in steering.safetensors. As in train_reward.py, nothing is written
+before the loop, and a run folder needs --resume or --overwrite. Then:
     python evaluate.py runs/steer_text_np_dpo runs/steer_text_dpo runs/steer_text_oracle_*
     python policy.py runs/steer_text_np_dpo --context=choices.jsonl --prompt="tell me about cats ."
 
@@ -52,6 +56,7 @@ Departures from the paper's code:
 
 import contextlib
 import os
+import shutil
 import sys
 
 import torch
@@ -183,8 +188,9 @@ def toy_inputs_to_build(config):
     for key in missing:
         path = wanted[key][0]
         if os.path.normpath(path) != defaults[key] and not d["generate"]:
+            hint = " (a hub model goes with your own data and --data.toy=false)" if key == "policy.base" else ""
             raise DataError(f"{key}: {path} not found (to build the toy task's {key.split('.')[1]} there, "
-                            "add --data.generate)")
+                            f"add --data.generate){hint}")
     return missing
 
 
@@ -203,8 +209,11 @@ def build_toy_inputs(config):
         base = policy_lib.build_base_model(toy_base_config(config["toy_model"], len(tokenizer)))
         train_rows = [pair for pair, row in zip(token_pairs, rows) if row["split"] == "train"]
         finetune_base(base, train_rows, config["toy_model"], config["seed"])
-        base.save_pretrained(base_dir)
-        tokenizer.save_pretrained(base_dir)
+        tmp = f"{base_dir}.tmp{os.getpid()}"  # then renamed: an interrupted build leaves no half a model
+        base.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(base_dir, ignore_errors=True)  # a folder without config.json: a build that was cut short
+        os.replace(tmp, base_dir)
         print(f"wrote the fine-tuned base model to {base_dir}")
     if not os.path.exists(d["features"]):
         base = policy_lib.build_base_model(base_dir).eval()

@@ -5,10 +5,17 @@ Train a reward model (NP-BTL, BTL or DPL) on feature pairs.
     python train_reward.py configs/synthetic_btl.yaml          # the BTL baseline
     python train_reward.py configs/synthetic.yaml --train.steps=500 --out_dir=runs/short
     python train_reward.py configs/synthetic.yaml --resume     # continue the run in out_dir
+    python train_reward.py configs/synthetic.yaml --overwrite  # replace the run in out_dir
     torchrun --nproc_per_node=4 train_reward.py configs/synthetic.yaml  # data-parallel, same result
 
 Writes to out_dir: config.yaml, log.jsonl, ckpt_best.pt (lowest validation loss) and
 ckpt_last.pt. Then: python evaluate.py runs/synthetic_np_btl
+
+Nothing is written before the loop starts (common.claimed_run_folder): a folder that
+holds a run needs --resume or --overwrite, a policy run or a folder in use by another
+process is refused, and --resume refuses changes to model.* or the data's dimension.
+A missing data.path is generated only at its generator's default path (or with
+--data.generate); a mistyped path is an error.
 
 Episodes: one user (label) each, n context pairs (n uniform in [min_context,
 max_context]) and num_targets target pairs, disjoint; the loss is on targets only.

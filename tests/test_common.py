@@ -448,3 +448,21 @@ def test_run_script_turns_user_errors_into_one_line_and_exit_2(capsys, monkeypat
     with pytest.raises(SystemExit) as exit_info:
         run_script(interrupted)
     assert exit_info.value.code == 130 and "Traceback" not in capsys.readouterr().err
+
+
+def test_two_config_files_are_refused(tmp_path):
+    for name in ("a.yaml", "b.yaml"):
+        (tmp_path / name).write_text("steps: 3\n")
+    with pytest.raises(ConfigError, match="give one config file, not 2 .*put what differs into --key=value"):
+        load_config(TEXT_DEFAULTS, ["--name=x", str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")])
+
+
+@pytest.mark.parametrize("arg, guess", [("--stpes=3", "steps"), ("--train.step=3", None)])
+def test_a_misspelt_key_gets_a_suggestion(arg, guess):
+    with pytest.raises(ConfigError, match=f"unknown config key '{arg[2:-2]}' \\(did you mean '{guess or 'train.steps'}'"):
+        load_config(dict(TEXT_DEFAULTS, train={"steps": 1}), ["--name=x", arg])
+
+
+def test_a_home_folder_on_the_command_line_is_expanded():
+    config, _ = load_config(TEXT_DEFAULTS, ["--name=x", "--out_dir=~/runs/x"])
+    assert config["out_dir"] == os.path.expanduser("~/runs/x") and "~" not in config["out_dir"]
