@@ -28,17 +28,18 @@ held, the Python interpreter and earlier benchmarks included).
 Timings depend on torch's thread count: say which when you report them.
 """
 
+import os
 import resource
 import statistics
-import sys
 import time
 
 import numpy as np
 import torch
 
-from common import ConfigError, check, load_checkpoint, load_config, pick_device, seed_everything
+from common import (CheckpointError, ConfigError, check, flatten, load_checkpoint, load_config, pick_device, run_script,
+                    seed_everything)
 from data import EpisodeSampler, PreferenceData
-from reward import build_model
+from reward import build_model, load_reward_model
 from train_reward import DEFAULTS as TRAIN_DEFAULTS, prepare_data, to_device
 
 REWARD_DEFAULTS = dict(TRAIN_DEFAULTS, bench={
@@ -92,6 +93,22 @@ def percentiles_ms(times):
 # reward
 
 
+def check_run_matches(run, model_config):
+    """--run times the trained weights of exactly the model the config describes."""
+    if not os.path.exists(run):
+        raise CheckpointError(f"--run: {run}: no such run dir or checkpoint file")
+    checkpoint = load_checkpoint(run)
+    if "policy_config" in checkpoint:
+        raise CheckpointError(f"--run: {run} is a policy run; bench.py reward times a reward model "
+                              "(a run of train_reward.py)")
+    trained, here = flatten(checkpoint["config"]["model"], "model."), flatten(model_config, "model.")
+    differ = [k for k in here if k in trained and trained[k] != here[k]]  # a key newer than the run: its default
+    if differ:
+        raise ConfigError(f"--run: {run} was trained with " + ", ".join(
+            f"{k} = {trained[k]!r} (benchmarked: {here[k]!r})" for k in differ) +
+            "; give the run's config (python bench.py reward CONFIG --run=RUN)")
+
+
 def time_reward_training(model, sampler, config, device):
     t, b = config["train"], config["bench"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"])
@@ -133,11 +150,15 @@ def bench_reward(argv, device_name=None):
     check_bench(config["bench"])
     seed_everything(config["seed"])
     device = pick_device(device_name or config["device"])
-    data = prepare_data(config["data"])
     t, b = config["train"], config["bench"]
-    model = build_model(config["model"], data.dim).to(device)
     if b["run"]:
-        model.load_state_dict(load_checkpoint(b["run"])["model"])
+        check_run_matches(b["run"], config["model"])
+    data = prepare_data(config["data"])
+    if b["run"]:
+        model, _ = load_reward_model(b["run"], data.dim, device, data.path)
+        model.train()
+    else:
+        model = build_model(config["model"], data.dim).to(device)
     sampler = EpisodeSampler(data, "train", t["num_targets"], t["max_context"], t["min_context"], seed=0)
     episodes_per_s = time_reward_training(model, sampler, config, device)
     memory = peak_memory_row(device, "reward training")
@@ -298,7 +319,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    run_script(main)

@@ -52,14 +52,14 @@ import math
 import os
 import re
 import shutil
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import REQUIRED, ConfigError, UserError, check, load_config, pick_device, print_config
+from common import REQUIRED, ConfigError, UserError, check, load_config, pick_device, print_config, run_script
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -100,12 +100,22 @@ def linear_rewards(options, weights):
     return options @ weights.T
 
 
+def wave_rewards(options, amplitudes, phases):
+    """K smooth 1-D rewards r_k(y) = sum_j a_kj sin(pi j y + phi_kj). options (...,) -> (..., K)"""
+    j = torch.arange(1, amplitudes.shape[1] + 1, dtype=options.dtype)  # (J,)
+    waves = torch.sin(math.pi * j * options[..., None, None] + phases)  # (..., K, J)
+    return (amplitudes * waves).sum(-1)
+
+
 def true_rewards(meta, options):
     """Rewards of every user type under the generator in `meta`; None if not known."""
     if meta.get("generator") == "paper":
         return paper_rewards(options[..., 0])
     if meta.get("generator") == "linear" and "weights" in meta:
         return linear_rewards(options, torch.tensor(meta["weights"], dtype=options.dtype))
+    if meta.get("generator") == "waves":
+        return wave_rewards(options[..., 0], *(torch.tensor(meta[k], dtype=options.dtype)
+                                              for k in ("amplitudes", "phases")))
     return None
 
 
@@ -121,10 +131,13 @@ def type_likelihood(meta, pairs):
     return torch.sigmoid(margin.double() / meta["temperature"])
 
 
-def bayes_log_prob_chosen(meta, batch):
+def bayes_log_prob_chosen(meta, batch, num_samples=16000, seed=0):
     """The Bayes-optimal predictor for an episode batch: the posterior over the
     generator's user types given the context (uniform prior, as labels are balanced),
-    then the posterior predictive for each target. Returns (B, T) log P(chosen), or None."""
+    then the posterior predictive for each target. Returns (B, T) log P(chosen), or None.
+    A continuous population has no finite set of types: population_log_prob_chosen."""
+    if meta.get("generator") == "linear_population":
+        return population_log_prob_chosen(meta, batch, num_samples, seed=seed)[0]
     context_lik = type_likelihood(meta, batch["context"])  # (B, n, K)
     if context_lik is None:
         return None
@@ -133,6 +146,53 @@ def bayes_log_prob_chosen(meta, batch):
     posterior = posterior / posterior.sum(-1, keepdim=True)
     target_lik = type_likelihood(meta, batch["targets"])  # (B, T, K)
     return (target_lik * posterior[:, None]).sum(-1).log()
+
+
+def sphere_samples(num, dim, gen):
+    """Points uniform on the unit sphere: the linear population's prior over users' w."""
+    w = torch.randn(num, dim, generator=gen, dtype=torch.float64)
+    return w / w.norm(dim=-1, keepdim=True)
+
+
+def pair_log_lik(pairs, weights, temperature):
+    """log P(first option chosen) of (chosen, rejected) pairs (B, m, 2, D) for each of S
+    linear users (S, D): (B, m, S). Temperature 0: 0 or -inf (a tie: log 0.5)."""
+    margin = (pairs[..., 0, :] - pairs[..., 1, :]).to(weights.dtype) @ weights.T  # (B, m, S)
+    if temperature == 0:
+        return torch.where(margin > 0, 0.0, torch.where(margin == 0, math.log(0.5), -math.inf)).to(margin.dtype)
+    return F.logsigmoid(margin / temperature)
+
+
+def population_log_prob_chosen(meta, batch, num_samples=16000, groups=4, seed=0, chunk=2000):
+    """Bayes-optimal posterior predictive for a continuous linear population, by importance
+    sampling: w from the prior (uniform on the sphere), weighted by the context likelihood,
+    then E_w[P(target | w)]. The samples are split into `groups` independent sets.
+
+    Returns (log P(chosen) (B, T) from all samples, per-group log P(chosen) (groups, B, T)):
+    the spread of the groups' accuracies estimates the Monte Carlo error."""
+    gen = torch.Generator().manual_seed(seed)
+    dim, temperature = batch["context"].shape[-1], meta["temperature"]
+    B, T = batch["targets"].shape[:2]
+    per_group = []
+    for _ in range(groups):
+        top = torch.full((B, 1), -math.inf, dtype=torch.float64)  # running max of the log weights
+        total, weighted = torch.zeros(B, 1, dtype=torch.float64), torch.zeros(B, T, dtype=torch.float64)
+        for start in range(0, num_samples // groups, chunk):
+            w = sphere_samples(min(chunk, num_samples // groups - start), dim, gen)  # (S, D)
+            context = pair_log_lik(batch["context"], w, temperature)  # (B, n, S)
+            log_w = torch.where(batch["context_mask"][..., None], context, 0.0).sum(1)  # (B, S)
+            new_top = torch.maximum(top, log_w.max(-1, keepdim=True).values)
+            rescale = torch.exp(top - new_top).nan_to_num(0.0)  # -inf - -inf: nothing accumulated yet
+            weights = torch.exp(log_w - new_top)  # (B, S)
+            target_prob = pair_log_lik(batch["targets"], w.float(), temperature).exp()  # (B, T, S)
+            total = total * rescale + weights.sum(-1, keepdim=True)
+            weighted = weighted * rescale + torch.einsum("bs,bts->bt", weights.float(), target_prob).double()
+            top = new_top
+        # no sample agreed with every context choice (deterministic users, long contexts): say 0.5
+        per_group.append(torch.where(total > 0, weighted / total, 0.5).log())  # (B, T)
+    groups_log_prob = torch.stack(per_group)  # (groups, B, T)
+    combined = groups_log_prob.logsumexp(0) - math.log(groups)  # equal-size groups: the mean of predictives
+    return combined.float(), groups_log_prob.float()
 
 
 def choose(rewards, temperature, gen):
@@ -164,6 +224,21 @@ def make_paper_synthetic(num_pairs=20000, seed=0):
     choices = choose(paper_rewards(options), 0.0, gen)
     return PreferenceData(options[..., None], choices, ["type0", "type1"],
                           random_split(num_pairs, gen), {"generator": "paper", "temperature": 0.0})
+
+
+def make_waves_synthetic(num_pairs=20000, num_types=3, temperature=0.0, waves=3, seed=0):
+    """K user types on options y ~ U[0,1], each with a random smooth reward
+    r_k(y) = sum_j a_kj sin(pi j y + phi_kj) (a ~ N(0, 1), phi ~ U[0, 2 pi]); every type
+    answers every pair. Their majority preference need not be a ranking at all."""
+    gen = torch.Generator().manual_seed(seed)
+    amplitudes = torch.randn(num_types, waves, generator=gen)
+    phases = 2 * math.pi * torch.rand(num_types, waves, generator=gen)
+    options = torch.rand(num_pairs, 2, generator=gen)  # (N, 2)
+    choices = choose(wave_rewards(options, amplitudes, phases), temperature, gen)
+    meta = {"generator": "waves", "amplitudes": amplitudes.tolist(), "phases": phases.tolist(),
+            "temperature": temperature}
+    return PreferenceData(options[..., None], choices, [f"type{k}" for k in range(num_types)],
+                          random_split(num_pairs, gen), meta)
 
 
 def make_linear_synthetic(num_pairs=20000, dim=8, num_types=2, temperature=0.0,
@@ -391,7 +466,9 @@ def report_problems(source, problems, kept, skip_bad, unit, how_to_skip):
     """Stops on bad lines or rows, listing the first ten, unless skip_bad: then says how many were skipped."""
     if problems and not skip_bad:
         shown = "\n".join(problems[:10]) + ("\n..." if len(problems) > 10 else "")
-        raise DataError(f"{source}: {len(problems)} bad {unit} ({how_to_skip} to drop them):\n{shown}")
+        error = DataError(f"{source}: {len(problems)} bad {unit} ({how_to_skip} to drop them):\n{shown}")
+        error.problems = problems  # for a caller that has no skip option and words its own message
+        raise error
     if problems:
         print(f"{source}: skipped {len(problems)} bad {unit}, kept {kept}")
 
@@ -470,6 +547,28 @@ def tokenize_response(tokenizer, response):
     """Response ids, tokenized on their own (so the first one is exactly the response's
     first token), closed by EOS."""
     return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def unknown_words(tokenizer, text):
+    """The pieces of `text` that a fast `tokenizer` maps to its unknown token, once each, in
+    order. Byte-level tokenizers have no unknown token and read any text."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return []
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [span for i, span in zip(encoded["input_ids"], encoded["offset_mapping"]) if i == unk]
+    return list(dict.fromkeys(text[start:end] for start, end in spans))
+
+
+def check_known_words(tokenizer, text, where):
+    """Refuses text with words the model has no token for: it would read (and answer) <unk>."""
+    unknown = unknown_words(tokenizer, text)
+    if unknown:
+        special = set(tokenizer.all_special_tokens)
+        known = [w for w, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]) if w not in special]
+        shown = ", ".join(known[:16]) + (", ..." if len(known) > 16 else "")
+        raise DataError(f"{where}: the model's vocabulary has no {', '.join(map(repr, unknown))} "
+                        f"(it knows {len(known)} words: {shown})")
 
 
 def tokenize_pairs(rows, tokenizer, max_length):
@@ -578,12 +677,14 @@ def toy_vocabulary():
 
 def toy_tokenizer():
     """A word-level Hugging Face tokenizer over the toy vocabulary, built in code."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(toy_vocabulary())}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # people type "Tell me about bees." for "tell me about bees ."; the toy texts tokenize as before
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
                                    bos_token="<bos>", unk_token="<unk>")
 
@@ -1018,14 +1119,31 @@ EMBED_DEFAULTS = {
 }
 
 
+def check_out_path(key, path, folder=False):
+    """Before any work: `path` (a file to write, or a folder with folder=True) is not the
+    other kind of thing, and it can be created and written. ConfigError naming `key`."""
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"config key '{key}': {path} is a file, not a folder")
+    if not folder and os.path.isdir(path):
+        raise ConfigError(f"config key '{key}': {path} is a folder: give the file to write in it")
+    parent = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"config key '{key}': cannot create {path}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"config key '{key}': cannot write to {path} (no permission in {parent})")
+
+
 def synthetic_command(config):
+    check(config["generator"] in ("paper", "linear"), "generator",
+          f"unknown generator '{config['generator']}' (paper | linear)")
+    check_out_path("out", config["out"])
     if config["generator"] == "paper":
         data = make_paper_synthetic(config["num_pairs"], config["seed"])
-    elif config["generator"] == "linear":
+    else:
         keys = ("num_pairs", "dim", "num_types", "temperature", "num_users", "pairs_per_user", "seed")
         data = make_linear_synthetic(**{k: config[k] for k in keys})
-    else:
-        sys.exit(f"config key 'generator': unknown generator '{config['generator']}' (paper | linear)")
     save_pairs(config["out"], data)
     print(f"wrote {config['out']}: {describe(data)}")
 
@@ -1036,6 +1154,7 @@ def ultrafeedback_command(config):
         check(label in UF_LABELS, "labels", f"unknown label '{label}' (known: {', '.join(UF_LABELS)})")
     check(len(set(labels)) == len(labels) >= 2, "labels", "must name at least two distinct labels")
     check(0 <= fraction <= 1, "conflict_fraction", "must lie in [0, 1]")
+    check_out_path("out", config["out"], folder=True)
     records = read_ultrafeedback(config["source"], labels, config["skip_bad_rows"])
     rows, counts = make_ultrafeedback_pairs(records, labels, fraction, config["seed"])
     if not rows:
@@ -1054,6 +1173,7 @@ def embed_command(config):
     check(config["batch_size"] > 0, "batch_size", "must be positive")
     check(config["save_every"] > 0, "save_every", "must be positive")
     check(config["max_length"] > 0, "max_length", "must be positive")
+    check_out_path("out", config["out"])
     data = embed_text_pairs(config["model"], config["in"], config["out"], config["batch_size"], config["max_length"],
                             config["device"], config["save_every"], config["trust_remote_code"])
     print(f"wrote {config['out']} ({data.meta['pooling']} pooling): {describe(data)}")
@@ -1064,9 +1184,15 @@ COMMANDS = {"synthetic": (DEFAULTS, synthetic_command), "ultrafeedback": (UF_DEF
             "embed": (EMBED_DEFAULTS, embed_command)}
 
 
+USAGE = "usage: python data.py synthetic|ultrafeedback|embed [--key=value ...] (python data.py --help for examples)"
+
+
 def main(argv):
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return None
     if not argv or argv[0] not in COMMANDS:
-        sys.exit(__doc__)
+        raise ConfigError(USAGE + (f"; unknown command '{argv[0]}'" if argv else ""))
     defaults, command = COMMANDS[argv[0]]
     config, rest = load_config(defaults, argv[1:])
     if rest:
@@ -1076,7 +1202,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, DataError) as e:
-        sys.exit(f"error: {e}")
+    run_script(main)

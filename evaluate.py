@@ -17,17 +17,20 @@ episodes is printed beside the models, with each model's gap to it.
 Writes eval.json (a list of rows: model, num_context, label, accuracy, sem, episodes)
 to `out` (default: the first run dir); --plot also writes accuracy.png and, for
 one-dimensional options, reward_curves.png (the learned r(y) per user type given
-10 context pairs, the paper's figure).
+10 context pairs, the paper's figure); policy runs of the toy task get steering.png.
+eval.json is written before the plots. A relative data path recorded in a run is
+looked up from here, then from the folder the run was trained in.
 """
 
+import functools
 import json
 import os
-import sys
 
 import torch
 
-from common import ConfigError, check, load_checkpoint, load_config, pick_device
-from data import DataError, EpisodeSampler, bayes_log_prob_chosen, load_pairs, true_rewards
+from common import (CheckpointError, ConfigError, check, load_checkpoint, load_config, pick_device, resolve_path,
+                    run_script)
+from data import DataError, EpisodeSampler, bayes_log_prob_chosen, check_out_path, load_pairs, true_rewards
 from reward import choice_correct, load_reward_model
 
 DEFAULTS = {
@@ -60,16 +63,28 @@ def run_dir_of(path):
     return path if os.path.isdir(path) else os.path.dirname(path) or "."
 
 
+def run_data_path(path):
+    """The data file a reward run was trained on, as seen from here (the run may have been
+    trained in another folder, with a relative data.path)."""
+    checkpoint = load_checkpoint(path)
+    recorded = checkpoint["config"]["data"]["path"]
+    resolved = resolve_path(recorded, checkpoint)
+    if not os.path.exists(resolved):
+        where = f" or from {checkpoint['cwd']}, where the run was trained" if checkpoint.get("cwd") else ""
+        raise DataError(f"{recorded}: the data file of {path} is not found (from here{where})")
+    return resolved
+
+
 def load_models(paths, device):
     """{name: model} for run dirs or checkpoint files that share one data file."""
-    data_paths = {load_checkpoint(p)["config"]["data"]["path"] for p in paths}
-    if len(data_paths) != 1:
-        raise ConfigError(f"the models were trained on different data files {sorted(data_paths)}")
-    data = load_pairs(data_paths.pop())
+    data_paths = [run_data_path(p) for p in paths]
+    if len({os.path.realpath(p) for p in data_paths}) != 1:
+        raise ConfigError(f"the models were trained on different data files {sorted(set(data_paths))}")
+    data = load_pairs(data_paths[0])
     models = {}
     for path in paths:
         name = os.path.basename(os.path.normpath(run_dir_of(path)))
-        models[name if name not in models else path], _ = load_reward_model(path, data.dim, device)
+        models[name if name not in models else path], _ = load_reward_model(path, data.dim, device, data.path)
     return models, data
 
 
@@ -141,50 +156,109 @@ def gap_lines(gaps, sizes):
     return "\n".join(lines)
 
 
-def plot_accuracy(rows, sizes, path):
-    import matplotlib
+MARKERS, LINESTYLES = "osD^vPX", ["-", "--", "-.", (0, (3, 1, 1, 1, 1, 1))]
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend; without matplotlib, --plot is an error."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("config key 'plot': --plot needs matplotlib, which is not installed here "
+                          "(pip install matplotlib, or drop --plot)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for model in dict.fromkeys(r["model"] for r in rows):
-        overall = sorted((r for r in rows if r["model"] == model and r["label"] == "all"), key=lambda r: r["num_context"])
-        ax.errorbar([r["num_context"] for r in overall], [100 * r["accuracy"] for r in overall],
-                    yerr=[100 * r["sem"] for r in overall], marker="o", capsize=3, label=model,
-                    linestyle="--" if model == BAYES else "-")
-    ax.set_xlabel("context pairs n")
-    ax.set_ylabel("accuracy on unseen pairs (%)")
-    ax.set_xticks(sizes)
-    ax.legend()
+    return plt
+
+
+def model_styles(names):
+    """One look per model, the same in every panel. Colour, marker and line style all differ,
+    so curves that lie on top of each other (BTL and DPL often do) stay distinguishable."""
+    names = list(dict.fromkeys(names))
+    models = [name for name in names if name != BAYES]
+    styles = {name: {"color": f"C{i % 10}", "marker": MARKERS[i % len(MARKERS)], "markersize": 6,
+                     "linestyle": LINESTYLES[i % len(LINESTYLES)]} for i, name in enumerate(models)}
+    for name in models[1::2]:  # hollow markers: a point under another one still shows
+        styles[name]["markerfacecolor"] = "white"
+    if BAYES in names:
+        styles[BAYES] = {"color": "k", "marker": "*", "markersize": 9, "linestyle": ":"}
+    return styles
+
+
+def x_offsets(names, sizes):
+    """A small horizontal shift per model (context sizes), so error bars at one n do not hide each other."""
+    gaps = [b - a for a, b in zip(sizes, sizes[1:])]
+    step = min(0.08 * min(gaps), 0.012 * (sizes[-1] - sizes[0])) if gaps else 0.08  # well inside a gap, yet visible
+    return {name: (i - (len(names) - 1) / 2) * step for i, name in enumerate(names)}
+
+
+def errorbar_curve(ax, xs, ys, errors, style, label):
+    ax.errorbar(xs, ys, yerr=errors, capsize=4, elinewidth=1.5, capthick=1.5, label=label, **style)
+
+
+def save_figure(plt, fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_accuracy(rows, sizes, where, path):
+    """Overall accuracy against n per model, with the Bayes-optimal curve where known."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    styles, offsets = model_styles(names), x_offsets(names, sizes)
+    for model in names:
+        overall = sorted((r for r in rows if r["model"] == model and r["label"] == "all"), key=lambda r: r["num_context"])
+        errorbar_curve(ax, [r["num_context"] + offsets[model] for r in overall], [100 * r["accuracy"] for r in overall],
+                       [100 * r["sem"] for r in overall], styles[model], model)
+    ax.set_title(f"Accuracy on a user's unseen pairs against context size\n{where}; error bars ±1 SEM over episodes",
+                 fontsize=9)
+    ax.set_xlabel("context pairs n (pairs from the same user)")
+    ax.set_ylabel("accuracy on unseen target pairs (%)")
+    ax.set_xticks(sizes)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    save_figure(plt, fig, path)
 
 
 @torch.no_grad()
-def plot_reward_curves(models, data, sampler, path, num_context=10):
-    """Learned reward against y per user type, each standardised (BTL rewards are shift-invariant)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_reward_curves(models, data, sampler, where, path, num_context=10):
+    """Learned reward against y per user type given `num_context` context pairs. BTL rewards
+    are identified only up to shift and scale, so each curve is standardised (z-scored)."""
+    plt = pyplot()
     grid = torch.linspace(0, 1, 201)[:, None]  # (G, 1)
     standardise = lambda r: (r - r.mean()) / r.std()
     truth = true_rewards(data.meta, grid)  # (G, K) or None
-    fig, axes = plt.subplots(1, len(sampler.labels), figsize=(4 * len(sampler.labels), 3.2), squeeze=False)
+    styles = model_styles(models)
+    fig, axes = plt.subplots(1, len(sampler.labels), figsize=(4.5 * len(sampler.labels), 4.4), squeeze=False)
     for row, (ax, label) in enumerate(zip(axes[0], sampler.labels)):
         batch = sampler.sample(1, num_context=num_context, label_rows=torch.tensor([row]))
+        if truth is not None and row < truth.shape[1]:
+            ax.plot(grid[:, 0], standardise(truth[:, row]), color="0.7", linewidth=4, label="true reward", zorder=0)
         for name, model in models.items():
             latent = model.infer_latent(batch["context"], batch["context_mask"]) if hasattr(model, "infer_latent") else None
             r = model.rewards(grid[None].to(next(model.parameters()).device), latent)[0].cpu()
-            ax.plot(grid[:, 0], standardise(r), label=name)
-        if truth is not None and row < truth.shape[1]:
-            ax.plot(grid[:, 0], standardise(truth[:, row]), "k--", label="true")
-        ax.set_title(f"{label}, n={num_context}")
-        ax.set_xlabel("y")
-    axes[0][0].set_ylabel("reward (standardised)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            ax.plot(grid[:, 0], standardise(r), markevery=25, label=name, **styles[name])
+        ax.set_title(f"user type {label}", fontsize=9)
+        ax.set_xlabel("option feature y")
+        ax.set_ylabel("reward, standardised (z-score)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below: the curves stay visible
+    fig.suptitle(f"Learned reward r(y) given n={num_context} context pairs, {where}\n"
+                 "only the ordering of rewards is identifiable (BTL: any shift and scale fit equally), "
+                 "so each curve is standardised", fontsize=9)
+    save_figure(plt, fig, path)
+
+
+def plot_reward_figures(models, data, sampler, rows, sizes, split, out):
+    """accuracy.png, and reward_curves.png for 1-D options; returns the names written."""
+    where = f"split '{split}' of {data.path}"
+    plot_accuracy(rows, sizes, where, os.path.join(out, "accuracy.png"))
+    if data.dim != 1:
+        return ["accuracy.png"]
+    plot_reward_curves(models, data, sampler, where, os.path.join(out, "reward_curves.png"))
+    return ["accuracy.png", "reward_curves.png"]
 
 
 # -----------------------------------------------------------------------------
@@ -208,13 +282,16 @@ def load_policies(paths, device):
     import train_policy
     from policy import load_policy
 
-    policies, first_config = {}, None
+    policies, first = {}, None
     for path in paths:
         policy, checkpoint = load_policy(path if not os.path.isdir(path) else os.path.join(path, "ckpt_best.pt"),
                                          device=device)
-        first_config = first_config or checkpoint["config"]
+        first = first or checkpoint
         name = os.path.basename(os.path.normpath(run_dir_of(path)))
         policies[name] = (policy.eval(), policy_role(policy, checkpoint["config"]))
+    d = first["config"]["data"]
+    first_config = dict(first["config"], data=dict(d, pairs=resolve_path(d["pairs"], first),
+                                                   features=resolve_path(d["features"], first)))
     inputs_config = dict(first_config, data=dict(first_config["data"], labels=None, toy=False))
     data, token_pairs, tokenizer = train_policy.load_inputs(inputs_config)
     return policies, data, token_pairs, tokenizer, first_config
@@ -356,31 +433,40 @@ def closure_lines(rows, policies, labels, sizes):
     return "\n".join(lines)
 
 
-def plot_steering(rows, labels, sizes, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 3.2), squeeze=False)
+def plot_steering(rows, labels, sizes, where, out):
+    """Gold reward against n per user type: a curve for each NP-DPO policy, a flat line with a
+    ±SEM band for each policy without an encoder. Each model keeps one look in every panel."""
+    plt = pyplot()
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    styles = model_styles(names)
+    offsets = x_offsets([m for m in names if any(r["num_context"] is not None for r in rows if r["model"] == m)], sizes)
+    fig, axes = plt.subplots(1, len(labels), figsize=(4.5 * len(labels), 4.6), squeeze=False)
     for ax, label in zip(axes[0], labels):
-        for model in dict.fromkeys(r["model"] for r in rows):
+        for model in names:
             mine = sorted((r for r in rows if r["model"] == model and r["label"] == label),
                           key=lambda r: -1 if r["num_context"] is None else r["num_context"])
-            if len(mine) > 1:
-                ax.errorbar(sizes, [r["gold_reward"] for r in mine], yerr=[r["sem"] for r in mine], marker="o",
-                            capsize=3, label=model)
+            if mine and mine[0]["num_context"] is not None:
+                errorbar_curve(ax, [r["num_context"] + offsets[model] for r in mine], [r["gold_reward"] for r in mine],
+                               [r["sem"] for r in mine], styles[model], model)
             elif mine:
-                ax.axhline(mine[0]["gold_reward"], linestyle="--", label=model, color=f"C{len(ax.lines) + 1}")
-        ax.set_title(f"user type: {label}")
-        ax.set_xlabel("context pairs n")
+                flat, style = mine[0], dict(styles[model], marker=None)
+                ax.axhline(flat["gold_reward"], label=f"{model} (no context)", **style)
+                ax.axhspan(flat["gold_reward"] - flat["sem"], flat["gold_reward"] + flat["sem"], color=style["color"],
+                           alpha=0.15)
+        ax.set_title(f"user type {label}", fontsize=9)
+        ax.set_xlabel("context pairs n (pairs from the same user)")
+        ax.set_ylabel("gold reward of sampled responses (a.u.)")
         ax.set_xticks(sizes)
-    axes[0][0].set_ylabel("gold reward of generations")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below: the lines stay visible
+    fig.suptitle(f"Steering by generation: gold reward against context size, {where}\n"
+                 "error bars and bands ±1 SEM over prompt x context", fontsize=9)
+    save_figure(plt, fig, os.path.join(out, "steering.png"))
+    return ["steering.png"]
 
 
 def evaluate_policies(paths, config, device):
+    """Rows for eval.json and the function that draws the plots into a folder (None: no plots)."""
     from data import read_text_pairs
 
     policies, data, token_pairs, tokenizer, run_config = load_policies(paths, device)
@@ -388,22 +474,20 @@ def evaluate_policies(paths, config, device):
     rows = implicit_reward_rows(policies, data, token_pairs, tokenizer.pad_token_id, config, device)
     print(f"DPO implicit-reward accuracy (points ± SEM) on held-out conflicting pairs, split '{config['split']}'\n")
     print(markdown(rows, sizes, float("inf")))
-    if run_config["data"]["toy"]:
-        text_rows = read_text_pairs(run_config["data"]["pairs"], run_config["data"]["skip_bad_lines"])
-        scores = steering_rows(policies, data, tokenizer, text_rows, config, device)
-        steer_rows, table = steering_table(scores, policies, data.labels, sizes)
-        print("\nGold reward of sampled responses (± SEM over prompt x context; win = win-rate against plain DPO)\n")
-        print(table + "\n\n" + closure_lines(steer_rows, policies, data.labels, sizes))
-        rows += steer_rows
-        if config["plot"]:
-            plot_steering(steer_rows, data.labels, sizes, os.path.join(config["out"] or run_dir_of(paths[0]),
-                                                                       "steering.png"))
-    else:
+    if not run_config["data"]["toy"]:
         print("\nSteering by generation needs gold rewards: only the toy task has them.")
-    return rows
+        return rows, None
+    text_rows = read_text_pairs(run_config["data"]["pairs"], run_config["data"]["skip_bad_lines"])
+    scores = steering_rows(policies, data, tokenizer, text_rows, config, device)
+    steer_rows, table = steering_table(scores, policies, data.labels, sizes)
+    print("\nGold reward of sampled responses (± SEM over prompt x context; win = win-rate against plain DPO)\n")
+    print(table + "\n\n" + closure_lines(steer_rows, policies, data.labels, sizes))
+    where = f"split '{config['split']}' of {run_config['data']['pairs']}"
+    return rows + steer_rows, functools.partial(plot_steering, steer_rows, data.labels, sizes, where)
 
 
 def evaluate_rewards(paths, config, device):
+    """Rows for eval.json and the function that draws the plots into a folder."""
     models, data = load_models(paths, device)
     sizes = sorted(config["num_context"])
     sampler = EpisodeSampler(data, config["split"], config["num_targets"], max(sizes), seed=config["seed"])
@@ -416,16 +500,10 @@ def evaluate_rewards(paths, config, device):
     print(f"split '{config['split']}' of {data.path}; accuracy ± SEM in points, {config['num_targets']} targets "
           f"per episode; (!) = SEM above {100 * config['max_sem']:.2f} after {config['max_episodes']} episodes\n")
     print(markdown(rows, sizes, config["max_sem"]) + "\n\n" + gap_lines(gaps, sizes))
-    if config["plot"]:
-        out = config["out"] or run_dir_of(paths[0])
-        plot_accuracy(rows, sizes, os.path.join(out, "accuracy.png"))
-        if data.dim == 1:
-            plot_reward_curves(models, data, sampler, os.path.join(out, "reward_curves.png"))
-    return rows
+    return rows, functools.partial(plot_reward_figures, models, data, sampler, rows, sizes, config["split"])
 
 
-def main(argv):
-    config, paths = load_config(DEFAULTS, argv, ALIASES)
+def check_arguments(config, paths):
     check(len(paths) > 0, "run", "give at least one run dir or checkpoint")
     check(config["split"] in ("train", "val", "test"), "split", "must be train, val or test")
     check(len(config["num_context"]) > 0 and all(isinstance(n, int) and n >= 0 for n in config["num_context"]),
@@ -433,20 +511,47 @@ def main(argv):
     check(config["max_sem"] > 0, "max_sem", "must be positive")
     check(config["chunk"] > 0, "chunk", "must be positive")
     check(config["max_episodes"] >= config["chunk"], "max_episodes", "must be at least chunk")
-    device = pick_device(config["device"])
+
+
+def check_runs(paths):
+    """Every run dir or checkpoint exists; a run dir holds the ckpt_best.pt we evaluate."""
+    for path in paths:
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: no such run dir or checkpoint file")
+        best, last = os.path.join(path, "ckpt_best.pt"), os.path.join(path, "ckpt_last.pt")
+        if os.path.isdir(path) and not os.path.isfile(best):
+            hint = f" (evaluate {last} instead?)" if os.path.isfile(last) else " (not a run dir?)"
+            raise CheckpointError(f"{path} holds no ckpt_best.pt{hint}")
+
+
+def write_json(path, rows):
+    """Atomic, so an interrupted write never leaves half an eval.json."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(f"{path}.tmp{os.getpid()}", "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(f"{path}.tmp{os.getpid()}", path)
+
+
+def main(argv):
+    """Everything a user can get wrong is refused before any work, and nothing is written
+    until the numbers exist; eval.json goes first, so a failing plot loses no numbers."""
+    config, paths = load_config(DEFAULTS, argv, ALIASES)
+    check_arguments(config, paths)
+    device = pick_device(config["device"])  # first: an unavailable device is not a bad checkpoint
+    if config["plot"]:
+        pyplot()
+    check_runs(paths)
     out = config["out"] or run_dir_of(paths[0])
-    os.makedirs(out, exist_ok=True)
+    check_out_path("out", out, folder=True)
     kinds = {is_policy_checkpoint(p) for p in paths}
     check(len(kinds) == 1, "run", "give reward runs or policy runs, not both")
-    rows = (evaluate_policies if kinds.pop() else evaluate_rewards)(paths, config, device)
-    with open(os.path.join(out, "eval.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"\nwrote {out}/eval.json" + (" and plots" if config["plot"] else ""))
+    rows, draw = (evaluate_policies if kinds.pop() else evaluate_rewards)(paths, config, device)
+    write_json(os.path.join(out, "eval.json"), rows)
+    print(f"\nwrote {out}/eval.json")
+    if config["plot"] and draw is not None:
+        print(f"wrote {', '.join(draw(out))} to {out}")
     return rows
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, DataError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    run_script(main)

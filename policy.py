@@ -13,7 +13,8 @@ there is no FiLM and no encoder: the same code is plain DPO with LoRA.
 
 Steer a trained policy with a user's few choices (a JSONL of text pairs, data.py):
 
-    python policy.py runs/steer_text_np_dpo --context=my_choices.jsonl --prompt="tell me about bees ."
+    python policy.py runs/steer_text_np_dpo --context=examples/context.jsonl --prompt="Tell me about bees."
+    python policy.py runs/steer_text_dpo --prompt="Tell me about bees."   # plain DPO reads no context
 
 Usage:
     policy = SteerablePolicy(build_base_model("Qwen/Qwen2-0.5B"), config, context_dim=D)
@@ -43,8 +44,10 @@ Departures from the paper's code:
 import contextlib
 import copy
 import functools
+import math
 import operator
 import os
+import shutil
 import sys
 import warnings
 
@@ -54,7 +57,8 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from common import ConfigError, REQUIRED, load_checkpoint, load_config, pick_device, save_checkpoint
+from common import (REQUIRED, CheckpointError, ConfigError, check, load_checkpoint, load_config, pick_device,
+                    resolve_path, run_script, save_checkpoint)
 from np_encoder import ContextEncoder, FiLM, modulate
 
 DEFAULTS = {
@@ -387,90 +391,234 @@ def dpo_step(policy, batch, beta, nll_weight=0.0):
 
 def save_policy(path, policy, config=None, step=0, **extra):
     """One checkpoint dict (common.save_checkpoint, atomic): trained tensors only in
-    'model', the policy's own config in 'policy_config', the run's config in 'config'."""
+    'model', the policy's own config in 'policy_config', the run's config in 'config',
+    and 'cwd', from where its relative paths (policy.base, data.*) are read."""
     checkpoint = {"model": policy.trained_state_dict(), "policy_config": policy.config,
-                  "config": config if config is not None else {"policy": policy.config}, "step": step}
+                  "config": config if config is not None else {"policy": policy.config}, "step": step,
+                  "cwd": os.getcwd()}
     save_checkpoint(path, {**checkpoint, **extra})
 
 
 def load_policy(path, base_model=None, device="cpu"):
     """Rebuilds the base model from policy_config['base'] (unless given) and loads the
-    trained weights. Returns (policy, checkpoint)."""
+    trained weights. `path` is a checkpoint or a run folder. Returns (policy, checkpoint)."""
+    checkpoint = policy_checkpoint(path, device)
+    return policy_from_checkpoint(checkpoint, base_model, device), checkpoint
+
+
+def policy_checkpoint(path, device="cpu"):
+    """The checkpoint of a policy run (a run folder means its ckpt_best.pt); anything
+    else, a reward run included, is a CheckpointError naming `path`."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such run folder or checkpoint")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "ckpt_best.pt")):
+        last = os.path.isfile(os.path.join(path, "ckpt_last.pt"))
+        raise CheckpointError(f"{path}: no ckpt_best.pt in this folder " + (
+            f"(a run writes it at its first validation; give {os.path.join(path, 'ckpt_last.pt')} for its last step)"
+            if last else "(give the out_dir of a train_policy.py run)"))
     checkpoint = load_checkpoint(path, map_location=device)
     if "policy_config" not in checkpoint:
-        raise RuntimeError(f"{path}: not a policy checkpoint (no policy_config)")
+        run_config = checkpoint["config"]
+        if run_config.get("stage") == "reward" or "model" in run_config:
+            raise CheckpointError(f"{path} is a reward run, not a policy run (made by train_reward.py; "
+                                  "policy.py steers the runs of train_policy.py)")
+        raise CheckpointError(f"{path}: not a policy checkpoint (no policy_config)")
+    return checkpoint
+
+
+def policy_from_checkpoint(checkpoint, base_model=None, device="cpu"):
+    """The policy of a checkpoint from policy_checkpoint, on the base model it names (unless given)."""
     config = checkpoint["policy_config"]
     if base_model is None:
-        base_model = build_base_model(config["base"], config["dtype"], config["trust_remote_code"])
+        base_model = run_model(config["base"], "policy.base", checkpoint, lambda path: build_base_model(
+            path, config["dtype"], config["trust_remote_code"]))
     policy = SteerablePolicy(base_model, config, config["context_dim"])
     policy.load_trained_state_dict(checkpoint["model"])
-    return policy.to(device), checkpoint
+    return policy.to(device)
+
+
+def run_model(recorded, key, checkpoint, load):
+    """load(path) of the model (or tokenizer) that a run's config names at `key` (policy.base,
+    data.embedder): a relative path is read from here, then from where the run was trained."""
+    path = resolve_path(recorded, checkpoint)
+    try:
+        return load(path)
+    except OSError as e:  # a moved or deleted folder, or a hub name that cannot be fetched
+        reason = str(e).strip().splitlines()[0]
+        if os.path.isabs(path) and not os.path.exists(path):
+            reason = "no such folder (moved or deleted?)"
+        elif not os.path.exists(path):
+            also = f" or in {checkpoint['cwd']}" if checkpoint.get("cwd") else ""
+            reason = f"no such folder here{also}, and as a hub name: {reason}"
+        raise CheckpointError(f"{key} = {recorded} (recorded in the run) cannot be loaded: {reason}") from None
+
+
+def save_adapter_folder(folder, policy):
+    """The trained weights in the formats other tools open: the LoRA as a peft adapter
+    folder (adapter_config.json + adapter_model.safetensors, for PeftModel.from_pretrained)
+    and FiLM + encoder as steering.safetensors beside it. Written to a temporary folder,
+    then swapped in, so a crash never leaves half a folder."""
+    from safetensors.torch import save_file
+
+    tmp, old = f"{folder}.tmp{os.getpid()}", f"{folder}.old{os.getpid()}"
+    policy.lm.save_pretrained(tmp)
+    steering = {f"{name}.{key}": value.contiguous() for name in ("film", "encoder") if getattr(policy, name) is not None
+                for key, value in getattr(policy, name).state_dict().items()}
+    if steering:
+        save_file(steering, os.path.join(tmp, "steering.safetensors"))
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # -----------------------------------------------------------------------------
 # command line: steer the policy with a user's choices
 
 CLI_DEFAULTS = {
-    "context": REQUIRED,  # JSONL of the user's choices (data.py's text-pair format)
-    "prompt": REQUIRED,  # what to answer
+    "context": "",  # JSONL of one user's choices (data.py's text pairs); '' = none (plain DPO takes none)
+    "prompt": "",  # what to answer
     "samples": 1,  # responses to print
     "temperature": 1.0,  # 0 = greedy
     "max_new_tokens": 128,  # response length cap
     "seed": 0,  # sampling seed
     "device": "auto",  # auto | cpu | cuda
 }
+USAGE = ("usage: python policy.py RUN --prompt=TEXT [--context=FILE.jsonl] [--samples=N] [--temperature=T] "
+         "[--max_new_tokens=N] [--seed=S] [--device=auto|cpu|cuda]")
+EXAMPLE_CONTEXT = "examples/context.jsonl"  # a user's choices in the toy world, in the repository
+
+
+def check_cli(config, rest):
+    """Usage and values, before anything is loaded."""
+    if len(rest) != 1:
+        raise ConfigError(USAGE if not rest else f"expected one RUN, got {len(rest)}: {' '.join(rest)} ({USAGE})")
+    check(config["prompt"] is not None and config["prompt"].strip() != "", "prompt",
+          'must not be empty: give the text to answer, e.g. --prompt="Tell me about bees."')
+    check(config["samples"] >= 1, "samples", "must be at least 1")
+    check(math.isfinite(config["temperature"]) and config["temperature"] >= 0, "temperature",
+          "must be 0 (greedy) or a positive number")
+    check(config["max_new_tokens"] >= 1, "max_new_tokens", "must be at least 1")
+
+
+def read_context(path):
+    """One user's choices from a text-pair JSONL: (the rows they answered, their label).
+    Every problem is a one-line DataError naming the file."""
+    from data import DataError, read_text_pairs
+
+    try:
+        rows = read_text_pairs(path)
+    except DataError as e:
+        if not getattr(e, "problems", None):
+            raise
+        more = f" (and {len(e.problems) - 1} more bad lines)" if len(e.problems) > 1 else ""
+        raise DataError(f"{e.problems[0]}{more}: each line is a JSON object with prompt, response_a, response_b "
+                        f"and choices {{label: 0, 1 or null}}, as in {EXAMPLE_CONTEXT}") from None
+    except OSError as e:  # a folder, no permission
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+    labels = sorted({label for row in rows for label in row["choices"]})
+    if not rows:
+        raise DataError(f"{path}: holds no choices (an empty file); give one user's choices, as in {EXAMPLE_CONTEXT}")
+    if len(labels) > 1:
+        raise DataError(f"{path}: holds the choices of {len(labels)} users ({', '.join(map(repr, labels))}); "
+                        "the policy is steered by one user: keep one label in the file")
+    answered = [row for row in rows if row["choices"][labels[0]] is not None]
+    if not answered:
+        raise DataError(f"{path}: every choice of {labels[0]!r} is null: nothing to steer by "
+                        "(0 = the user chose response_a, 1 = response_b)")
+    return answered, labels[0]
+
+
+def steering_context(path, run, steered):
+    """(rows, label) of the user's choices for a policy with a context encoder; None for plain DPO."""
+    given = bool(path and path.strip())
+    if not steered:
+        if given:
+            print(f"note: {run} is plain DPO (no context encoder): --context is ignored", file=sys.stderr)
+        return None
+    check(given, "context", "this policy is steered by a user's choices: give --context=FILE.jsonl, their "
+          f"choices between two responses (as in {EXAMPLE_CONTEXT})")
+    return read_context(path)
 
 
 @torch.no_grad()
-def user_latent(policy, run_config, context_path, device):
-    """Embed the user's context pairs as in training and encode them into z (1, latent_dim)."""
+def context_features(checkpoint, rows, path, device):
+    """Both responses of each row embedded as the run's features were: (n, 2, D)."""
     from transformers import AutoTokenizer
 
-    from data import last_token_embeddings, read_text_pairs, tokenize_pairs
+    from data import DataError, check_known_words, last_token_embeddings, tokenize_pairs
 
-    rows = read_text_pairs(context_path)
-    labels = {label for row in rows for label in row["choices"]}
-    if len(labels) != 1:
-        raise ValueError(f"{context_path}: expected the choices of one user (one label), found {sorted(labels)}")
-    label = labels.pop()
-    rows = [row for row in rows if row["choices"][label] is not None]
-    name = run_config["data"].get("embedder") or run_config["policy"]["base"]
-    trust = run_config["policy"]["trust_remote_code"]
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
-    embedder = build_base_model(name, trust_remote_code=trust).to(device).eval()
-    token_pairs, dropped = tokenize_pairs(rows, tokenizer, run_config["data"]["max_length"])
+    data_config, trust = checkpoint["config"].get("data") or {}, checkpoint["policy_config"]["trust_remote_code"]
+    key = "data.embedder" if data_config.get("embedder") else "policy.base"
+    name = data_config.get("embedder") or checkpoint["policy_config"]["base"]
+    tokenizer = run_model(name, key, checkpoint, lambda p: AutoTokenizer.from_pretrained(p, trust_remote_code=trust))
+    for row in rows:
+        for field in ("prompt", "response_a", "response_b"):
+            check_known_words(tokenizer, row[field], f"{path}: {field} {row[field]!r}")
+    max_length = data_config.get("max_length", math.inf)
+    token_pairs, dropped = tokenize_pairs(rows, tokenizer, max_length)
     if dropped:
-        raise ValueError(f"{context_path}: {dropped} pairs are longer than data.max_length tokens")
+        raise DataError(f"{path}: {dropped} of {len(rows)} pairs are longer than data.max_length = {max_length} "
+                        "tokens (prompt + response), the longest the run was trained on: shorten them")
+    embedder = run_model(name, key, checkpoint, lambda p: build_base_model(p, trust_remote_code=trust))
     sequences = [p + r for p, pair in token_pairs for r in pair]
-    features = last_token_embeddings(embedder, sequences, tokenizer.pad_token_id).view(len(rows), 2, -1)
+    features = last_token_embeddings(embedder.to(device).eval(), sequences, tokenizer.pad_token_id)
+    return features.view(len(rows), 2, -1), f"{key} = {name}"
+
+
+@torch.no_grad()
+def user_latent(policy, checkpoint, rows, label, path, device):
+    """Embed the user's context pairs as in training and encode them into z (1, latent_dim)."""
+    from data import DataError
+
+    features, embedder = context_features(checkpoint, rows, path, device)  # (n, 2, D)
+    if features.shape[-1] != policy.config["context_dim"]:
+        raise DataError(f"{path}: {embedder} embeds it in {features.shape[-1]} dimensions, but the policy's "
+                        f"encoder reads {policy.config['context_dim']} (its features came from another embedder)")
     flipped = torch.tensor([row["choices"][label] == 1 for row in rows])[:, None, None]
-    context = torch.where(flipped, features.flip(1), features)[None].to(device)  # (1, n, 2, D)
+    context = torch.where(flipped, features.flip(1), features)[None].to(device)  # (1, n, 2, D), chosen first
     return policy.infer_latent(context)
+
+
+def sample_responses(policy, tokenizer, prompt_ids, latent, config):
+    """config['samples'] decoded responses to the prompt (1, T), sampled, or greedy at temperature 0."""
+    t = config["temperature"]
+    sampling = {"do_sample": True, "temperature": t} if t > 0 else {"do_sample": False}
+    out = policy.generate(prompt_ids, torch.ones_like(prompt_ids), latent=latent,
+                          num_return_sequences=config["samples"], max_new_tokens=config["max_new_tokens"],
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
+    return tokenizer.batch_decode(out[:, prompt_ids.shape[1]:], skip_special_tokens=True)
 
 
 def main(argv):
     from transformers import AutoTokenizer
+    from transformers.utils.logging import disable_progress_bar
 
-    from data import tokenize_prompt
+    from data import check_known_words, tokenize_prompt
 
+    disable_progress_bar()  # stderr carries one line per note or error, not loading bars
+    if {"-h", "--help"} & set(argv):
+        print(USAGE)
+        return
     config, rest = load_config(CLI_DEFAULTS, argv)
-    if len(rest) != 1:
-        sys.exit("usage: python policy.py RUN_DIR --context=FILE.jsonl --prompt=TEXT [--samples=N]")
-    torch.manual_seed(config["seed"])
+    check_cli(config, rest)
     device = pick_device(config["device"])
-    path = os.path.join(rest[0], "ckpt_best.pt") if os.path.isdir(rest[0]) else rest[0]
-    policy, checkpoint = load_policy(path, device=device)
-    policy.eval()
-    latent = user_latent(policy, checkpoint["config"], config["context"], device) if policy.encoder else None
-    tokenizer = AutoTokenizer.from_pretrained(policy.config["base"], trust_remote_code=policy.config["trust_remote_code"])
+    checkpoint = policy_checkpoint(rest[0], device)
+    steered = "encoder" in checkpoint["model"]  # it holds encoder weights iff the policy reads a context
+    context = steering_context(config["context"], rest[0], steered)
+    p = checkpoint["policy_config"]
+    tokenizer = run_model(p["base"], "policy.base", checkpoint,
+                          lambda path: AutoTokenizer.from_pretrained(path, trust_remote_code=p["trust_remote_code"]))
+    check_known_words(tokenizer, config["prompt"], "--prompt")
     prompt_ids = torch.tensor([tokenize_prompt(tokenizer, config["prompt"])], device=device)
-    sampling = {"do_sample": True, "temperature": config["temperature"]} if config["temperature"] > 0 else {"do_sample": False}
-    out = policy.generate(prompt_ids, torch.ones_like(prompt_ids), latent=latent, num_return_sequences=config["samples"],
-                          max_new_tokens=config["max_new_tokens"], pad_token_id=tokenizer.pad_token_id,
-                          eos_token_id=tokenizer.eos_token_id, **sampling)
-    for text in tokenizer.batch_decode(out[:, prompt_ids.shape[1]:], skip_special_tokens=True):
+    policy = policy_from_checkpoint(checkpoint, device=device).eval()
+    latent = user_latent(policy, checkpoint, *context, config["context"], device) if context else None
+    if context:
+        print(f"steered by {len(context[0])} choices of {context[1]!r} from {config['context']}", file=sys.stderr)
+    torch.manual_seed(config["seed"])
+    for text in sample_responses(policy, tokenizer, prompt_ids, latent, config):
         print(text)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main)

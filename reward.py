@@ -16,14 +16,20 @@ Every model takes an episode batch from data.EpisodeSampler (targets oriented as
 Departures from the paper's code:
 1. The stochastic NP-BTL's posterior is q(z | context + targets), encoded with the
    padding mask, and the ELBO is per target: mean NLL + beta * KL / num_targets.
-2. Evaluation uses the mean of q(z | context) (no Monte-Carlo noise in accuracies).
+2. A stochastic NP-BTL predicts with the posterior predictive E_{z ~ q(z | context)}
+   [sigmoid(r(a, z) - r(b, z))] over model.predict_samples draws (0: at the mean of q,
+   as the paper's code does). One z is one reward function: where the posterior still
+   spreads over users who disagree, only the mixture can express their majority vote.
 """
+
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from common import load_checkpoint
+from data import DataError
 from np_encoder import ContextEncoder, FiLM, gaussian_kl, mlp, modulate
 
 MODEL_KINDS = ("btl", "dpl", "np_btl")
@@ -92,7 +98,7 @@ class DPL(nn.Module):
 
 class NPBTL(nn.Module):
     def __init__(self, input_dim, hidden=64, layers=3, latent_dim=16, encoder_hidden=64,
-                 encoder_layers=2, aggregator="mean", stochastic=False, kl_beta=1.0):
+                 encoder_layers=2, aggregator="mean", stochastic=False, kl_beta=1.0, predict_samples=0):
         super().__init__()
         self.encoder = ContextEncoder(input_dim, encoder_hidden, latent_dim, encoder_layers,
                                       aggregator, stochastic)
@@ -101,6 +107,7 @@ class NPBTL(nn.Module):
         self.film = FiLM(latent_dim, hidden, num_layers=layers)
         self.out = nn.Linear(hidden, 1)
         self.stochastic, self.kl_beta = stochastic, kl_beta
+        self.predict_samples = predict_samples if stochastic else 0  # 0: predict at the mean of q(z | context)
 
     def infer_latent(self, context, mask=None):
         """The latent used for prediction: z, or the mean of q(z | context)."""
@@ -115,11 +122,28 @@ class NPBTL(nn.Module):
             h = F.gelu(modulate(layer(h), gamma, beta))
         return self.out(h).squeeze(-1)
 
-    def log_prob_chosen(self, batch, latent=None):
+    def log_prob_chosen(self, batch, latent=None, samples=None):
+        """log P(chosen) of the targets (B, T): at `latent` if given, else the posterior
+        predictive over `samples` draws of q(z | context) (default: self.predict_samples;
+        0 = at the mean of q, or the deterministic z)."""
+        samples = self.predict_samples if samples is None else samples
+        if latent is None and samples > 0:
+            return self.predictive_log_prob_chosen(batch, samples)
         if latent is None:
             latent = self.infer_latent(batch["context"], batch["context_mask"])
         r = self.rewards(batch["targets"], latent)  # (B, T, 2)
         return btl_log_prob(r[..., 0], r[..., 1])
+
+    def predictive_log_prob_chosen(self, batch, samples):
+        """log E_{z ~ q(z | context)}[sigmoid(r(a, z) - r(b, z))] by Monte Carlo: a mixture of
+        rewards, so it can express what no single z can (a majority vote that is no ranking)."""
+        if not self.stochastic:
+            raise ValueError("the posterior predictive needs a stochastic encoder (model.encoder.stochastic)")
+        mean, scale = self.encoder(batch["context"], batch["context_mask"])  # (B, latent_dim) each
+        z = mean + scale * torch.randn(samples, *mean.shape, device=mean.device)  # (S, B, latent_dim)
+        targets = batch["targets"].expand(samples, *batch["targets"].shape)  # (S, B, T, 2, D)
+        r = self.rewards(targets.flatten(0, 1), z.flatten(0, 1)).view(samples, *targets.shape[1:4])  # (S, B, T, 2)
+        return btl_log_prob(r[..., 0], r[..., 1]).logsumexp(0) - math.log(samples)
 
     def loss(self, batch):
         if not self.stochastic:
@@ -147,15 +171,26 @@ def build_model(model_config, input_dim):
     if kind == "np_btl":
         e = c["encoder"]
         return NPBTL(input_dim, c["hidden"], c["layers"], e["latent_dim"], e["hidden"], e["layers"],
-                     e["aggregator"], e["stochastic"], c["kl_beta"])
+                     e["aggregator"], e["stochastic"], c["kl_beta"], c.get("predict_samples", 0))
     raise ValueError(f"config key 'model.kind': unknown model '{kind}' (expected one of {MODEL_KINDS})")
 
 
-def load_reward_model(path, input_dim, device="cpu"):
-    """A trained model from a run dir (its ckpt_best.pt) or a checkpoint file; returns (model, config)."""
+def load_reward_model(path, input_dim, device="cpu", data_path="the data"):
+    """A trained model from a run dir (its ckpt_best.pt) or a checkpoint file; returns (model, config).
+    Options of another dimension than the run was trained on (from `data_path`) are a DataError."""
     checkpoint = load_checkpoint(path, map_location=device)
+    trained_dim = checkpoint.get("data_dim")  # older checkpoints lack it
+    if trained_dim is not None and trained_dim != input_dim:
+        raise DataError(f"{data_path} has options of dimension {input_dim}, but {path} was trained on "
+                        f"dimension {trained_dim}")
     model = build_model(checkpoint["config"]["model"], input_dim).to(device)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        raise DataError(f"{data_path} has options of dimension {input_dim}, but the weights in {path} are for "
+                        "another dimension (the data file changed since training?)") from None
     return model.eval(), checkpoint["config"]
 
 

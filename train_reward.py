@@ -63,6 +63,7 @@ DEFAULTS = {
         "hidden": 64,  # reward MLP width
         "layers": 3,  # reward MLP hidden layers
         "kl_beta": 1.0,  # KL weight in the ELBO (stochastic np_btl only)
+        "predict_samples": 0,  # > 0: predict with the posterior predictive over this many z ~ q(z | context)
         "encoder": {
             "hidden": 64,  # context encoder width
             "layers": 2,  # pair-embedding MLP layers
@@ -83,6 +84,7 @@ DEFAULTS = {
         "warmup_steps": 100,  # linear warmup
         "weight_decay": 0.0,  # AdamW weight decay
         "grad_clip": 1.0,  # max gradient norm (0 = off)
+        "patience": 0,  # > 0: stop once val/loss has not improved for this many eval intervals (steps = the cap)
     },
     "eval": {
         "interval": 250,  # steps between validations and checkpoints
@@ -101,6 +103,8 @@ def validate_config(config, world_size=1):
     check(t["lr"] > 0, "train.lr", "must be positive")
     check(0 <= t["min_lr"] <= t["lr"], "train.min_lr", "must lie in [0, train.lr]")
     check(t["steps"] > 0, "train.steps", "must be positive")
+    check(t["patience"] >= 0, "train.patience", "must be non-negative (0 = off)")
+    check(config["model"]["predict_samples"] >= 0, "model.predict_samples", "must be non-negative (0 = at the mean z)")
     check(t["epochs"] >= 0, "train.epochs", "must be non-negative")
     check(t["batch_size"] > 0, "train.batch_size", "must be positive")
     check(t["batch_size"] % world_size == 0, "train.batch_size",
@@ -157,14 +161,15 @@ def validate(model, sampler, config, device):
     return {"val/loss": sum(losses) / len(losses), **metrics}
 
 
-def make_checkpoint(model, optimizer, sampler, config, step, best_val_loss, metrics, torch_rng):
+def make_checkpoint(model, optimizer, sampler, config, step, best, metrics, torch_rng):
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
-            "step": step, "best_val_loss": best_val_loss, "metrics": metrics, "data_dim": sampler.data.dim,
+            "step": step, "best_val_loss": best["loss"], "best_step": best["step"], "metrics": metrics,
+            "data_dim": sampler.data.dim,
             "cwd": os.getcwd(), "sampler_rng": sampler.gen.get_state(), "torch_rng": torch_rng}
 
 
 def restore(checkpoint, model, optimizer, sampler, data, config, rank=0, world_size=1):
-    """Continue from a checkpoint whose config check_resume accepted. -> (step, best_val_loss)"""
+    """Continue from a checkpoint whose config check_resume accepted. -> (step, best: val/loss and its step)"""
     saved_dim = checkpoint.get("data_dim", data.dim)
     if saved_dim != data.dim:
         raise DataError(f"--resume: {data.path} has options of dimension {data.dim}, but the run in "
@@ -178,11 +183,18 @@ def restore(checkpoint, model, optimizer, sampler, data, config, rank=0, world_s
     restore_rng_states(checkpoint["torch_rng"], rank, world_size)
     if is_main(rank):
         print(f"resumed from step {checkpoint['step']}")
-    return checkpoint["step"], checkpoint["best_val_loss"]
+    return checkpoint["step"], {"loss": checkpoint["best_val_loss"], "step": checkpoint.get("best_step", 0)}
 
 
-def train(model, optimizer, sampler, val_sampler, config, device, step, best_val_loss, rank=0, world_size=1):
+def out_of_patience(done, best, config):
+    """train.patience eval intervals without a lower val/loss: the run has found what it will find."""
+    patience = config["train"]["patience"] * config["eval"]["interval"]
+    return patience > 0 and done - best["step"] >= patience
+
+
+def train(model, optimizer, sampler, val_sampler, config, device, step, best, rank=0, world_size=1):
     """The loop. Returns (last validation metrics, True if stopped early by SIGINT/SIGTERM).
+    `best` holds the lowest val/loss so far and its step.
 
     A stop signal ends the current step, saves ckpt_last.pt and returns: --resume then
     continues exactly as if the run had not been interrupted. Under torchrun a signal on
@@ -215,22 +227,28 @@ def train(model, optimizer, sampler, val_sampler, config, device, step, best_val
             stopping = any_rank(stop["signal"] is not None, device)
             if at_interval or stopping:
                 torch_rng = rng_states()  # a collective: each rank's generator, for an exact --resume
-            if at_interval:  # every rank validates (identical weights), so best_val_loss agrees
+            if at_interval:  # every rank validates (identical weights), so `best` agrees
                 metrics = validate(model, val_sampler, config, device)
-                if metrics["val/loss"] < best_val_loss:
-                    best_val_loss = metrics["val/loss"]
+                if metrics["val/loss"] < best["loss"]:
+                    best = {"loss": metrics["val/loss"], "step": done}
                     if main_process:
                         save_checkpoint(os.path.join(out_dir, "ckpt_best.pt"), make_checkpoint(
-                            model, optimizer, sampler, config, done, best_val_loss, metrics, torch_rng))
+                            model, optimizer, sampler, config, done, best, metrics, torch_rng))
                 if main_process:
                     log({"step": done, "lr": lr_at(step, t), **{f"train/{k}": v for k, v in train_metrics.items()},
                          **metrics}, out_dir)
             if (at_interval or stopping) and main_process:
                 save_checkpoint(os.path.join(out_dir, "ckpt_last.pt"), make_checkpoint(
-                    model, optimizer, sampler, config, done, best_val_loss, metrics, torch_rng))
+                    model, optimizer, sampler, config, done, best, metrics, torch_rng))
             if stopping:
                 progress.close()
                 return metrics, True
+            if at_interval and out_of_patience(done, best, config):
+                progress.close()
+                if main_process:
+                    print(f"no lower val/loss for {t['patience']} evaluations since step {best['step']}: "
+                          f"stopping at step {done} of {t['steps']}")
+                break
     return metrics, False
 
 
@@ -269,16 +287,16 @@ def main(argv):
     if main_process:
         print(f"model: {config['model']['kind']}, {sum(p.numel() for p in model.parameters())} parameters")
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
-    step, best_val_loss = 0, float("inf")
+    step, best = 0, {"loss": float("inf"), "step": 0}
     if checkpoint:
-        step, best_val_loss = restore(checkpoint, model, optimizer, sampler, data, config, rank, world_size)
+        step, best = restore(checkpoint, model, optimizer, sampler, data, config, rank, world_size)
     # ---- loop: the only part that writes to out_dir
     with claimed_run_folder(config, "reward", main_process):
         if main_process:
             save_config(config, config["out_dir"])  # the effective config
             if changed:  # recorded beside the original values, which config.yaml no longer shows
                 log({"step": step, "event": "resume", "changed": changed}, config["out_dir"])
-        metrics, stopped = train(model, optimizer, sampler, val_sampler, config, device, step, best_val_loss, rank,
+        metrics, stopped = train(model, optimizer, sampler, val_sampler, config, device, step, best, rank,
                                  world_size)
         check_replicas_agree(model.parameters())
     if stopped:  # rank 0 alone says so

@@ -3,12 +3,15 @@ measured, positive numbers (no speed target is asserted here: the README reports
 
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
 import bench
-from common import ConfigError
+from common import CheckpointError, ConfigError, save_checkpoint
 from conftest import REPO, small
+from data import DataError, make_linear_synthetic, save_pairs
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -65,3 +68,62 @@ def test_random_weights_policy_bench_at_a_real_models_shape(tmp_path, capsys):
 def test_bad_bench_settings_name_the_key(mode, override, key):
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
         bench.main([mode, override])
+
+
+# -----------------------------------------------------------------------------
+# bad inputs: one line each, refused before anything is timed
+
+
+@pytest.fixture
+def no_timing(monkeypatch):
+    def timing_started(*args):
+        raise AssertionError("timing started")
+    monkeypatch.setattr(bench, "time_reward_training", timing_started)
+
+
+def test_reward_bench_times_a_trained_run(np_btl_run, paper_path):
+    rows = bench.main(["reward", f"--data.path={paper_path}", f"--run={np_btl_run[0]}", "--bench.train_steps=3",
+                       "--bench.repeats=5"])
+    assert all(n > 0 for _, value in rows for n in numbers(value))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--data.path=missing.npz", "--data.synthetic=null"], "missing.npz: file not found"),
+    (["--data.path=missing.npz"], "data.path: missing.npz not found (to generate the 'paper' task there, add "
+                                  "--data.generate)")])
+def test_missing_data_file_is_refused(tmp_path, no_timing, overrides, message):
+    with pytest.raises(DataError, match=re.escape(message)):
+        bench.main(["reward", *overrides])
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("run, overrides, error, message", [
+    ("btl", [], ConfigError, "--run: {run} was trained with model.kind = 'btl' (benchmarked: 'np_btl')"),
+    ("np_btl", ["--model.hidden=16"], ConfigError, "--run: {run} was trained with model.hidden = 64 (benchmarked: 16)"),
+    ("policy", [], CheckpointError, "--run: {run} is a policy run; bench.py reward times a reward model"),
+    ("missing", [], CheckpointError, "--run: {run}: no such run dir or checkpoint file")],
+    ids=["other kind", "other sizes", "policy run", "missing"])
+def test_a_run_of_another_model_is_refused(np_btl_run, btl_run, paper_path, tmp_path, no_timing, run, overrides, error,
+                                           message):
+    save_checkpoint(str(tmp_path / "policy" / "ckpt_best.pt"), {"model": {}, "config": {}, "step": 0,
+                                                                 "policy_config": {}})
+    path = {"btl": btl_run[0], "np_btl": np_btl_run[0], "policy": str(tmp_path / "policy"),
+            "missing": str(tmp_path / "missing")}[run]
+    with pytest.raises(error, match=re.escape(message.format(run=path))):
+        bench.main(["reward", f"--data.path={paper_path}", f"--run={path}", *overrides])
+
+
+def test_a_run_on_data_of_another_dimension_is_refused(np_btl_run, tmp_path, no_timing):
+    save_pairs(str(tmp_path / "d3.npz"), make_linear_synthetic(num_pairs=300, dim=3))
+    with pytest.raises(DataError, match=f"d3.npz has options of dimension 3, but {np_btl_run[0]} was trained on "
+                                        "dimension 1"):
+        bench.main(["reward", f"--data.path={tmp_path}/d3.npz", f"--run={np_btl_run[0]}"])
+
+
+def test_cli_user_error_is_one_line_exit_2(btl_run, paper_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "reward", f"--data.path={paper_path}",
+                             f"--run={btl_run[0]}"], cwd=REPO, capture_output=True, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: --run:") and "model.kind = 'btl'" in lines[0]

@@ -1,5 +1,8 @@
 import json
+import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,7 +10,9 @@ import torch
 
 import data
 from common import ConfigError
+from conftest import REPO
 from data import (DataError, EpisodeSampler, bayes_log_prob_chosen, load_pairs, make_linear_synthetic,
+                  population_log_prob_chosen,
                   make_paper_synthetic, paper_rewards, save_pairs)
 from reward import choice_correct
 
@@ -307,7 +312,34 @@ def test_bayes_posterior_is_certain_after_a_conflicting_pair():
 
 def test_bayes_is_none_for_an_unknown_generator(population):
     batch = EpisodeSampler(population, "train", num_targets=2, max_context=2).sample(3)
-    assert bayes_log_prob_chosen(population.meta, batch) is None
+    assert bayes_log_prob_chosen({"generator": "embedder"}, batch) is None
+
+
+def one_dim_episode(context_pairs, target_pairs):
+    """A batch of one episode on 1-D options: a population of users w = +1 or -1 (the unit sphere in 1-D)."""
+    context = torch.tensor(context_pairs, dtype=torch.float32).view(1, -1, 2, 1)
+    return {"context": context, "context_mask": torch.ones(context.shape[:2], dtype=torch.bool),
+            "targets": torch.tensor(target_pairs, dtype=torch.float32).view(1, -1, 2, 1)}
+
+
+def test_population_bayes_by_hand_deterministic_users():
+    batch = one_dim_episode([[0.9, 0.2]], [[0.7, 0.3], [0.3, 0.7]])  # chose the larger: w = +1
+    meta = {"generator": "linear_population", "temperature": 0.0}
+    assert torch.allclose(bayes_log_prob_chosen(meta, batch).exp(), torch.tensor([[1.0, 0.0]]))
+    no_context = dict(batch, context_mask=torch.zeros(1, 1, dtype=torch.bool))
+    assert torch.allclose(bayes_log_prob_chosen(meta, no_context).exp(), torch.tensor([[0.5, 0.5]]), atol=0.02)
+
+
+def test_population_bayes_by_hand_bradley_terry_users():
+    """Posterior over w = +1 / -1 after choosing 0.6 over 0.5 at temperature 0.1, then the predictive."""
+    batch = one_dim_episode([[0.6, 0.5]], [[0.8, 0.2]])
+    meta = {"generator": "linear_population", "temperature": 0.1}
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    plus = sig(1.0) / (sig(1.0) + sig(-1.0))  # P(w = +1 | context)
+    exact = plus * sig(6.0) + (1 - plus) * sig(-6.0)
+    log_prob, groups = population_log_prob_chosen(meta, batch, num_samples=20000)
+    assert log_prob.exp().item() == pytest.approx(exact, abs=0.01)
+    assert groups.shape == (4, 1, 1) and torch.allclose(groups.exp(), log_prob.exp(), atol=0.02)
 
 
 # -----------------------------------------------------------------------------
@@ -541,6 +573,37 @@ def test_toy_tokenizer_round_trips_and_knows_every_word(toy_rows):
     vocabulary = set(data.toy_vocabulary())
     assert all(w in vocabulary for r in toy_rows for k in ("prompt", "response_a", "response_b") for w in r[k].split())
     assert tok.encode("zebras are nice") == [tok.unk_token_id] + tok.encode("are nice")
+
+
+def test_toy_tokenizer_reads_natural_text_and_keeps_every_toy_id(toy_rows):
+    """Capitals and punctuation attached to words read as the toy world writes them, and every
+    toy text keeps the ids of a lookup of its space-separated words (the tokenizer before)."""
+    tok = data.toy_tokenizer()
+    vocab = tok.get_vocab()
+    texts = {t for r in toy_rows for t in (r["prompt"], r["response_a"], r["response_b"])} | set(data.toy_prompts())
+    assert all(tok.encode(text) == [vocab[w] for w in text.split()] for text in texts)
+    assert tok.encode("Tell me about BEES.") == tok.encode("tell me about bees .")
+    assert tok.encode("What about cats?") == tok.encode("what about cats ?")
+    assert tok.encode("Cats are nice.Dogs look old.") == tok.encode("cats are nice . dogs look old .")
+
+
+@pytest.mark.parametrize("text, unknown", [
+    ("Tell me about bees.", []),
+    ("tell me about zebras .", ["zebras"]),
+    ("tell me about 🐝!", ["🐝", "!"]),
+    ("расскажи о пчёлах", ["расскажи", "о", "пчёлах"]),
+    ("Zebras, zebras and Zebras", ["Zebras", ",", "zebras", "and"]),
+], ids=["known", "word", "emoji", "other-script", "each-once"])
+def test_unknown_words_are_the_pieces_read_as_unk(text, unknown):
+    assert data.unknown_words(data.toy_tokenizer(), text) == unknown
+
+
+def test_text_with_unknown_words_is_refused_naming_them():
+    tok = data.toy_tokenizer()
+    data.check_known_words(tok, "Tell me about bees.", "--prompt")
+    with pytest.raises(DataError, match=r"^--prompt: the model's vocabulary has no '🐝', 'zebras' "
+                                        r"\(it knows 41 words: \., \?, about, are, be, bees, .*, \.\.\.\)$"):
+        data.check_known_words(tok, "tell me about 🐝 zebras", "--prompt")
 
 
 # -----------------------------------------------------------------------------
@@ -1230,3 +1293,55 @@ def test_ultrafeedback_to_embed_to_train_reward_to_evaluate(uf_random, embedders
                              f"--out={tmp_path / 'eval'}"])
     assert {r["label"] for r in results} == {"helpfulness", "honesty", "all"}
     assert {r["num_context"] for r in results} == {0, 1} and {r["model"] for r in results} == {"run"}
+
+
+# -----------------------------------------------------------------------------
+# the command line: every user error is one line, exit 2, nothing written
+
+
+def test_cli_without_a_command_is_one_line_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "data.py")], cwd=tmp_path, capture_output=True,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: usage: python data.py synthetic|ultrafeedback|embed")
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_unknown_command_is_named():
+    with pytest.raises(ConfigError, match=r"^usage: python data.py .*; unknown command 'synthtic'$"):
+        data.main(["synthtic", "--out=x.npz"])
+
+
+def test_cli_help_prints_the_examples(capsys):
+    data.main(["--help"])
+    assert "python data.py synthetic --out=data/paper_synthetic.npz" in capsys.readouterr().out
+
+
+def test_cli_unknown_generator_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"config key 'generator': unknown generator 'gauss' \(paper \| linear\)"):
+        data.main(["synthetic", "--generator=gauss", "--out=x.npz"])
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("command, out, message", [
+    (["synthetic"], "folder", "folder is a folder: give the file to write in it"),
+    (["synthetic"], "file/x.npz", "cannot create file/x.npz: .*file is a file"),
+    (["embed", "--model=none", "--in=none.jsonl"], "folder", "folder is a folder: give the file to write in it"),
+    (["ultrafeedback", "--source=uf.jsonl"], "file", "file is a file, not a folder")],
+    ids=["synthetic into a folder", "synthetic under a file", "embed into a folder", "ultrafeedback into a file"])
+def test_cli_bad_out_is_refused_before_any_work(tmp_path, command, out, message):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    (tmp_path / "uf.jsonl").write_text("")  # a local source: nothing is looked up on the hub
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ConfigError, match=f"config key 'out': {message}"):
+        data.main([*command, f"--out={out}"])
+    assert sorted(os.listdir(tmp_path)) == before and os.listdir(tmp_path / "folder") == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_cli_out_without_permission_is_refused(tmp_path):
+    (tmp_path / "locked").mkdir(mode=0o500)
+    with pytest.raises(ConfigError, match="config key 'out': cannot write to locked/x.npz"):
+        data.main(["synthetic", "--out=locked/x.npz"])

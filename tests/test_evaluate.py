@@ -1,13 +1,17 @@
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
+import torch
 
 import evaluate
-from common import ConfigError
-from conftest import TINY, train
-from data import load_pairs
+from common import CheckpointError, ConfigError, load_checkpoint, run_script, save_checkpoint
+from conftest import REPO, TINY, folder_hashes, train
+from data import DataError, load_pairs, make_linear_synthetic, save_pairs
 
 MAX_SEM, MAX_EPISODES = 0.01, 1000
 FAST = ["--chunk=200", f"--max_episodes={MAX_EPISODES}", "--num_targets=20", f"--max-sem={MAX_SEM}"]
@@ -109,3 +113,229 @@ def test_models_on_different_data_are_refused(tmp_path, np_btl_run):
 def test_zero_chunk_is_refused(np_btl_run):
     with pytest.raises(ConfigError, match="config key 'chunk'"):
         evaluate.main([np_btl_run[0], "--chunk=0", "--num-context=[0]"])
+
+
+# -----------------------------------------------------------------------------
+# every user error: one line, exit 2, refused before any work, nothing written
+
+
+@pytest.fixture
+def run_copy(tmp_path, np_btl_run):
+    """A copy of the NP-BTL run (its folder is the default --out) and the hashes of its files."""
+    run = str(shutil.copytree(np_btl_run[0], tmp_path / "np_btl"))
+    return run, folder_hashes(run)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any evaluation would fail differently: a refusal must come before it."""
+    def work_started(*args, **kwargs):
+        raise AssertionError("evaluation started")
+    monkeypatch.setattr(evaluate, "load_models", work_started)
+    monkeypatch.setattr(evaluate, "load_policies", work_started)
+
+
+def evaluate_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def assert_one_error_line(result, message):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def tiny_run(folder, data_path, *overrides):
+    train(folder, data_path, *TINY, "--train.steps=2", *overrides)
+    return str(folder)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_unavailable_device_is_one_line_and_writes_nothing(run_copy):
+    run, hashes = run_copy
+    result = evaluate_cli(run, "--device=cuda", "--plot")
+    assert_one_error_line(result, "config key 'device': 'cuda' is not available here")
+    assert folder_hashes(run) == hashes
+
+
+def test_cli_run_dir_without_ckpt_best_is_one_line_and_writes_nothing(run_copy):
+    run, _ = run_copy
+    os.remove(os.path.join(run, "ckpt_best.pt"))
+    hashes = folder_hashes(run)
+    result = evaluate_cli(run, cwd=os.path.dirname(run))
+    assert_one_error_line(result, f"{run} holds no ckpt_best.pt (evaluate {run}/ckpt_last.pt instead?)")
+    assert folder_hashes(run) == hashes
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "unknown device 'gpu'"), ("cuda:0", "is not available here")])
+def test_bad_device_is_refused_before_the_checkpoints_are_read(run_copy, no_work, monkeypatch, device, message):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    monkeypatch.setattr(evaluate, "load_checkpoint", None)  # reading a checkpoint would fail differently
+    with pytest.raises(ConfigError, match=f"config key 'device': .*{message}"):
+        evaluate.main([run_copy[0], f"--device={device}"])
+
+
+def test_plot_without_matplotlib_is_refused_before_any_work(run_copy, no_work, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails as if not installed
+    with pytest.raises(ConfigError, match=r"config key 'plot': --plot needs matplotlib, which is not installed"):
+        evaluate.main([run_copy[0], "--plot"])
+    assert folder_hashes(run_copy[0]) == run_copy[1]  # no eval.json either
+
+
+@pytest.mark.parametrize("name, message", [("nowhere", "nowhere: no such run dir or checkpoint file"),
+                                           ("nowhere/ckpt_last.pt", "ckpt_last.pt: no such run dir or checkpoint file"),
+                                           ("empty", "empty holds no ckpt_best.pt (not a run dir?)")])
+def test_missing_runs_are_refused(tmp_path, no_work, name, message):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        evaluate.main([str(tmp_path / name)])
+
+
+def test_unreadable_checkpoint_is_refused(tmp_path, no_work):
+    (tmp_path / "ckpt_best.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="ckpt_best.pt: not a readable checkpoint"):
+        evaluate.main([str(tmp_path)])
+
+
+@pytest.mark.parametrize("out, message", [("np_btl/config.yaml", "np_btl/config.yaml is a file, not a folder"),
+                                          ("np_btl/config.yaml/eval", "cannot create .*config.yaml is a file")])
+def test_bad_out_is_refused_before_any_work(run_copy, no_work, out, message):
+    run, hashes = run_copy
+    with pytest.raises(ConfigError, match=f"config key 'out': .*{message}"):
+        evaluate.main([run, f"--out={os.path.join(os.path.dirname(run), out)}"])
+    assert folder_hashes(run) == hashes
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_out_without_permission_is_refused(run_copy, no_work, tmp_path):
+    os.chmod(tmp_path / "np_btl", 0o500)
+    try:
+        with pytest.raises(ConfigError, match="config key 'out': cannot write to .*no permission"):
+            evaluate.main([run_copy[0]])
+    finally:
+        os.chmod(tmp_path / "np_btl", 0o700)
+
+
+def test_reward_and_policy_runs_together_are_refused(run_copy, tmp_path, no_work):
+    save_checkpoint(str(tmp_path / "policy" / "ckpt_best.pt"), {"model": {}, "config": {}, "step": 0,
+                                                                 "policy_config": {}})
+    with pytest.raises(ConfigError, match="config key 'run': give reward runs or policy runs, not both"):
+        evaluate.main([run_copy[0], str(tmp_path / "policy")])
+
+
+# -----------------------------------------------------------------------------
+# the run's data file, from another folder; data that no longer fits the run
+
+
+@pytest.fixture
+def relative_run(tmp_path, paper_path):
+    """A tiny run trained here on the relative data path pairs.npz."""
+    shutil.copy(paper_path, tmp_path / "pairs.npz")
+    return tiny_run(tmp_path / "run", "pairs.npz")
+
+
+def test_a_relative_data_path_is_found_from_another_folder(relative_run, tmp_path, monkeypatch):
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    rows = evaluate.main([relative_run, *FAST, "--num-context=[0]"])
+    assert {r["model"] for r in rows} == {"run", evaluate.BAYES}
+
+
+def test_a_missing_data_file_names_both_places_tried(relative_run, tmp_path, monkeypatch):
+    os.remove(tmp_path / "pairs.npz")
+    monkeypatch.chdir(tmp_path / "run")
+    with pytest.raises(DataError, match=f"pairs.npz: the data file of {relative_run} is not found "
+                                        f"\\(from here or from {tmp_path}, where the run was trained\\)"):
+        evaluate.main([relative_run, *FAST])
+
+
+@pytest.mark.parametrize("old_checkpoint", [False, True])
+def test_data_of_another_dimension_names_the_file_and_both_dimensions(relative_run, tmp_path, old_checkpoint):
+    save_pairs(str(tmp_path / "pairs.npz"), make_linear_synthetic(num_pairs=300, dim=3))
+    message = "pairs.npz has options of dimension 3, but .*/run was trained on dimension 1"
+    if old_checkpoint:  # saved before checkpoints carried data_dim: the weights' shapes tell
+        checkpoint = load_checkpoint(relative_run)
+        del checkpoint["data_dim"]
+        save_checkpoint(os.path.join(relative_run, "ckpt_best.pt"), checkpoint)
+        message = "pairs.npz has options of dimension 3, but the weights in .*/run are for another dimension"
+    hashes = folder_hashes(relative_run)
+    with pytest.raises(DataError, match=message):
+        evaluate.main([relative_run, *FAST])
+    assert folder_hashes(relative_run) == hashes
+
+
+# -----------------------------------------------------------------------------
+# eval.json first; Ctrl-C; plots
+
+
+def test_eval_json_is_written_before_the_plots(run_copy, monkeypatch):
+    pytest.importorskip("matplotlib")
+    def broken_plot(*args):
+        raise RuntimeError("a bug in plotting")
+    monkeypatch.setattr(evaluate, "plot_accuracy", broken_plot)
+    with pytest.raises(RuntimeError, match="a bug in plotting"):  # a real bug keeps its traceback
+        evaluate.main([run_copy[0], *FAST, "--num-context=[0]", "--plot"])
+    assert json.load(open(os.path.join(run_copy[0], "eval.json")))
+
+
+def test_ctrl_c_during_evaluation_exits_130_quietly_and_writes_nothing(run_copy, monkeypatch, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, "score_context_size", interrupted)
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", run_copy[0], *FAST])
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(evaluate.main)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    assert folder_hashes(run_copy[0]) == run_copy[1]
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plot functions draw, kept open for inspection instead of closed."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    drawn, close = [], plt.close
+    monkeypatch.setattr(plt, "close", drawn.append)
+    yield drawn
+    for fig in drawn:
+        close(fig)
+
+
+def errorbar_lines(ax):
+    """{label: the data line} of the error-bar curves in `ax`."""
+    return {c.get_label(): c.lines[0] for c in ax.containers}
+
+
+def test_accuracy_and_reward_curve_plots_can_be_read(tmp_path, np_btl_run, btl_run, paper_path, figures):
+    evaluate.main([np_btl_run[0], btl_run[0], *FAST, "--num-context=[0,10]", "--plot", f"--out={tmp_path}"])
+    accuracy, curves = figures
+    ax = accuracy.axes[0]
+    assert f"split 'test' of {paper_path}" in ax.get_title() and "SEM" in ax.get_title()
+    assert ax.get_xlabel().startswith("context pairs n") and ax.get_ylabel().endswith("(%)")
+    lines = errorbar_lines(ax)
+    assert len(lines) == 3 and len({(l.get_marker(), l.get_linestyle(), l.get_color()) for l in lines.values()}) == 3
+    assert len({tuple(l.get_xdata()) for l in lines.values()}) == 3  # shifted apart horizontally
+    assert "only the ordering of rewards is identifiable" in curves._suptitle.get_text()
+    assert all("standardised" in a.get_ylabel() and a.get_legend() is not None for a in curves.axes)
+
+
+def test_steering_plot_has_a_legend_per_panel_and_one_colour_per_model(tmp_path, figures):
+    rows = [{"model": "np_dpo", "label": label, "num_context": n, "gold_reward": n / 10, "sem": 0.05}
+            for label in ("concise", "detailed") for n in (0, 5)]
+    rows += [{"model": "dpo", "label": label, "num_context": None, "gold_reward": 0.3, "sem": 0.02}
+             for label in ("concise", "detailed")]
+    rows += [{"model": "oracle_detailed", "label": "detailed", "num_context": None, "gold_reward": 0.9, "sem": 0.02}]
+    assert evaluate.plot_steering(rows, ["concise", "detailed"], [0, 5], "split 'test'", str(tmp_path)) == \
+        ["steering.png"]
+    (fig,) = figures
+    colours = {}
+    for ax, expected in zip(fig.axes, [{"np_dpo", "dpo (no context)"},
+                                       {"np_dpo", "dpo (no context)", "oracle_detailed (no context)"}]):
+        assert {t.get_text() for t in ax.get_legend().get_texts()} == expected
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            colour = handle.lines[0].get_color() if hasattr(handle, "lines") else handle.get_color()
+            assert colours.setdefault(label, colour) == colour
+    assert len(set(colours.values())) == 3
+    assert "split 'test'" in fig._suptitle.get_text() and (tmp_path / "steering.png").exists()

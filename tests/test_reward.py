@@ -4,6 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
+import reward
+
 from common import save_checkpoint
 from data import EpisodeSampler, load_pairs, paper_rewards
 from np_encoder import AGGREGATORS
@@ -189,3 +192,48 @@ def test_ten_context_pairs_beat_none(trained):
     with_context = accuracy(batch)
     without = accuracy(dict(batch, context_mask=torch.zeros_like(batch["context_mask"])))
     assert with_context > 0.95 and with_context > without + 0.15
+
+
+# -----------------------------------------------------------------------------
+# the posterior predictive
+
+
+def cyclic_triple(meta, grid=60):
+    """Options y1, y2, y3 whose majority preference (n = 0) is a cycle under the generator."""
+    ys = torch.linspace(0.01, 0.99, grid)
+    rewards = data.true_rewards(meta, ys[:, None])  # (G, K)
+    beats = (rewards[:, None] > rewards[None]).float().mean(-1) > 0.5  # (G, G): i beats j by majority
+    cycles = torch.nonzero(beats[:, :, None] & beats[None, :, :] & beats.T[:, None, :])  # i > j > k > i
+    a, b, c = cycles[0].tolist()
+    return ys[a], ys[b], ys[c]
+
+
+class EvenPrior(torch.nn.Module):
+    """q(z | context) = N(0, I) in 3-D: z's argmax is each of 3 types with probability 1/3."""
+    def forward(self, context, mask):
+        return torch.zeros(len(context), 3), torch.ones(len(context), 3)
+
+
+def test_the_posterior_predictive_expresses_a_majority_vote_that_no_single_latent_can():
+    """A model that has learned the types exactly (z's argmax picks a type's true reward) and
+    q(z | no context) that spreads evenly over them: its predictive is the Bayes-optimal
+    n = 0 answer, the majority vote, even on a cycle; every single z gives a ranking."""
+    generated = data.make_waves_synthetic(num_pairs=10, num_types=3, seed=0)
+    model = reward.NPBTL(1, latent_dim=3, stochastic=True, predict_samples=3000)
+    model.encoder = EvenPrior()
+    def rewards(options, latent):  # (B, ..., 1), (B, 3) -> (B, ...): type argmax(z)'s true reward
+        per_type = 1000 * data.true_rewards(generated.meta, options)  # (B, ..., 3): near-deterministic choices
+        index = latent.argmax(-1).view(-1, *[1] * (per_type.dim() - 1)).expand(*per_type.shape[:-1], 1)
+        return per_type.gather(-1, index).squeeze(-1)
+    model.rewards = rewards
+    y1, y2, y3 = cyclic_triple(generated.meta)
+    targets = torch.tensor([[[y1, y2], [y2, y3], [y3, y1]]])[..., None]  # (1, 3, 2, 1): each first option wins
+    batch = {"context": torch.zeros(1, 0, 2, 1), "context_mask": torch.zeros(1, 0, dtype=torch.bool),
+             "targets": targets}
+    torch.manual_seed(0)
+    assert (model.log_prob_chosen(batch).exp() > 0.5).all()  # the predictive follows the cycle
+    bayes = data.bayes_log_prob_chosen(generated.meta, batch).exp()
+    assert torch.allclose(model.log_prob_chosen(batch).exp(), bayes.float(), atol=0.03)
+    for k in range(3):  # any single z is one type's ranking: it loses at least one pair of the cycle
+        latent = torch.nn.functional.one_hot(torch.tensor([k]), 3).float()
+        assert (model.log_prob_chosen(batch, latent=latent).exp() < 0.5).any()
