@@ -5,6 +5,7 @@ and the episode sampler for meta-training.
     python data.py synthetic --out=data/paper_synthetic.npz        # the paper's task
     python data.py synthetic --generator=linear --dim=8 --num_types=4 --temperature=0.1 --out=data/linear.npz
     python data.py synthetic --generator=linear --num_users=2000 --pairs_per_user=40 --out=data/users.npz
+    python data.py synthetic --generator=waves --num_types=3 --out=data/three_types.npz   # the benchmarks: README
     python data.py ultrafeedback --out=data/uf_hh                    # UltraFeedback HH text pairs (hub)
     python data.py ultrafeedback --source=uf.jsonl --labels=[helpfulness,honesty,truthfulness] --out=data/uf_hht
     python data.py embed --model=meta-llama/Meta-Llama-3-8B --in=data/uf_hh/pairs.jsonl --out=data/uf_hh/features.npz
@@ -226,7 +227,7 @@ def make_paper_synthetic(num_pairs=20000, seed=0):
                           random_split(num_pairs, gen), {"generator": "paper", "temperature": 0.0})
 
 
-def make_waves_synthetic(num_pairs=20000, num_types=3, temperature=0.0, waves=3, seed=0):
+def make_waves_synthetic(num_pairs=20000, num_types=3, temperature=0.0, waves=2, seed=0):
     """K user types on options y ~ U[0,1], each with a random smooth reward
     r_k(y) = sum_j a_kj sin(pi j y + phi_kj) (a ~ N(0, 1), phi ~ U[0, 2 pi]); every type
     answers every pair. Their majority preference need not be a ranking at all."""
@@ -1078,14 +1079,15 @@ def embed_text_pairs(model_name, in_path, out_path, batch_size=16, max_length=10
 
 DEFAULTS = {
     "out": REQUIRED,  # where to write the .npz
-    "generator": "paper",  # paper | linear
-    "num_pairs": 20000,  # pairs (paper, linear with user types)
+    "generator": "paper",  # paper | waves | linear
+    "num_pairs": 20000,  # pairs (paper, waves, linear with user types)
     "seed": 0,  # generator seed
     "dim": 8,  # option features (linear)
-    "num_types": 2,  # user types answering every pair (linear)
+    "num_types": 2,  # user types answering every pair (waves, linear)
+    "waves": 2,  # sine harmonics in each type's 1-D reward (waves)
     "num_users": 0,  # > 0: a continuous population of users instead of types (linear)
     "pairs_per_user": 40,  # pairs each user answers (linear, num_users > 0)
-    "temperature": 0.0,  # 0: deterministic choices; > 0: Bradley-Terry sampling (linear)
+    "temperature": 0.0,  # 0: deterministic choices; > 0: Bradley-Terry sampling (waves, linear)
 }
 
 
@@ -1136,11 +1138,14 @@ def check_out_path(key, path, folder=False):
 
 
 def synthetic_command(config):
-    check(config["generator"] in ("paper", "linear"), "generator",
-          f"unknown generator '{config['generator']}' (paper | linear)")
+    check(config["generator"] in ("paper", "waves", "linear"), "generator",
+          f"unknown generator '{config['generator']}' (paper | waves | linear)")
     check_out_path("out", config["out"])
     if config["generator"] == "paper":
         data = make_paper_synthetic(config["num_pairs"], config["seed"])
+    elif config["generator"] == "waves":
+        keys = ("num_pairs", "num_types", "temperature", "waves", "seed")
+        data = make_waves_synthetic(**{k: config[k] for k in keys})
     else:
         keys = ("num_pairs", "dim", "num_types", "temperature", "num_users", "pairs_per_user", "seed")
         data = make_linear_synthetic(**{k: config[k] for k in keys})
