@@ -48,8 +48,9 @@ class TrainingError(RuntimeError):
 
 def check_finite(loss, step, out_dir):
     if not torch.isfinite(loss):
-        raise TrainingError(f"non-finite loss ({loss.item()}) at step {step}: stopped before the update; "
-                            f"{out_dir}/ckpt_last.pt holds the last good checkpoint")
+        last = os.path.join(out_dir, "ckpt_last.pt")
+        kept = f"{last} holds the last good checkpoint" if os.path.exists(last) else "no checkpoint was saved yet"
+        raise TrainingError(f"non-finite loss ({loss.item()}) at step {step}: stopped before the update; {kept}")
 
 
 def run_script(main):
@@ -57,8 +58,8 @@ def run_script(main):
     cannot go on exits 1, Ctrl-C exits quietly with 130; nothing else is caught."""
     try:
         main(sys.argv[1:])
-    except UserError as e:
-        sys.exit(_exit_line(e, 2))
+    except UserError as e:  # under torchrun every rank raises it: rank 0 alone says so
+        sys.exit(_exit_line(e, 2) if os.environ.get("RANK", "0") == "0" else 2)
     except TrainingError as e:
         sys.exit(_exit_line(e, 1))
     except KeyboardInterrupt:
@@ -122,7 +123,10 @@ def _check_type(key, default, value):
             pass
     elif isinstance(value, type(default)):
         return value
-    raise ConfigError(f"config key '{key}': expected {type(default).__name__}, got {value!r}")
+    hint = ""
+    if isinstance(value, str) and value.startswith("[") and not value.endswith("]"):
+        hint = " (the shell split the list at a space: quote it, or write it without spaces)"
+    raise ConfigError(f"config key '{key}': expected {type(default).__name__}, got {value!r}{hint}")
 
 
 def _set(config, dotted_key, value, from_cli=False):
@@ -213,6 +217,8 @@ def load_config(defaults, argv, aliases=None):
             continue
         key, has_value, text = arg[2:].partition("=")
         key = (aliases or {}).get(key, key.replace("-", "_"))
+        if key == "config" and "config" not in defaults:
+            raise ConfigError("give the config file as a plain argument (script.py configs/x.yaml), not --config")
         default = _default_of(config, key)
         if not has_value and args and not args[0].startswith("--") and not isinstance(default, bool):
             has_value, text = True, args.pop(0)  # `--key value`
@@ -243,6 +249,14 @@ def check(condition, key, reason):
     """Config validation in one line: `check(lr > 0, 'train.lr', 'must be positive')`."""
     if not condition:
         raise ConfigError(f"config key '{key}': {reason}")
+
+
+def check_positive(config, *keys):
+    """Every dotted key holds a finite number > 0 (sizes, counts, rates)."""
+    flat = flatten(config)
+    for key in keys:
+        check(flat[key] is not None and math.isfinite(flat[key]) and flat[key] > 0, key,
+              f"must be a positive number, got {flat[key]}")
 
 
 def print_config(config):
@@ -281,6 +295,7 @@ def seed_everything(seed):
 def pick_device(name):
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'; a device that does
     not exist or is not available here is a ConfigError."""
+    name = name.strip().lower()  # CPU, Cuda
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "mps" and torch.backends.mps.is_available():
@@ -337,11 +352,17 @@ def graceful_stop():
 
 
 def save_checkpoint(path, checkpoint):
-    """Atomic: write a temp file in the same folder, then rename over the target."""
+    """Atomic: write a temp file in the same folder, then rename over the target. A failed
+    write (disk full, read-only) leaves the previous checkpoint and no temp file behind."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise TrainingError(f"cannot write {path} ({e.strerror or e}); the previous one is unchanged") from None
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -406,11 +427,15 @@ def check_run_folder(config, stage, holding_lock=False):
     if not holding_lock:
         _check_not_in_use(out_dir)
     found = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+    has_checkpoint = os.path.isfile(os.path.join(out_dir, "ckpt_last.pt"))
     other = run_stage(out_dir) if found else None
     if other is not None and other != stage:
         raise ConfigError(f"{out_dir} holds a {other} run (made by train_{other}.py): train_{stage}.py will not "
                           "write there; choose another --out_dir")
-    if resume and not os.path.isfile(os.path.join(out_dir, "ckpt_last.pt")):
+    if found and not has_checkpoint and not overwrite:
+        raise ConfigError(f"{out_dir} holds a run that stopped before its first checkpoint ({', '.join(found)}): "
+                          "there is nothing to resume; replace it with --overwrite")
+    if resume and not has_checkpoint:
         raise CheckpointError(f"--resume: no {os.path.join(out_dir, 'ckpt_last.pt')} to continue "
                               "(drop --resume to start a new run)")
     if found and not (resume or overwrite):
@@ -433,16 +458,23 @@ def _lock_holder(handle):
     return handle.read().strip() or "another process"
 
 
-def _check_not_in_use(out_dir):
+def run_in_use(out_dir):
+    """Who holds out_dir's lock (a training still running), or None."""
     path = os.path.join(out_dir, LOCK_FILE)
     if not os.path.isfile(path):
-        return
+        return None
     with open(path) as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"{out_dir} is in use by {_lock_holder(handle)}: wait for it to finish, "
-                              "or choose another --out_dir") from None
+            return _lock_holder(handle)
+    return None
+
+
+def _check_not_in_use(out_dir):
+    holder = run_in_use(out_dir)
+    if holder:
+        raise ConfigError(f"{out_dir} is in use by {holder}: wait for it to finish, or choose another --out_dir")
 
 
 @contextlib.contextmanager

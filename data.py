@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import REQUIRED, ConfigError, UserError, check, load_config, pick_device, print_config, run_script
+from common import REQUIRED, ConfigError, UserError, check, check_positive, load_config, pick_device, print_config, run_script
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -1088,6 +1088,7 @@ DEFAULTS = {
     "num_users": 0,  # > 0: a continuous population of users instead of types (linear)
     "pairs_per_user": 40,  # pairs each user answers (linear, num_users > 0)
     "temperature": 0.0,  # 0: deterministic choices; > 0: Bradley-Terry sampling (waves, linear)
+    "overwrite": False,  # replace an existing --out (runs may have been trained on it)
 }
 
 
@@ -1103,6 +1104,7 @@ def describe(data):
 UF_DEFAULTS = {
     "source": "openbmb/UltraFeedback",  # hub dataset name, or a local .json/.jsonl/.parquet file or folder
     "out": REQUIRED,  # folder: pairs.jsonl goes there
+    "overwrite": False,  # replace an existing OUT/pairs.jsonl
     "labels": ["helpfulness", "honesty"],  # the users (HH); add truthfulness for HHT
     "conflict_fraction": 1.0,  # share of the pairs the labels rank oppositely (the paper: 1.0)
     "seed": 0,  # subsampling and the split by prompt
@@ -1113,6 +1115,7 @@ EMBED_DEFAULTS = {
     "model": REQUIRED,  # hub name or local path of a transformers decoder or encoder
     "in": REQUIRED,  # text pairs (JSONL)
     "out": REQUIRED,  # the feature-pair .npz to write
+    "overwrite": False,  # replace an existing --out
     "batch_size": 16,  # sequences per forward
     "max_length": 1024,  # most tokens of prompt + response; a longer pair is an error
     "device": "auto",  # auto = cuda if available, else cpu (bf16 on GPU)
@@ -1137,10 +1140,21 @@ def check_out_path(key, path, folder=False):
         raise ConfigError(f"config key '{key}': cannot write to {path} (no permission in {parent})")
 
 
+def check_not_there(path, overwrite):
+    """A dataset is never replaced by accident: runs may have been trained on it."""
+    if os.path.exists(path) and not overwrite:
+        raise ConfigError(f"config key 'out': {path} exists (a run may have been trained on it): "
+                          "replace it with --overwrite, or write elsewhere")
+
+
 def synthetic_command(config):
     check(config["generator"] in ("paper", "waves", "linear"), "generator",
           f"unknown generator '{config['generator']}' (paper | waves | linear)")
+    check_positive(config, "num_pairs", "dim", "num_types", "waves", "pairs_per_user")
+    check(config["num_users"] >= 0 and config["temperature"] >= 0, "num_users",
+          "num_users and temperature must be non-negative")
     check_out_path("out", config["out"])
+    check_not_there(config["out"], config["overwrite"])
     if config["generator"] == "paper":
         data = make_paper_synthetic(config["num_pairs"], config["seed"])
     elif config["generator"] == "waves":
@@ -1160,6 +1174,7 @@ def ultrafeedback_command(config):
     check(len(set(labels)) == len(labels) >= 2, "labels", "must name at least two distinct labels")
     check(0 <= fraction <= 1, "conflict_fraction", "must lie in [0, 1]")
     check_out_path("out", config["out"], folder=True)
+    check_not_there(os.path.join(config["out"], "pairs.jsonl"), config["overwrite"])
     records = read_ultrafeedback(config["source"], labels, config["skip_bad_rows"])
     rows, counts = make_ultrafeedback_pairs(records, labels, fraction, config["seed"])
     if not rows:
@@ -1179,6 +1194,7 @@ def embed_command(config):
     check(config["save_every"] > 0, "save_every", "must be positive")
     check(config["max_length"] > 0, "max_length", "must be positive")
     check_out_path("out", config["out"])
+    check_not_there(config["out"], config["overwrite"])
     data = embed_text_pairs(config["model"], config["in"], config["out"], config["batch_size"], config["max_length"],
                             config["device"], config["save_every"], config["trust_remote_code"])
     print(f"wrote {config['out']} ({data.meta['pooling']} pooling): {describe(data)}")

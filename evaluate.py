@@ -31,8 +31,8 @@ import os
 
 import torch
 
-from common import (CheckpointError, ConfigError, check, load_checkpoint, load_config, pick_device, resolve_path,
-                    run_script)
+from common import (CheckpointError, ConfigError, check, check_positive, load_checkpoint, load_config, pick_device,
+                    read_yaml, resolve_path, run_in_use, run_script)
 from data import (DataError, EpisodeSampler, bayes_log_prob_chosen, check_out_path, load_pairs,
                   population_log_prob_chosen, true_rewards)
 from reward import choice_correct, load_reward_model
@@ -553,13 +553,18 @@ def check_arguments(config, paths):
     check(config["episodes"] >= 2, "episodes", "must be at least 2 (a standard error needs two)")
     check(config["predict_samples"] >= 0, "predict_samples", "must be non-negative (0 = mean z only)")
     check(config["bayes_samples"] >= 4, "bayes_samples", "must be at least 4 (four Monte Carlo groups)")
+    check_positive(config, "num_targets", *(f"policy_eval.{k}" for k in config["policy_eval"]))
 
 
 def check_runs(paths):
-    """Every run dir or checkpoint exists; a run dir holds the ckpt_best.pt we evaluate."""
+    """Every run dir or checkpoint exists; a run dir holds the ckpt_best.pt we evaluate. A
+    run still training is scored as its ckpt_best.pt stands now, with a note."""
     for path in paths:
         if not os.path.exists(path):
             raise CheckpointError(f"{path}: no such run dir or checkpoint file")
+        holder = run_in_use(run_dir_of(path))
+        if holder:
+            print(f"note: {run_dir_of(path)} is still training ({holder}): scoring its best checkpoint so far")
         best, last = os.path.join(path, "ckpt_best.pt"), os.path.join(path, "ckpt_last.pt")
         if os.path.isdir(path) and not os.path.isfile(best):
             hint = f" (evaluate {last} instead?)" if os.path.isfile(last) else " (not a run dir?)"
@@ -577,6 +582,10 @@ def write_json(path, rows):
 def main(argv):
     """Everything a user can get wrong is refused before any work, and nothing is written
     until the numbers exist; eval.json goes first, so a failing plot loses no numbers."""
+    for arg in argv:  # a run's training config is not an evaluation config
+        if arg.endswith((".yaml", ".yml")) and os.path.isfile(arg) and "stage" in read_yaml(arg):
+            raise ConfigError(f"{arg} is a run's training config: give the run's folder "
+                              f"({os.path.dirname(arg) or '.'}) to evaluate it")
     config, paths = load_config(DEFAULTS, argv, ALIASES)
     check_arguments(config, paths)
     device = pick_device(config["device"])  # first: an unavailable device is not a bad checkpoint

@@ -55,6 +55,7 @@ Departures from the paper's code:
 """
 
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -63,12 +64,12 @@ import torch
 from tqdm import tqdm
 
 import policy as policy_lib
-from common import (ConfigError, check, check_finite, check_resume, check_run_folder, claimed_run_folder,
+from common import (ConfigError, check, check_finite, check_positive, check_resume, check_run_folder, claimed_run_folder,
                     graceful_stop, load_checkpoint, load_config, log, lr_at, print_config, run_script, save_config,
                     seed_everything)
 from dist import (any_rank, average_gradients, barrier, check_replicas_agree, is_main,
                   mean_over_ranks, restore_rng_states, rng_states, setup_distributed, start_replicas, sum_over_ranks)
-from data import (DataError, collate_pairs, last_token_embeddings, load_pairs, make_toy_text_pairs,
+from data import (DataError, collate_pairs, file_sha256, last_token_embeddings, load_pairs, make_toy_text_pairs,
                   prompt_response_batch, read_text_pairs, save_pairs, select_labels, text_pair_ids, text_pairs_to_data,
                   tokenize_pairs, toy_tokenizer, train_val_samplers, write_text_pairs)
 
@@ -129,7 +130,15 @@ DEFAULTS = {
 
 
 def validate_config(config, world_size=1):
-    t = config["train"]
+    t, p = config["train"], config["policy"]
+    check_positive(config, "train.lr", "policy.lora.r", "policy.lora.alpha", "policy.encoder.hidden",
+                   "policy.encoder.layers", "policy.film.hidden", "data.max_length", "data.toy_pairs",
+                   "toy_model.hidden_size", "toy_model.layers", "toy_model.heads", "toy_model.intermediate_size",
+                   "toy_model.sft_steps", "toy_model.sft_batch_size", "toy_model.sft_lr")
+    check(p["film"]["latent_dim"] >= 0, "policy.film.latent_dim", "must be non-negative (0 = plain DPO)")
+    check(0 <= p["lora"]["dropout"] < 1, "policy.lora.dropout", "must lie in [0, 1)")
+    labels = config["data"]["labels"]
+    check(labels is None or isinstance(labels, list), "data.labels", f"must be a list of labels, e.g. [{labels}]")
     check(t["lr"] > 0, "train.lr", "must be positive")
     check(0 <= t["min_lr"] <= t["lr"], "train.min_lr", "must lie in [0, train.lr]")
     check(t["steps"] > 0 and t["batch_size"] > 0 and t["grad_accum"] > 0, "train.steps",
@@ -191,14 +200,45 @@ def toy_inputs_to_build(config):
             hint = " (a hub model goes with your own data and --data.toy=false)" if key == "policy.base" else ""
             raise DataError(f"{key}: {path} not found (to build the toy task's {key.split('.')[1]} there, "
                             f"add --data.generate){hint}")
+    for where, settings in toy_settings(config).items():
+        check_toy_settings(where, settings)
     return missing
+
+
+def toy_settings(config):
+    """{record file: the settings an existing toy input was built with}: the pairs' and the
+    base model's. The seed is left out: a second training seed reuses the same toy inputs."""
+    d = config["data"]
+    pairs = {f"data.{k}": d[k] for k in ("toy_pairs", "toy_conflict_fraction")}
+    base = {f"toy_model.{k}": v for k, v in config["toy_model"].items()}
+    return {os.path.join(os.path.dirname(d["pairs"]) or ".", "toy_settings.json"): pairs,
+            os.path.join(config["policy"]["base"], "toy_settings.json"): base}
+
+
+def check_toy_settings(record, settings):
+    """Toy inputs built with other settings are never silently reused under new ones."""
+    if not os.path.isfile(record):
+        return
+    with open(record) as f:
+        built = json.load(f)
+    changed = [f"{k} = {settings[k]} (built with {built[k]})" for k in settings if k in built and built[k] != settings[k]]
+    if changed:
+        raise DataError(f"the toy inputs in {os.path.dirname(record)} were built with other settings: "
+                        f"{'; '.join(changed)}. Give new paths with --data.generate, or delete them to rebuild")
+
+
+def write_toy_settings(record, settings):
+    with open(record, "w") as f:
+        json.dump(settings, f, indent=1)
 
 
 def build_toy_inputs(config):
     """Writes whichever of the toy pairs, base model and features is missing."""
     d, base_dir = config["data"], config["policy"]["base"]
+    (pairs_record, pairs_settings), (base_record, base_settings) = toy_settings(config).items()
     if not os.path.exists(d["pairs"]):
         write_text_pairs(d["pairs"], make_toy_text_pairs(d["toy_pairs"], d["toy_conflict_fraction"], config["seed"]))
+        write_toy_settings(pairs_record, pairs_settings)
         print(f"wrote the toy text pairs to {d['pairs']}")
     rows = read_text_pairs(d["pairs"])
     tokenizer = toy_tokenizer()
@@ -212,6 +252,7 @@ def build_toy_inputs(config):
         tmp = f"{base_dir}.tmp{os.getpid()}"  # then renamed: an interrupted build leaves no half a model
         base.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_toy_settings(os.path.join(tmp, "toy_settings.json"), base_settings)
         shutil.rmtree(base_dir, ignore_errors=True)  # a folder without config.json: a build that was cut short
         os.replace(tmp, base_dir)
         print(f"wrote the fine-tuned base model to {base_dir}")
@@ -237,6 +278,7 @@ def load_inputs(config, rank=0):
             raise DataError(f"{key}: {path} not found")
     rows = read_text_pairs(d["pairs"], d["skip_bad_lines"])
     data = load_pairs(d["features"])
+    data.meta["sha256"] = file_sha256(d["pairs"]) + file_sha256(d["features"])  # a resumed run checks its data
     if len(rows) != len(data.pairs) or (data.ids is not None and data.ids.tolist() != text_pair_ids(rows)):
         raise DataError(f"{d['features']}: its {len(data.pairs)} rows are not row-aligned with the {len(rows)} pairs "
                         f"of {d['pairs']} (embed them again)")
@@ -332,6 +374,9 @@ def restore(checkpoint, policy, optimizer, sampler, data, config, rank=0, world_
     if saved_dim != data.dim:
         raise DataError(f"--resume: {data.path} has context features of dimension {data.dim}, but the run in "
                         f"{config['out_dir']} was trained on dimension {saved_dim}")
+    if checkpoint.get("data_sha256", data.meta["sha256"]) != data.meta["sha256"]:
+        raise DataError(f"--resume: {config['data']['pairs']} or {config['data']['features']} has changed since the "
+                        f"run in {config['out_dir']} was trained on it: resume on the same data, or start a new run")
     if checkpoint["step"] >= config["train"]["steps"]:
         raise ConfigError(f"--resume: the run in {config['out_dir']} is at step {checkpoint['step']} and "
                           f"train.steps = {config['train']['steps']}: raise train.steps to train further")
@@ -347,7 +392,8 @@ def restore(checkpoint, policy, optimizer, sampler, data, config, rank=0, world_
 def save(name, policy, optimizer, sampler, config, step, best_val_loss, metrics, torch_rng):
     policy_lib.save_policy(os.path.join(config["out_dir"], name), policy, config, step,
                            optimizer=optimizer.state_dict(), best_val_loss=best_val_loss, metrics=metrics,
-                           sampler_rng=sampler.gen.get_state(), torch_rng=torch_rng)
+                           sampler_rng=sampler.gen.get_state(), torch_rng=torch_rng,
+                           data_sha256=sampler.data.meta["sha256"])
     if name == "ckpt_best.pt":  # the best weights also as a peft adapter folder (+ FiLM and encoder)
         policy_lib.save_adapter_folder(os.path.join(config["out_dir"], "adapter"), policy)
 
@@ -430,8 +476,10 @@ def main(argv):
     check_run_folder(config, "policy")  # read-only: nothing is written to out_dir before the loop
     checkpoint = load_checkpoint(os.path.join(config["out_dir"], "ckpt_last.pt")) if config["resume"] else None
     changed = check_resume(checkpoint["config"], config, ("stage", "policy.", "data.max_length")) if checkpoint else {}
-    if config["data"]["toy"]:
-        toy_inputs_to_build(config)  # a mistyped input path stops here, before any work
+    missing = toy_inputs_to_build(config) if config["data"]["toy"] else []  # a mistyped path stops here
+    if checkpoint and missing:  # a resumed run never builds new inputs
+        raise DataError(f"--resume: {', '.join(missing)} not found from here; resume from "
+                        f"{checkpoint.get('cwd', 'the folder the run was trained in')}")
     if main_process:
         print_config(config)
     # ---- seed

@@ -36,12 +36,12 @@ import sys
 import torch
 from tqdm import tqdm
 
-from common import (ConfigError, check, check_finite, check_resume, check_run_folder, claimed_run_folder,
-                    graceful_stop, load_checkpoint, load_config, log, lr_at, print_config, run_script, save_checkpoint,
-                    save_config, seed_everything)
+from common import (ConfigError, check, check_finite, check_positive, check_resume, check_run_folder,
+                    claimed_run_folder, graceful_stop, load_checkpoint, load_config, log, lr_at, print_config,
+                    resolve_path, run_script, save_checkpoint, save_config, seed_everything)
 from dist import (any_rank, average_gradients, barrier, check_replicas_agree, is_main,
                   mean_over_ranks, restore_rng_states, rng_states, setup_distributed, start_replicas)
-from data import (DataError, load_pairs, make_linear_synthetic, make_paper_synthetic, save_pairs, select_labels,
+from data import (DataError, file_sha256, load_pairs, make_linear_synthetic, make_paper_synthetic, save_pairs, select_labels,
                   train_val_samplers)
 from reward import MODEL_KINDS, build_model, choice_correct
 
@@ -96,7 +96,12 @@ DEFAULTS = {
 
 
 def validate_config(config, world_size=1):
-    t, e = config["train"], config["eval"]
+    t, e, m = config["train"], config["eval"], config["model"]
+    check_positive(config, "train.lr", "model.hidden", "model.layers", "model.encoder.hidden", "model.encoder.layers",
+                   "model.encoder.latent_dim")
+    check(m["kl_beta"] >= 0, "model.kl_beta", "must be non-negative")
+    labels = config["data"]["labels"]
+    check(labels is None or isinstance(labels, list), "data.labels", f"must be a list of labels, e.g. [{labels}]")
     check(config["model"]["kind"] in MODEL_KINDS, "model.kind", f"must be one of {MODEL_KINDS}")
     check(config["model"]["encoder"]["aggregator"] in ("mean", "sum", "attention"), "model.encoder.aggregator",
           "must be mean, sum or attention")
@@ -120,10 +125,13 @@ def validate_config(config, world_size=1):
 GENERATED_PATHS = {"paper": "data/paper_synthetic.npz", "linear": "data/linear_synthetic.npz"}
 
 
-def prepare_data(data_config):
+def prepare_data(data_config, checkpoint=None):
     """Load data.path. A missing file is generated only at its generator's default path
-    (or with data.generate): a mistyped path is an error, never a new dataset."""
+    (or with data.generate): a mistyped path is an error, never a new dataset. A resumed
+    run never generates: it finds its data from here or from where it was trained."""
     path, generator = data_config["path"], data_config["synthetic"]
+    if checkpoint is not None:
+        path, generator = resolve_path(path, checkpoint), None
     if not os.path.exists(path) and generator is not None:
         if os.path.normpath(path) != GENERATED_PATHS[generator] and not data_config["generate"]:
             raise DataError(f"data.path: {path} not found (to generate the '{generator}' task there, "
@@ -131,6 +139,7 @@ def prepare_data(data_config):
         print(f"{path} not found: generating the '{generator}' synthetic task there")
         save_pairs(path, make_paper_synthetic() if generator == "paper" else make_linear_synthetic())
     data = load_pairs(path)
+    data.meta["sha256"] = file_sha256(path)  # a resumed run checks that its data did not change
     return select_labels(data, data_config["labels"]) if data_config["labels"] else data
 
 
@@ -164,7 +173,7 @@ def validate(model, sampler, config, device):
 def make_checkpoint(model, optimizer, sampler, config, step, best, metrics, torch_rng):
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
             "step": step, "best_val_loss": best["loss"], "best_step": best["step"], "metrics": metrics,
-            "data_dim": sampler.data.dim,
+            "data_dim": sampler.data.dim, "data_sha256": sampler.data.meta["sha256"],
             "cwd": os.getcwd(), "sampler_rng": sampler.gen.get_state(), "torch_rng": torch_rng}
 
 
@@ -174,6 +183,9 @@ def restore(checkpoint, model, optimizer, sampler, data, config, rank=0, world_s
     if saved_dim != data.dim:
         raise DataError(f"--resume: {data.path} has options of dimension {data.dim}, but the run in "
                         f"{config['out_dir']} was trained on dimension {saved_dim}")
+    if checkpoint.get("data_sha256", data.meta["sha256"]) != data.meta["sha256"]:
+        raise DataError(f"--resume: {data.path} has changed since the run in {config['out_dir']} was trained on it "
+                        "(its contents differ): resume on the same data, or start a new run")
     if checkpoint["step"] >= config["train"]["steps"]:
         raise ConfigError(f"--resume: the run in {config['out_dir']} is at step {checkpoint['step']} and "
                           f"train.steps = {config['train']['steps']}: raise train.steps to train further")
@@ -270,7 +282,7 @@ def main(argv):
     # ---- data
     if not main_process:
         barrier()  # wait while rank 0 generates a missing data.path
-    data = prepare_data(config["data"])
+    data = prepare_data(config["data"], checkpoint)
     if main_process:
         barrier()
     t = config["train"]

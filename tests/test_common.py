@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from common import (REQUIRED, CheckpointError, ConfigError, check, check_resume, check_run_folder, claimed_run_folder,
+from common import (REQUIRED, CheckpointError, ConfigError, TrainingError, check, check_finite, check_resume, check_run_folder, claimed_run_folder,
                     graceful_stop, load_checkpoint, load_config, log, pick_device, resolve_path, run_script,
                     save_checkpoint, save_config, seed_everything)
 
@@ -466,3 +466,25 @@ def test_a_misspelt_key_gets_a_suggestion(arg, guess):
 def test_a_home_folder_on_the_command_line_is_expanded():
     config, _ = load_config(TEXT_DEFAULTS, ["--name=x", "--out_dir=~/runs/x"])
     assert config["out_dir"] == os.path.expanduser("~/runs/x") and "~" not in config["out_dir"]
+
+
+def test_config_flag_gets_a_hint():
+    with pytest.raises(ConfigError, match="give the config file as a plain argument"):
+        load_config(TEXT_DEFAULTS, ["--name=x", "--config=x.yaml"])
+
+
+def test_a_list_split_by_the_shell_gets_a_hint():
+    with pytest.raises(ConfigError, match="the shell split the list at a space"):
+        load_config(dict(TEXT_DEFAULTS, sizes=[0]), ["--name=x", "--sizes=[0,", "1]"])
+
+
+def test_device_names_are_case_insensitive():
+    assert pick_device("CPU") == torch.device("cpu")
+
+
+def test_a_non_finite_loss_names_the_checkpoint_only_if_there_is_one(tmp_path):
+    with pytest.raises(TrainingError, match="at step 3: stopped before the update; no checkpoint was saved yet"):
+        check_finite(torch.tensor(float("nan")), 3, str(tmp_path))
+    (tmp_path / "ckpt_last.pt").write_text("x")
+    with pytest.raises(TrainingError, match="ckpt_last.pt holds the last good checkpoint"):
+        check_finite(torch.tensor(float("inf")), 3, str(tmp_path))

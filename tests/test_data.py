@@ -1319,7 +1319,7 @@ def test_cli_help_prints_the_examples(capsys):
 
 
 def test_cli_unknown_generator_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match=r"config key 'generator': unknown generator 'gauss' \(paper \| linear\)"):
+    with pytest.raises(ConfigError, match=r"config key 'generator': unknown generator 'gauss' \(paper \| waves \| linear\)"):
         data.main(["synthetic", "--generator=gauss", "--out=x.npz"])
     assert os.listdir(tmp_path) == []
 
@@ -1345,3 +1345,28 @@ def test_cli_out_without_permission_is_refused(tmp_path):
     (tmp_path / "locked").mkdir(mode=0o500)
     with pytest.raises(ConfigError, match="config key 'out': cannot write to locked/x.npz"):
         data.main(["synthetic", "--out=locked/x.npz"])
+
+
+@pytest.mark.parametrize("args, key", [(["--num_pairs=-5"], "num_pairs"), (["--num_pairs=0"], "num_pairs"),
+                                       (["--generator=linear", "--dim=0"], "dim"), (["--waves=0"], "waves")])
+def test_cli_sizes_must_be_positive(tmp_path, args, key):
+    with pytest.raises(ConfigError, match=f"config key '{key}': must be a positive number"):
+        data.main(["synthetic", "--out=x.npz", *args])
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_never_replaces_a_dataset_by_accident(tmp_path):
+    data.main(["synthetic", "--out=x.npz", "--num_pairs=100"])
+    before = open("x.npz", "rb").read()
+    with pytest.raises(ConfigError, match="config key 'out': x.npz exists .*replace it with --overwrite"):
+        data.main(["synthetic", "--out=x.npz", "--num_pairs=100", "--seed=7"])
+    assert open("x.npz", "rb").read() == before
+    data.main(["synthetic", "--out=x.npz", "--num_pairs=100", "--seed=7", "--overwrite"])
+    assert open("x.npz", "rb").read() != before
+
+
+def test_cli_writes_the_benchmarks_as_the_readme_says(tmp_path):
+    data.main(["synthetic", "--generator=waves", "--num_types=3", "--num_pairs=300", "--out=w.npz"])
+    generated = data.load_pairs("w.npz")
+    assert generated.labels == ["type0", "type1", "type2"] and generated.meta["generator"] == "waves"
+    assert torch.equal(generated.pairs, data.make_waves_synthetic(num_pairs=300, num_types=3).pairs)

@@ -352,3 +352,24 @@ def test_a_population_gets_a_monte_carlo_reference_with_its_error(tmp_path):
     assert all(r["mc_error"] > 0 and r["sem"] >= r["mc_error"] for r in bayes)
     assert next(r for r in bayes if r["num_context"] == 10)["accuracy"] > 0.7
     assert {r["model"] for r in rows} == {"run (mean z)", "run (predictive)", evaluate.BAYES}
+
+
+def test_a_runs_training_config_is_not_an_evaluation_config(np_btl_run):
+    with pytest.raises(ConfigError, match=r"config.yaml is a run's training config: give the run's folder"):
+        evaluate.main([os.path.join(np_btl_run[0], "config.yaml")])
+
+
+@pytest.mark.parametrize("arg, key", [("--policy_eval.temperature=0", "policy_eval.temperature"),
+                                      ("--policy_eval.max_new_tokens=0", "policy_eval.max_new_tokens"),
+                                      ("--policy_eval.episodes=0", "policy_eval.episodes")])
+def test_policy_evaluation_settings_must_be_positive(np_btl_run, arg, key):
+    with pytest.raises(ConfigError, match=f"config key '{key}': must be a positive number"):
+        evaluate.main([np_btl_run[0], arg])
+
+
+def test_a_run_still_training_is_scored_with_a_note(np_btl_run, tmp_path, capsys):
+    from common import claimed_run_folder
+    config = {"out_dir": np_btl_run[0], "resume": True, "overwrite": False}
+    with claimed_run_folder(config, "reward"):  # as a training does
+        evaluate.main([np_btl_run[0], *FAST, "--num-context=[0]", f"--out={tmp_path}"])
+    assert f"note: {np_btl_run[0]} is still training (process {os.getpid()}" in capsys.readouterr().out

@@ -326,3 +326,16 @@ def test_the_best_weights_open_with_peft_and_match_the_project_loader(toy_root, 
         for key, value in getattr(policy, name).state_dict().items():
             assert torch.equal(steering[f"{name}.{key}"], value)
     assert checkpoint["step"] == load_checkpoint(os.path.join(short_run, "ckpt_best.pt"))["step"]
+
+
+def test_a_lora_rank_of_zero_is_refused(toy_root, tmp_path):
+    with pytest.raises(ConfigError, match="config key 'policy.lora.r': must be a positive number, got 0"):
+        train_policy.main(small(toy_root, f"--out_dir={tmp_path}/run", "--policy.lora.r=0"))
+
+
+def test_toy_inputs_built_with_other_settings_are_not_reused_silently(toy_root, tmp_path):
+    with pytest.raises(UserError, match=r"built with other settings: data.toy_pairs = 900 \(built with 800\)"):
+        train_policy.main(small(toy_root, f"--out_dir={tmp_path}/run", "--data.toy_pairs=900"))
+    with pytest.raises(UserError, match=r"toy_model.hidden_size = 64 \(built with 32\)"):
+        train_policy.main(small(toy_root, f"--out_dir={tmp_path}/run", "--toy_model.hidden_size=64"))
+    train_policy.main(small(toy_root, f"--out_dir={tmp_path}/run", "--seed=1", "--train.steps=2"))  # a new seed reuses them

@@ -370,3 +370,56 @@ def test_two_trainings_into_one_folder_the_second_is_refused(tmp_path, paper_pat
         first.send_signal(signal.SIGINT)  # saves and exits
         first.wait(timeout=60)
     assert load_config(train_reward.DEFAULTS, [str(tmp_path / "run" / "config.yaml")])[0]["train"]["steps"] == 100000
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--model.encoder.latent_dim=-4", "model.encoder.latent_dim"), ("--model.hidden=0", "model.hidden"),
+    ("--train.lr=.inf", "train.lr"), ("--model.encoder.layers=0", "model.encoder.layers")])
+def test_sizes_and_rates_must_be_positive_and_finite(tmp_path, paper_path, override, key):
+    with pytest.raises(ConfigError, match=f"config key '{key}': must be a positive number"):
+        train(tmp_path / "run", paper_path, *TINY, override)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_labels_must_be_a_list(tmp_path, paper_path):
+    with pytest.raises(ConfigError, match=r"config key 'data.labels': must be a list of labels, e.g. \[type0\]"):
+        train(tmp_path / "run", paper_path, *TINY, "--data.labels=type0")
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_says_to_overwrite(tmp_path, paper_path):
+    os.makedirs(tmp_path / "run")
+    (tmp_path / "run" / "config.yaml").write_text("stage: reward\n")
+    for extra in ([], ["--resume"]):
+        with pytest.raises(ConfigError, match=r"stopped before its first checkpoint \(config.yaml\): there is "
+                                              "nothing to resume; replace it with --overwrite"):
+            train(tmp_path / "run", paper_path, *TINY, *extra)
+    train(tmp_path / "run", paper_path, *TINY, "--train.steps=2", "--overwrite")
+
+
+def test_resume_refuses_data_that_changed(finished_run, paper_path, tmp_path):
+    out_dir, before = finished_run
+    changed = str(tmp_path / "regenerated.npz")
+    data.save_pairs(changed, data.make_paper_synthetic(num_pairs=4000, seed=7))  # same shape, other pairs
+    with pytest.raises(DataError, match=f"--resume: {changed} has changed since the run in .* was trained on it"):
+        train(out_dir, changed, *TINY, "--train.steps=40", "--resume")
+    assert folder_hashes(out_dir) == before
+
+
+def test_resume_from_another_folder_finds_the_data_and_never_generates(tmp_path, monkeypatch):
+    train_reward.main(["--out_dir=run", *TINY, "--train.steps=10"])  # generates data/paper_synthetic.npz here
+    os.makedirs(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    train_reward.main([f"--out_dir={tmp_path}/run", *TINY, "--train.steps=20", "--resume"])
+    assert os.listdir(tmp_path / "elsewhere") == []  # no new dataset generated here
+    assert load_checkpoint(f"{tmp_path}/run/ckpt_last.pt")["step"] == 20
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_with_one_line(tmp_path, paper_path, monkeypatch):
+    def disk_full(obj, path):
+        open(path, "w").close()
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(TrainingError, match=r"cannot write .*ckpt_best.pt \(No space left on device\); the "
+                                            "previous one is unchanged"):
+        train(tmp_path / "run", paper_path, *TINY)
+    assert not [f for f in os.listdir(tmp_path / "run") if ".tmp" in f]
