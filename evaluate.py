@@ -178,6 +178,14 @@ def markdown(rows, sizes, max_sem):
     return "\n".join(lines)
 
 
+def add_gaps(rows, gaps, n):
+    """Each model's overall row at n gains its gap to Bayes-optimal and that gap's SEM."""
+    for row in rows:
+        if (row["model"], n) in gaps and row["num_context"] == n and row["label"] == "all":
+            diff, mc = gaps[(row["model"], n)]
+            row.update(gap_to_bayes=diff.mean().item(), gap_sem=math.hypot(sem(diff), mc))
+
+
 def gap_lines(gaps, sizes):
     """gaps: {(model, n): (per-episode accuracy minus Bayes-optimal accuracy on the same
     episodes, the reference's Monte Carlo error)}."""
@@ -536,6 +544,7 @@ def evaluate_rewards(paths, config, device):
         rows += table_rows(accs, label_rows, sampler.labels, n, config["max_label_rows"], mc)
         if BAYES in accs:
             gaps.update({(name, n): (accs[name] - accs[BAYES], mc) for name in predict})
+            add_gaps(rows, gaps, n)
     print(f"split '{config['split']}' of {data.path}; accuracy ± SEM in points over {config['episodes']} episodes "
           f"per n (fixed in advance), {config['num_targets']} targets each; (!) = SEM above "
           f"{100 * config['max_sem']:.2f}\n")

@@ -1289,7 +1289,7 @@ def test_ultrafeedback_to_embed_to_train_reward_to_evaluate(uf_random, embedders
                                  "--train.num_targets=4", "--train.max_context=4", "--eval.interval=10",
                                  "--eval.episodes=8", "--eval.num_targets=4", "--eval.context_sizes=[0,2]"])
     assert {"val/loss", "val/acc@0", "val/acc@2"} <= metrics.keys()
-    results = evaluate.main([run, "--num_targets=2", "--num-context=[0,1]", "--chunk=20", "--max_episodes=40",
+    results = evaluate.main([run, "--num_targets=2", "--num-context=[0,1]", "--chunk=20", "--episodes=40",
                              f"--out={tmp_path / 'eval'}"])
     assert {r["label"] for r in results} == {"helpfulness", "honesty", "all"}
     assert {r["num_context"] for r in results} == {0, 1} and {r["model"] for r in results} == {"run"}

@@ -34,7 +34,9 @@ def test_eval_json_rows(evaluation, np_btl_run, btl_run):
     rows, out = evaluation
     with open(os.path.join(out, "eval.json")) as f:
         assert json.load(f) == rows
-    assert all(row.keys() == KEYS | ({"mc_error"} if row["model"] == evaluate.BAYES else set()) for row in rows)
+    for row in rows:
+        extra = {"mc_error"} if row["model"] == evaluate.BAYES else {"gap_to_bayes", "gap_sem"} if row["label"] == "all" else set()
+        assert row.keys() == KEYS | extra
     names = [os.path.basename(run[0]) for run in (np_btl_run, btl_run)]
     assert {r["model"] for r in rows} == {*names, evaluate.BAYES}
     assert {r["label"] for r in rows} == {"type0", "type1", "all"}
@@ -373,3 +375,12 @@ def test_a_run_still_training_is_scored_with_a_note(np_btl_run, tmp_path, capsys
     with claimed_run_folder(config, "reward"):  # as a training does
         evaluate.main([np_btl_run[0], *FAST, "--num-context=[0]", f"--out={tmp_path}"])
     assert f"note: {np_btl_run[0]} is still training (process {os.getpid()}" in capsys.readouterr().out
+
+
+def test_each_models_gap_is_its_accuracy_minus_bayes_on_the_same_episodes(evaluation):
+    rows, _ = evaluation
+    for row in rows:
+        if "gap_to_bayes" in row:
+            bayes = accuracy(rows, evaluate.BAYES, row["num_context"])
+            assert row["gap_to_bayes"] == pytest.approx(row["accuracy"] - bayes, abs=1e-6)
+            assert 0 < row["gap_sem"] < 0.05
