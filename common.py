@@ -314,13 +314,26 @@ def pick_device(name):
     return device
 
 
-def lr_at(step, t):
+def lr_at(step, t, decay_start=None):
     """Learning rate at `step` for a `train` config section: linear warmup over
-    warmup_steps, then cosine decay from lr to min_lr at `steps`."""
+    warmup_steps, then cosine decay from lr to min_lr at `steps`. With train.patience the
+    run decides its own length: lr stays flat until `decay_start` (the step validation
+    stopped improving), then decays over cooldown_steps(decay_start, t)."""
     if step < t["warmup_steps"]:
         return t["lr"] * (step + 1) / t["warmup_steps"]
-    progress = min(1.0, (step - t["warmup_steps"]) / max(1, t["steps"] - t["warmup_steps"]))
+    if t.get("patience", 0) > 0:
+        if decay_start is None:
+            return t["lr"]
+        start, length = decay_start, cooldown_steps(decay_start, t)
+    else:
+        start, length = t["warmup_steps"], t["steps"] - t["warmup_steps"]
+    progress = min(1.0, max(0, step - start) / max(1, length))
     return t["min_lr"] + 0.5 * (t["lr"] - t["min_lr"]) * (1 + math.cos(math.pi * progress))
+
+
+def cooldown_steps(decay_start, t):
+    """The cosine cool-down after a plateau: train.cooldown times the steps trained so far."""
+    return max(1, math.ceil(t["cooldown"] * decay_start))
 
 
 def log(metrics, out_dir=None):

@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from common import (ConfigError, check, check_finite, check_positive, check_resume, check_run_folder,
-                    claimed_run_folder, graceful_stop, load_checkpoint, load_config, log, lr_at, print_config,
+                    claimed_run_folder, cooldown_steps, graceful_stop, load_checkpoint, load_config, log, lr_at, print_config,
                     resolve_path, run_script, save_checkpoint, save_config, seed_everything)
 from dist import (any_rank, average_gradients, barrier, check_replicas_agree, is_main,
                   mean_over_ranks, restore_rng_states, rng_states, setup_distributed, start_replicas)
@@ -84,7 +84,8 @@ DEFAULTS = {
         "warmup_steps": 100,  # linear warmup
         "weight_decay": 0.0,  # AdamW weight decay
         "grad_clip": 1.0,  # max gradient norm (0 = off)
-        "patience": 0,  # > 0: stop once val/loss has not improved for this many eval intervals (steps = the cap)
+        "patience": 0,  # > 0: once val/loss has not improved for this many evals, cool down and stop (steps = cap)
+        "cooldown": 0.25,  # with patience: cosine decay over this fraction of the steps trained so far
     },
     "eval": {
         "interval": 250,  # steps between validations and checkpoints
@@ -109,6 +110,7 @@ def validate_config(config, world_size=1):
     check(0 <= t["min_lr"] <= t["lr"], "train.min_lr", "must lie in [0, train.lr]")
     check(t["steps"] > 0, "train.steps", "must be positive")
     check(t["patience"] >= 0, "train.patience", "must be non-negative (0 = off)")
+    check(0 < t["cooldown"] <= 1, "train.cooldown", "must lie in (0, 1]")
     check(config["model"]["predict_samples"] >= 0, "model.predict_samples", "must be non-negative (0 = at the mean z)")
     check(t["epochs"] >= 0, "train.epochs", "must be non-negative")
     check(t["batch_size"] > 0, "train.batch_size", "must be positive")
@@ -172,7 +174,8 @@ def validate(model, sampler, config, device):
 
 def make_checkpoint(model, optimizer, sampler, config, step, best, metrics, torch_rng):
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
-            "step": step, "best_val_loss": best["loss"], "best_step": best["step"], "metrics": metrics,
+            "step": step, "best_val_loss": best["loss"], "best_step": best["step"],
+            "decay_start": best["decay_start"], "metrics": metrics,
             "data_dim": sampler.data.dim, "data_sha256": sampler.data.meta["sha256"],
             "cwd": os.getcwd(), "sampler_rng": sampler.gen.get_state(), "torch_rng": torch_rng}
 
@@ -195,18 +198,30 @@ def restore(checkpoint, model, optimizer, sampler, data, config, rank=0, world_s
     restore_rng_states(checkpoint["torch_rng"], rank, world_size)
     if is_main(rank):
         print(f"resumed from step {checkpoint['step']}")
-    return checkpoint["step"], {"loss": checkpoint["best_val_loss"], "step": checkpoint.get("best_step", 0)}
+    return checkpoint["step"], {"loss": checkpoint["best_val_loss"], "step": checkpoint.get("best_step", 0),
+                                "decay_start": checkpoint.get("decay_start")}
 
 
-def out_of_patience(done, best, config):
-    """train.patience eval intervals without a lower val/loss: the run has found what it will find."""
-    patience = config["train"]["patience"] * config["eval"]["interval"]
-    return patience > 0 and done - best["step"] >= patience
+def start_cooldown(done, best, config):
+    """With train.patience: the step at which the learning rate starts its final decay, once
+    val/loss has not improved for `patience` evaluations (or 80% of the step cap is used)."""
+    t = config["train"]
+    if t["patience"] == 0 or best["decay_start"] is not None:
+        return best["decay_start"]
+    plateau = done - best["step"] >= t["patience"] * config["eval"]["interval"]
+    return done if plateau or done >= 0.8 * t["steps"] else None
+
+
+def last_step(best, t):
+    """The run's final step: the step cap, or the end of the cool-down once it has started."""
+    if t["patience"] == 0 or best["decay_start"] is None:
+        return t["steps"]
+    return min(t["steps"], best["decay_start"] + cooldown_steps(best["decay_start"], t))
 
 
 def train(model, optimizer, sampler, val_sampler, config, device, step, best, rank=0, world_size=1):
     """The loop. Returns (last validation metrics, True if stopped early by SIGINT/SIGTERM).
-    `best` holds the lowest val/loss so far and its step.
+    `best` holds the lowest val/loss so far, its step, and where the final decay started (train.patience).
 
     A stop signal ends the current step, saves ckpt_last.pt and returns: --resume then
     continues exactly as if the run had not been interrupted. Under torchrun a signal on
@@ -219,7 +234,7 @@ def train(model, optimizer, sampler, val_sampler, config, device, step, best, ra
     with graceful_stop() as stop:
         for step in progress:
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, t)
+                group["lr"] = lr_at(step, t, best["decay_start"])
             # every rank draws the same global batch (same seed), then keeps its slice
             batch = to_device(rank_slice(sampler.sample(t["batch_size"]), rank, world_size), device)
             loss, train_metrics = model.loss(batch)
@@ -235,19 +250,24 @@ def train(model, optimizer, sampler, val_sampler, config, device, step, best, ra
             optimizer.step()
             progress.set_postfix(loss=f"{train_metrics['loss']:.4f}", acc=f"{train_metrics['acc']:.3f}", refresh=False)
             done = step + 1
-            at_interval = done % config["eval"]["interval"] == 0 or done == t["steps"]
+            at_interval = done % config["eval"]["interval"] == 0 or done == last_step(best, t)
             stopping = any_rank(stop["signal"] is not None, device)
             if at_interval or stopping:
                 torch_rng = rng_states()  # a collective: each rank's generator, for an exact --resume
             if at_interval:  # every rank validates (identical weights), so `best` agrees
                 metrics = validate(model, val_sampler, config, device)
                 if metrics["val/loss"] < best["loss"]:
-                    best = {"loss": metrics["val/loss"], "step": done}
+                    best = dict(best, loss=metrics["val/loss"], step=done)
+                if best["decay_start"] is None and start_cooldown(done, best, config) is not None:
+                    best["decay_start"] = done
+                    if main_process:
+                        print(f"val/loss last improved at step {best['step']}: cooling down until step "
+                              f"{last_step(best, t)}")
                     if main_process:
                         save_checkpoint(os.path.join(out_dir, "ckpt_best.pt"), make_checkpoint(
                             model, optimizer, sampler, config, done, best, metrics, torch_rng))
                 if main_process:
-                    log({"step": done, "lr": lr_at(step, t), **{f"train/{k}": v for k, v in train_metrics.items()},
+                    log({"step": done, "lr": lr_at(step, t, best["decay_start"]), **{f"train/{k}": v for k, v in train_metrics.items()},
                          **metrics}, out_dir)
             if (at_interval or stopping) and main_process:
                 save_checkpoint(os.path.join(out_dir, "ckpt_last.pt"), make_checkpoint(
@@ -255,11 +275,7 @@ def train(model, optimizer, sampler, val_sampler, config, device, step, best, ra
             if stopping:
                 progress.close()
                 return metrics, True
-            if at_interval and out_of_patience(done, best, config):
-                progress.close()
-                if main_process:
-                    print(f"no lower val/loss for {t['patience']} evaluations since step {best['step']}: "
-                          f"stopping at step {done} of {t['steps']}")
+            if done >= last_step(best, t):
                 break
     return metrics, False
 
@@ -299,7 +315,7 @@ def main(argv):
     if main_process:
         print(f"model: {config['model']['kind']}, {sum(p.numel() for p in model.parameters())} parameters")
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
-    step, best = 0, {"loss": float("inf"), "step": 0}
+    step, best = 0, {"loss": float("inf"), "step": 0, "decay_start": None}
     if checkpoint:
         step, best = restore(checkpoint, model, optimizer, sampler, data, config, rank, world_size)
     # ---- loop: the only part that writes to out_dir

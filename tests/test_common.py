@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common import (REQUIRED, CheckpointError, ConfigError, TrainingError, check, check_finite, check_resume, check_run_folder, claimed_run_folder,
-                    graceful_stop, load_checkpoint, load_config, log, pick_device, resolve_path, run_script,
+                    graceful_stop, load_checkpoint, load_config, log, lr_at, pick_device, resolve_path, run_script,
                     save_checkpoint, save_config, seed_everything)
 
 DEFAULTS = {
@@ -488,3 +488,11 @@ def test_a_non_finite_loss_names_the_checkpoint_only_if_there_is_one(tmp_path):
     (tmp_path / "ckpt_last.pt").write_text("x")
     with pytest.raises(TrainingError, match="ckpt_last.pt holds the last good checkpoint"):
         check_finite(torch.tensor(float("inf")), 3, str(tmp_path))
+
+
+def test_lr_with_patience_is_flat_until_the_plateau_then_a_cosine_cooldown():
+    t = {"lr": 1.0, "min_lr": 0.0, "warmup_steps": 10, "steps": 10000, "patience": 3, "cooldown": 0.25}
+    assert lr_at(4, t) == pytest.approx(0.5) and lr_at(5000, t) == 1.0  # warmup, then flat: no decay yet
+    assert lr_at(400, t, decay_start=400) == 1.0
+    assert lr_at(450, t, decay_start=400) == pytest.approx(0.5)  # halfway through 100 cool-down steps
+    assert lr_at(500, t, decay_start=400) == pytest.approx(0.0)

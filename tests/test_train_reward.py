@@ -423,3 +423,30 @@ def test_a_checkpoint_that_cannot_be_written_stops_with_one_line(tmp_path, paper
                                             "previous one is unchanged"):
         train(tmp_path / "run", paper_path, *TINY)
     assert not [f for f in os.listdir(tmp_path / "run") if ".tmp" in f]
+
+
+# -----------------------------------------------------------------------------
+# the run decides its length: a plateau in val/loss starts the final cool-down
+
+
+def test_a_plateau_starts_the_cooldown_and_the_run_ends_with_it():
+    config = {"train": {"patience": 2, "steps": 1000, "cooldown": 0.25}, "eval": {"interval": 10}}
+    assert train_reward.start_cooldown(30, {"step": 20, "decay_start": None}, config) is None  # 1 eval without gain
+    assert train_reward.start_cooldown(40, {"step": 20, "decay_start": None}, config) == 40
+    assert train_reward.start_cooldown(800, {"step": 800, "decay_start": None}, config) == 800  # 80% of the cap
+    assert train_reward.last_step({"decay_start": 40}, config["train"]) == 50
+    assert train_reward.last_step({"decay_start": 960}, config["train"]) == 1000  # never past the cap
+
+
+def test_resume_during_the_cooldown_equals_uninterrupted_training(tmp_path, paper_path, monkeypatch):
+    args = [*TINY, "--train.patience=100", "--eval.interval=5"]  # the cool-down starts at step 25 (80% of 30)
+    straight = train(tmp_path / "straight", paper_path, *args)
+    assert load_checkpoint(str(tmp_path / "straight" / "ckpt_last.pt"))["decay_start"] == 25
+    signal_at_training_step(monkeypatch, 27, signal.SIGINT)
+    with pytest.raises(SystemExit, match="stopped by a signal"):
+        train(tmp_path / "resumed", paper_path, *args)
+    monkeypatch.undo()
+    assert train(tmp_path / "resumed", paper_path, *args, "--resume") == straight
+    assert read_log(tmp_path / "resumed") == read_log(tmp_path / "straight")
+    lrs = [row["lr"] for row in read_log(tmp_path / "straight")]
+    assert lrs[:5] == [1e-3] * 5 and lrs[-1] < 0.5e-3  # flat, then the cool-down (cut short by the cap)
