@@ -256,19 +256,20 @@ def train(model, optimizer, sampler, val_sampler, config, device, step, best, ra
                 torch_rng = rng_states()  # a collective: each rank's generator, for an exact --resume
             if at_interval:  # every rank validates (identical weights), so `best` agrees
                 metrics = validate(model, val_sampler, config, device)
-                if metrics["val/loss"] < best["loss"]:
+                improved = metrics["val/loss"] < best["loss"]
+                if improved:
                     best = dict(best, loss=metrics["val/loss"], step=done)
                 if best["decay_start"] is None and start_cooldown(done, best, config) is not None:
                     best["decay_start"] = done
                     if main_process:
                         print(f"val/loss last improved at step {best['step']}: cooling down until step "
                               f"{last_step(best, t)}")
-                    if main_process:
-                        save_checkpoint(os.path.join(out_dir, "ckpt_best.pt"), make_checkpoint(
-                            model, optimizer, sampler, config, done, best, metrics, torch_rng))
+                if improved and main_process:
+                    save_checkpoint(os.path.join(out_dir, "ckpt_best.pt"), make_checkpoint(
+                        model, optimizer, sampler, config, done, best, metrics, torch_rng))
                 if main_process:
-                    log({"step": done, "lr": lr_at(step, t, best["decay_start"]), **{f"train/{k}": v for k, v in train_metrics.items()},
-                         **metrics}, out_dir)
+                    log({"step": done, "lr": lr_at(step, t, best["decay_start"]),
+                         **{f"train/{k}": v for k, v in train_metrics.items()}, **metrics}, out_dir)
             if (at_interval or stopping) and main_process:
                 save_checkpoint(os.path.join(out_dir, "ckpt_last.pt"), make_checkpoint(
                     model, optimizer, sampler, config, done, best, metrics, torch_rng))
