@@ -450,3 +450,5 @@ def test_resume_during_the_cooldown_equals_uninterrupted_training(tmp_path, pape
     assert read_log(tmp_path / "resumed") == read_log(tmp_path / "straight")
     lrs = [row["lr"] for row in read_log(tmp_path / "straight")]
     assert lrs[:5] == [1e-3] * 5 and lrs[-1] < 0.5e-3  # flat, then the cool-down (cut short by the cap)
+    best_row = min(read_log(tmp_path / "straight"), key=lambda row: row["val/loss"])
+    assert load_checkpoint(str(tmp_path / "straight"))["step"] == best_row["step"]  # ckpt_best: lowest val/loss
