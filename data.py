@@ -73,16 +73,26 @@ class DataError(UserError, ValueError):
 @dataclass
 class PreferenceData:
     pairs: torch.Tensor  # (N, 2, D) float32
-    choices: torch.Tensor  # (N, L) int8, -1 = unknown
+    choices: torch.Tensor  # (N, L) int8, -1 = unknown; None when `answers` holds them
     labels: list  # L names
     split: np.ndarray  # (N,) str
     meta: dict  # generator description, {} if unknown
     path: str = "<memory>"
     ids: np.ndarray = None  # (N,) str row ids of the text pairs the features came from, or None
+    # (rows, labels, choices) of the answered cells only, each (A,), sorted by label then row:
+    # a population of many users who each answer their own pairs, where (N, L) would not fit
+    answers: tuple = None
 
     @property
     def dim(self):
         return self.pairs.shape[-1]
+
+    def answered(self):
+        """(row, label, choice) of every answered cell, each (A,), sorted by label then row."""
+        if self.answers is not None:
+            return self.answers
+        labels, rows = torch.nonzero((self.choices >= 0).T, as_tuple=True)
+        return rows, labels, self.choices[rows, labels]
 
 
 # -----------------------------------------------------------------------------
@@ -263,13 +273,12 @@ def make_linear_synthetic(num_pairs=20000, dim=8, num_types=2, temperature=0.0,
     options = torch.rand(num_users, pairs_per_user, 2, dim, generator=gen)
     rewards = (options * weights[:, None, None, :]).sum(-1)  # (U, P, 2)
     own = choose(rewards.reshape(-1, 2, 1), temperature, gen).reshape(num_users, pairs_per_user)
-    choices = torch.full((num_users * pairs_per_user, num_users), -1, dtype=torch.int8)
-    rows = torch.arange(num_users * pairs_per_user)
-    choices[rows, rows // pairs_per_user] = own.reshape(-1)
+    rows = torch.arange(num_users * pairs_per_user)  # user u answers rows u*P .. u*P + P - 1
+    answers = (rows, rows // pairs_per_user, own.reshape(-1))  # one answer per pair: no (N, U) matrix
     user_split = random_split(num_users, gen)
     meta = {"generator": "linear_population", "temperature": temperature}
-    return PreferenceData(options.reshape(-1, 2, dim), choices, [f"user{u}" for u in range(num_users)],
-                          np.repeat(user_split, pairs_per_user), meta)
+    return PreferenceData(options.reshape(-1, 2, dim), None, [f"user{u}" for u in range(num_users)],
+                          np.repeat(user_split, pairs_per_user), meta, answers=answers)
 
 
 # -----------------------------------------------------------------------------
@@ -277,9 +286,17 @@ def make_linear_synthetic(num_pairs=20000, dim=8, num_types=2, temperature=0.0,
 
 
 def save_pairs(path, data):
+    """Choices as an (N, L) matrix, or, for data that holds only its answered cells, as
+    answer_rows / answer_labels / answer_choices (A,) arrays."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, pairs=data.pairs.numpy().astype(np.float32), choices=data.choices.numpy().astype(np.int8),
+    if data.choices is None:
+        rows, labels, values = data.answers
+        choices = dict(answer_rows=rows.numpy().astype(np.int64), answer_labels=labels.numpy().astype(np.int64),
+                       answer_choices=values.numpy().astype(np.int8))
+    else:
+        choices = dict(choices=data.choices.numpy().astype(np.int8))
+    np.savez(tmp, pairs=data.pairs.numpy().astype(np.float32), **choices,
              labels=np.array(data.labels, dtype=str), split=np.asarray(data.split, dtype=str),
              meta=np.array(json.dumps(data.meta)),
              **({} if data.ids is None else {"ids": np.asarray(data.ids, dtype=str)}))
@@ -295,21 +312,69 @@ def load_pairs(path):
             arrays = {k: f[k] for k in f.files}
     except Exception as e:
         raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
-    missing = {"pairs", "choices", "labels", "split"} - arrays.keys()
+    answer_keys = {"answer_rows", "answer_labels", "answer_choices"}
+    missing = {"pairs", "labels", "split"} - arrays.keys()
+    if "choices" not in arrays and not answer_keys & arrays.keys():
+        missing.add("choices")
+    elif "choices" not in arrays:
+        missing |= answer_keys - arrays.keys()
     if missing:
         raise DataError(f"{path}: missing arrays {sorted(missing)}")
-    validate_arrays(path, arrays["pairs"], arrays["choices"], arrays["labels"], arrays["split"])
+    if "choices" in arrays:
+        validate_arrays(path, arrays["pairs"], arrays["choices"], arrays["labels"], arrays["split"])
+        choices, answers = torch.from_numpy(arrays["choices"].astype(np.int8)), None
+    else:
+        choices, answers = None, validate_answers(path, arrays, arrays["answer_rows"], arrays["answer_labels"],
+                                                  arrays["answer_choices"])
     meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {}
     ids = arrays.get("ids")
     if ids is not None and ids.shape != (len(arrays["pairs"]),):
         raise DataError(f"{path}: 'ids' must have shape [N] with N = {len(arrays['pairs'])}, got {list(ids.shape)}")
-    return PreferenceData(torch.from_numpy(arrays["pairs"].astype(np.float32)),
-                          torch.from_numpy(arrays["choices"].astype(np.int8)),
+    return PreferenceData(torch.from_numpy(arrays["pairs"].astype(np.float32)), choices,
                           [str(x) for x in arrays["labels"]], arrays["split"].astype(str), meta, path,
-                          None if ids is None else ids.astype(str))
+                          None if ids is None else ids.astype(str), answers)
 
 
 def validate_arrays(path, pairs, choices, labels, split):
+    """Checks an (N, L) choices matrix and the arrays beside it."""
+    if choices.ndim != 2 or choices.shape[0] != pairs.shape[0]:
+        raise DataError(f"{path}: 'choices' must have shape [N, L] with N = {pairs.shape[0]}, "
+                        f"got {list(choices.shape)}")
+    if not np.isin(choices, (-1, 0, 1)).all():
+        raise DataError(f"{path}: 'choices' holds values other than -1, 0, 1")
+    label_ids, rows = np.nonzero(choices.T >= 0)
+    validate_common(path, pairs, labels, split, choices.shape[1], rows, label_ids)
+
+
+def validate_answers(path, arrays, rows, labels_of, choices_of):
+    """Checks answer_rows / answer_labels / answer_choices -> (rows, labels, choices) tensors
+    sorted by label then row."""
+    def fail(problem):
+        raise DataError(f"{path}: {problem}")
+
+    n, num_labels = len(arrays["pairs"]), len(arrays["labels"])
+    if not (rows.ndim == labels_of.ndim == choices_of.ndim == 1 and len(rows) == len(labels_of) == len(choices_of)):
+        fail("'answer_rows', 'answer_labels' and 'answer_choices' must be 1-D arrays of one length")
+    if not all(np.issubdtype(a.dtype, np.integer) for a in (rows, labels_of, choices_of)):
+        fail("'answer_rows', 'answer_labels' and 'answer_choices' must hold integers")
+    if len(rows) and not (0 <= rows.min() and rows.max() < n):
+        fail(f"'answer_rows' must lie in [0, N = {n})")
+    if len(rows) and not (0 <= labels_of.min() and labels_of.max() < num_labels):
+        fail(f"'answer_labels' must lie in [0, L = {num_labels})")
+    if not np.isin(choices_of, (0, 1)).all():
+        fail("'answer_choices' holds values other than 0, 1")
+    order = np.lexsort((rows, labels_of))  # by label, then row
+    rows, labels_of, choices_of = rows[order], labels_of[order], choices_of[order]
+    if len(rows) > 1 and ((np.diff(rows) == 0) & (np.diff(labels_of) == 0)).any():
+        fail("a (row, label) cell is answered twice")
+    validate_common(path, arrays["pairs"], arrays["labels"], arrays["split"], num_labels, rows, labels_of)
+    return (torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(labels_of.astype(np.int64)),
+            torch.from_numpy(choices_of.astype(np.int8)))
+
+
+def validate_common(path, pairs, labels, split, num_labels, rows, label_ids):
+    """Checks pairs, labels and split, and that each label answers in one split or in all,
+    given the answered cells (rows, label_ids)."""
     def fail(problem):
         raise DataError(f"{path}: {problem}")
 
@@ -319,12 +384,8 @@ def validate_arrays(path, pairs, choices, labels, split):
         fail("no pairs (N = 0)")
     if not np.issubdtype(pairs.dtype, np.number) or not np.isfinite(pairs).all():
         fail("'pairs' holds non-numeric or non-finite (nan/inf) values")
-    if choices.ndim != 2 or choices.shape[0] != pairs.shape[0]:
-        fail(f"'choices' must have shape [N, L] with N = {pairs.shape[0]}, got {list(choices.shape)}")
-    if not np.isin(choices, (-1, 0, 1)).all():
-        fail("'choices' holds values other than -1, 0, 1")
-    if labels.shape != (choices.shape[1],):
-        fail(f"'labels' must have shape [L] with L = {choices.shape[1]}, got {list(labels.shape)}")
+    if labels.shape != (num_labels,):
+        fail(f"'labels' must have shape [L] with L = {num_labels}, got {list(labels.shape)}")
     if len(set(labels.tolist())) != len(labels):
         fail("'labels' has duplicate names")
     if split.shape != (pairs.shape[0],):
@@ -332,9 +393,10 @@ def validate_arrays(path, pairs, choices, labels, split):
     unknown = set(split.astype(str).tolist()) - set(SPLITS)
     if unknown:
         fail(f"unknown split names {sorted(unknown)} (expected {list(SPLITS)})")
-    answered = choices >= 0  # (N, L)
     present = [s for s in SPLITS if (split == s).any()]
-    per_split = np.stack([answered[split == s].any(0) for s in present])  # (S, L)
+    per_split = np.zeros((len(present), num_labels), dtype=bool)  # (S, L): label answers in split
+    for i, s in enumerate(present):
+        per_split[i, label_ids[split[rows] == s]] = True
     for label, spans in zip(labels, per_split.T):
         if not spans.any():
             fail(f"label '{label}' has no answered pair")
@@ -349,8 +411,17 @@ def select_labels(data, labels):
     if unknown:
         raise DataError(f"{data.path}: no label '{unknown[0]}' (labels: {', '.join(data.labels)})")
     columns = [data.labels.index(l) for l in labels]
-    return PreferenceData(data.pairs, data.choices[:, columns], list(labels), data.split, data.meta, data.path,
-                          data.ids)
+    if data.choices is not None:
+        return PreferenceData(data.pairs, data.choices[:, columns], list(labels), data.split, data.meta, data.path,
+                              data.ids)
+    rows, label_ids, values = data.answers
+    new_id = torch.full((len(data.labels),), -1, dtype=torch.long)
+    new_id[columns] = torch.arange(len(columns))
+    keep = new_id[label_ids] >= 0
+    rows, label_ids, values = rows[keep], new_id[label_ids[keep]], values[keep]
+    order = torch.argsort(label_ids * len(data.pairs) + rows)  # by label, then row
+    return PreferenceData(data.pairs, None, list(labels), data.split, data.meta, data.path, data.ids,
+                          (rows[order], label_ids[order], values[order]))
 
 
 # -----------------------------------------------------------------------------
@@ -365,9 +436,10 @@ class EpisodeSampler:
 
     def __init__(self, data, split, num_targets, max_context, min_context=0, seed=0,
                  size_keys="num_targets + max_context"):  # how the error message names the two settings
-        in_split = torch.from_numpy(data.split == split)
-        answered = (data.choices >= 0) & in_split[:, None]  # (N, L)
-        counts = answered.sum(0)
+        rows, label_ids, values = data.answered()  # sorted by label, then row
+        keep = torch.from_numpy(data.split == split)[rows]
+        rows, label_ids, values = rows[keep], label_ids[keep], values[keep]
+        counts = torch.bincount(label_ids, minlength=len(data.labels))
         self.label_ids = torch.nonzero(counts).squeeze(1)  # labels present in this split
         if len(self.label_ids) == 0:
             raise DataError(f"{data.path}: no answered pairs in split '{split}'")
@@ -379,11 +451,11 @@ class EpisodeSampler:
         self.data, self.split = data, split
         self.num_targets, self.min_context, self.max_context = num_targets, min_context, max_context
         self.counts = counts[self.label_ids]  # (L_split,)
-        table = torch.zeros(len(self.label_ids), int(self.counts.max()), dtype=torch.long)
-        for row, label in enumerate(self.label_ids):  # once, at construction
-            rows = torch.nonzero(answered[:, label]).squeeze(1)
-            table[row, : len(rows)] = rows
-        self.table = table  # (L_split, M) pair indices, padded
+        table_row = torch.repeat_interleave(torch.arange(len(self.label_ids)), self.counts)  # (A,)
+        position = torch.arange(len(rows)) - (torch.cumsum(self.counts, 0) - self.counts)[table_row]
+        shape = (len(self.label_ids), int(self.counts.max()))
+        self.table = torch.zeros(shape, dtype=torch.long).index_put_((table_row, position), rows)  # pair indices
+        self.choice_table = torch.zeros(shape, dtype=torch.int8).index_put_((table_row, position), values)
         self.gen = torch.Generator().manual_seed(seed)
 
     @property
@@ -400,8 +472,7 @@ class EpisodeSampler:
         n_max = self.max_context if num_context is None else num_context
         positions = self._distinct_positions(label_rows, n_max + self.num_targets)
         pair_idx = self.table[label_rows[:, None], positions]  # (B, n_max + T)
-        label_idx = self.label_ids[label_rows]
-        choice = self.data.choices[pair_idx, label_idx[:, None]].long()  # (B, n_max + T)
+        choice = self.choice_table[label_rows[:, None], positions].long()  # (B, n_max + T)
         pairs = self.data.pairs[pair_idx]  # (B, n_max + T, 2, D)
         flip = choice.bool()[..., None, None]
         oriented = torch.where(flip, pairs.flip(2), pairs)  # (B, n_max + T, 2, D) chosen first
@@ -1094,9 +1165,10 @@ DEFAULTS = {
 
 def describe(data):
     lines = [f"{len(data.pairs)} pairs of dimension {data.dim}, {len(data.labels)} labels"]
+    rows = data.answered()[0]
     for s in SPLITS:
         in_split = torch.from_numpy(data.split == s)
-        answered = (data.choices[in_split] >= 0).sum().item()
+        answered = int(in_split[rows].sum())
         lines.append(f"  {s:5s}: {int(in_split.sum())} pairs, {answered} answered (pair, label) cells")
     return "\n".join(lines)
 

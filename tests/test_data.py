@@ -31,7 +31,8 @@ def assert_oriented_chosen_first(dataset, batch, label_idx):
     """Every pair of every episode is answered by its label (label_idx (B,) into dataset.labels)
     and comes as (chosen, rejected)."""
     pair_idx = batch["pair_idx"]  # (B, n + T)
-    choice = dataset.choices[pair_idx, label_idx[:, None]].long()  # (B, n + T)
+    choices = dataset.choices if dataset.choices is not None else dense_copy(dataset).choices
+    choice = choices[pair_idx, label_idx[:, None]].long()  # (B, n + T)
     assert (choice >= 0).all()
     stored = dataset.pairs[pair_idx]  # (B, n + T, 2, D)
     expected = torch.where(choice.bool()[..., None, None], stored.flip(2), stored)
@@ -64,10 +65,63 @@ def test_linear_types_follow_their_weights():
 
 
 def test_population_users_stay_in_one_split(population):
-    answered = population.choices >= 0  # (N, L)
-    assert (answered.sum(1) == 1).all() and (answered.sum(0) == 40).all()
+    assert population.choices is None  # only the answered cells: no (pairs x users) matrix
+    rows, labels, _ = population.answered()
+    assert torch.equal(torch.bincount(rows), torch.ones(len(population.pairs), dtype=torch.long))  # one user a pair
+    assert (torch.bincount(labels) == 40).all()
     for label in range(len(population.labels)):
-        assert len(set(population.split[answered[:, label].numpy()])) == 1
+        assert len(set(population.split[rows[labels == label].numpy()])) == 1
+
+
+def dense_copy(data):
+    """The same data with its choices as an (N, L) matrix."""
+    rows, labels, values = data.answered()
+    choices = torch.full((len(data.pairs), len(data.labels)), -1, dtype=torch.int8)
+    choices[rows, labels] = values
+    return type(data)(data.pairs, choices, data.labels, data.split, data.meta)
+
+
+def test_a_population_samples_and_saves_as_its_dense_twin(tmp_path, population):
+    dense = dense_copy(population)
+    for twin in (dense, population):
+        rows, labels, values = twin.answered()
+        assert torch.equal(rows, population.answers[0]) and torch.equal(values, population.answers[2])
+    batches = [EpisodeSampler(d, "train", 20, 10, seed=3).sample(64) for d in (dense, population)]
+    assert all(torch.equal(batches[0][k], batches[1][k]) for k in batches[0])
+    path = str(tmp_path / "pop.npz")
+    save_pairs(path, population)
+    with np.load(path) as f:
+        assert "choices" not in f.files and len(f["answer_rows"]) == len(population.pairs)
+    loaded = load_pairs(path)
+    assert loaded.choices is None and all(torch.equal(a, b) for a, b in zip(loaded.answers, population.answers))
+    assert loaded.labels == population.labels and (loaded.split == population.split).all()
+    only = data.select_labels(loaded, ["user7", "user3"])
+    assert only.labels == ["user7", "user3"] and torch.equal(torch.unique(only.answers[1]), torch.tensor([0, 1]))
+    assert torch.equal(only.answers[0][only.answers[1] == 0], population.answers[0][population.answers[1] == 7])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(answer_choices=np.full(2000, 2, np.int8)), "'answer_choices' holds values other than 0, 1"),
+    (dict(answer_rows=np.arange(2000) + 1), r"'answer_rows' must lie in \[0, N = 2000\)"),
+    (dict(answer_labels=np.full(2000, 50)), r"'answer_labels' must lie in \[0, L = 50\)"),
+    (dict(answer_rows=np.zeros(2000, np.int64)), "a \\(row, label\\) cell is answered twice"),
+    (dict(answer_rows=np.arange(1999)), "must be 1-D arrays of one length"),
+    (dict(answer_rows=None), r"missing arrays \['answer_rows'\]"),
+    (dict(answer_labels=np.maximum(np.arange(2000) // 40, 1)), "label 'user0' has no answered pair$"),
+])
+def test_bad_answer_arrays_name_the_problem(tmp_path, population, change, message):
+    path = str(tmp_path / "pop.npz")
+    save_pairs(path, population)
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    for key, value in change.items():
+        if value is None:
+            del arrays[key]
+        else:
+            arrays[key] = value
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match=message):
+        load_pairs(path)
 
 
 # -----------------------------------------------------------------------------
