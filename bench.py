@@ -127,7 +127,8 @@ def time_reward_training(model, sampler, config, device):
 
 @torch.no_grad()
 def time_reward_adaptation(model, data, config, device):
-    """Seconds per call of: latent from the context, then rewards of candidate pairs."""
+    """Seconds per call of: latent from the context, then P(chosen) of candidate pairs (the
+    Monte Carlo posterior predictive where model.predict_samples > 0)."""
     b = config["bench"]
     sampler = EpisodeSampler(data, "test", b["candidate_pairs"], b["context_pairs"], seed=0)
     batch = to_device(sampler.sample(1, num_context=b["context_pairs"]), device)
@@ -135,11 +136,15 @@ def time_reward_adaptation(model, data, config, device):
     times = []
     for _ in range(b["repeats"]):
         start = time.perf_counter()
-        latent = model.infer_latent(batch["context"]) if hasattr(model, "infer_latent") else None
-        model.rewards(batch["targets"], latent)  # (1, candidates, 2)
+        model.log_prob_chosen(batch)  # (1, candidates)
         sync(device)
         times.append(time.perf_counter() - start)
     return percentiles_ms(times)
+
+
+def predictive_note(model):
+    samples = getattr(model, "predict_samples", 0)
+    return f" (posterior predictive, {samples} draws of z)" if samples else ""
 
 
 def bench_reward(argv, device_name=None):
@@ -168,8 +173,8 @@ def bench_reward(argv, device_name=None):
         (f"reward training, episodes/s (batch {t['batch_size']}, {t['num_targets']} targets)",
          f"{episodes_per_s:,.0f}"),
         memory,
-        (f"reward: adapt to a new user, latent from {b['context_pairs']} pairs + score {b['candidate_pairs']} pairs, "
-         "median / p90 ms", f"{median:.3f} / {p90:.3f}"),
+        (f"reward: adapt to a new user, latent from {b['context_pairs']} pairs + score {b['candidate_pairs']} pairs"
+         f"{predictive_note(model)}, median / p90 ms", f"{median:.3f} / {p90:.3f}"),
     ]
 
 

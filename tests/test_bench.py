@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import bench
+import reward
 from common import CheckpointError, ConfigError, save_checkpoint
 from conftest import REPO, small
 from data import DataError, make_linear_synthetic, save_pairs
@@ -27,6 +28,17 @@ def test_reward_bench_prints_one_table(paper_path, capsys):
     assert [m.split(",")[0].split(":")[0] for m, _ in rows] == ["reward training", "reward training", "reward"]
     assert all(n > 0 for _, value in rows for n in numbers(value))
     assert all(f"| {m} | {v} |" in out for m, v in rows)
+
+
+def test_reward_bench_times_the_posterior_predictive(paper_path, monkeypatch):
+    calls = []
+    original = reward.NPBTL.predictive_log_prob_chosen
+    monkeypatch.setattr(reward.NPBTL, "predictive_log_prob_chosen",
+                        lambda self, batch, samples: calls.append(samples) or original(self, batch, samples))
+    rows = bench.main(["reward", f"--data.path={paper_path}", "--bench.train_steps=3", "--bench.repeats=5",
+                       "--model.encoder.stochastic=true", "--model.predict_samples=32"])
+    assert "posterior predictive, 32 draws of z" in rows[-1][0]
+    assert calls == [32] * 5  # every timed adaptation draws the 32 samples
 
 
 def test_policy_bench_with_precomputed_reference(toy_root, capsys):
