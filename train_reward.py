@@ -17,6 +17,11 @@ process is refused, and --resume refuses changes to model.* or the data's dimens
 A missing data.path is generated only at its generator's default path (or with
 --data.generate); a mistyped path is an error.
 
+Length: the run decides it from validation. After warm-up the learning rate stays flat
+until val/loss has not improved for train.patience evaluations (or 80% of the cap
+train.steps is used), then decays by a cosine over train.cooldown x the steps trained so
+far, and the run ends. train.patience=0 gives a cosine over a fixed train.steps instead.
+
 Episodes: one user (label) each, n context pairs (n uniform in [min_context,
 max_context]) and num_targets target pairs, disjoint; the loss is on targets only.
 Validation scores the same fixed val episodes at every eval, at each context size.
@@ -73,7 +78,7 @@ DEFAULTS = {
         },
     },
     "train": {
-        "steps": 3000,  # optimizer steps
+        "steps": 30000,  # optimizer steps: the cap, as train.patience ends the run when val/loss plateaus
         "epochs": 0.0,  # > 0: steps = epochs * answered train (pair, label) cells / (batch_size * num_targets)
         "batch_size": 64,  # episodes per step
         "num_targets": 20,  # target pairs per episode
@@ -84,7 +89,7 @@ DEFAULTS = {
         "warmup_steps": 100,  # linear warmup
         "weight_decay": 0.0,  # AdamW weight decay
         "grad_clip": 1.0,  # max gradient norm (0 = off)
-        "patience": 0,  # > 0: once val/loss has not improved for this many evals, cool down and stop (steps = cap)
+        "patience": 8,  # > 0: once val/loss has not improved for this many evals, cool down and stop; 0 = off
         "cooldown": 0.25,  # with patience: cosine decay over this fraction of the steps trained so far
     },
     "eval": {

@@ -10,9 +10,9 @@ import data
 import train_policy
 import train_reward
 
-# A tiny model and schedule: a full run takes well under a second on 2 CPU cores.
+# A tiny model and a fixed schedule: a full run takes well under a second on 2 CPU cores.
 TINY = ["--model.hidden=16", "--model.encoder.hidden=16", "--model.encoder.latent_dim=4",
-        "--train.batch_size=8", "--train.steps=30", "--train.warmup_steps=5",
+        "--train.batch_size=8", "--train.steps=30", "--train.warmup_steps=5", "--train.patience=0",
         "--eval.interval=10", "--eval.episodes=16", "--eval.context_sizes=[0,3]"]
 
 
@@ -31,8 +31,9 @@ def folder_hashes(folder):
 
 
 def train(out_dir, data_path, *overrides):
-    """train_reward.main on `data_path`, writing to `out_dir`; returns the last val metrics."""
-    return train_reward.main([f"--out_dir={out_dir}", f"--data.path={data_path}", *overrides])
+    """train_reward.main on `data_path`, writing to `out_dir`, for a fixed train.steps unless
+    overridden; returns the last val metrics."""
+    return train_reward.main([f"--out_dir={out_dir}", f"--data.path={data_path}", "--train.patience=0", *overrides])
 
 
 @pytest.fixture(autouse=True)
