@@ -41,19 +41,26 @@ def point(users, pairs_per_user, recipe):
     if not os.path.exists(os.path.join(REPO, out, "ckpt_best.pt")):
         run("train_reward.py", RECIPE, f"--data.path={data}", f"--out_dir={out}", f"--train.num_targets={targets}",
             f"--eval.num_targets={targets}", *recipe)
-    run("evaluate.py", out, "--num_targets=10", f"--num-context={SIZES}".replace(" ", ""), "--episodes=2000",
+    run("evaluate.py", out, "--num_targets=10", f"--num-context={SIZES}".replace(" ", ""), "--episodes=4000",
         "--max_label_rows=0")
     with open(os.path.join(REPO, out, "eval.json")) as f:
         rows = json.load(f)
+    with open(os.path.join(REPO, out, "log.jsonl")) as f:
+        steps = [json.loads(line) for line in f][-1]["step"]
+    bayes = {r["num_context"]: r["accuracy"] for r in rows if r["model"] == "bayes_optimal" and r["label"] == "all"}
     return [dict(users=users, pairs_per_user=pairs_per_user, num_context=r["num_context"], gap=r["gap_to_bayes"],
-                 sem=r["gap_sem"]) for r in rows if "gap_to_bayes" in r]
+                 sem=r["gap_sem"], accuracy=r["accuracy"], bayes=bayes[r["num_context"]], steps=steps)
+            for r in rows if "gap_to_bayes" in r]
 
 
 def table(points, key):
-    lines = [f"| {key} | " + " | ".join(f"gap n={n}" for n in SIZES) + " |", "|---|" + "---|" * len(SIZES)]
+    """Gap to Bayes (points ± SEM) with the Bayes-optimal accuracy beside it, one row per setting."""
+    lines = [f"| {key} | steps | " + " | ".join(f"n={n}: gap (Bayes %)" for n in SIZES) + " |",
+             "|---|---|" + "---|" * len(SIZES)]
     for value in dict.fromkeys(p[key] for p in points):
-        cells = {p["num_context"]: f"{100 * p['gap']:+.2f} ± {100 * p['sem']:.2f}" for p in points if p[key] == value}
-        lines.append(f"| {value} | " + " | ".join(cells[n] for n in SIZES) + " |")
+        mine = {p["num_context"]: p for p in points if p[key] == value}
+        cells = [f"{100 * mine[n]['gap']:+.2f} ± {100 * mine[n]['sem']:.2f} ({100 * mine[n]['bayes']:.1f})" for n in SIZES]
+        lines.append(f"| {value} | {mine[SIZES[0]]['steps']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

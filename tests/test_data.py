@@ -384,6 +384,14 @@ def test_population_bayes_by_hand_deterministic_users():
     assert torch.allclose(bayes_log_prob_chosen(meta, no_context).exp(), torch.tensor([[0.5, 0.5]]), atol=0.02)
 
 
+def test_population_bayes_without_context_is_exactly_one_half(population):
+    """A symmetric prior gives P = 1/2 for every pair at n = 0: no Monte Carlo noise, in 3-D and at T > 0."""
+    batch = EpisodeSampler(population, "test", num_targets=10, max_context=5, seed=0).sample(32, num_context=0)
+    for temperature in (0.0, 0.1):
+        log_prob, groups = population_log_prob_chosen({"temperature": temperature}, batch, num_samples=400)
+        assert torch.allclose(groups.exp(), torch.full_like(groups, 0.5), atol=1e-6)
+
+
 def test_population_bayes_by_hand_bradley_terry_users():
     """Posterior over w = +1 / -1 after choosing 0.6 over 0.5 at temperature 0.1, then the predictive."""
     batch = one_dim_episode([[0.6, 0.5]], [[0.8, 0.2]])
