@@ -178,8 +178,9 @@ def population_log_prob_chosen(meta, batch, num_samples=16000, groups=4, seed=0,
     """Bayes-optimal posterior predictive for a continuous linear population, by importance
     sampling: w from the prior (uniform on the sphere), weighted by the context likelihood,
     then E_w[P(target | w)]. The samples are split into `groups` independent sets.
-    Samples come in antithetic pairs (w, -w), as the prior is symmetric: with no context
-    the predictive is exactly 1/2, the true value, instead of 1/2 plus Monte Carlo noise.
+    Samples come in antithetic pairs (w, -w), as the prior is symmetric. By that symmetry
+    an episode with no context has the predictive 1/2 for every pair: it is set exactly, so
+    the reference ties there (float error would otherwise pick a side at random).
 
     Returns (log P(chosen) (B, T) from all samples, per-group log P(chosen) (groups, B, T)):
     the spread of the groups' accuracies estimates the Monte Carlo error."""
@@ -205,6 +206,7 @@ def population_log_prob_chosen(meta, batch, num_samples=16000, groups=4, seed=0,
         # no sample agreed with every context choice (deterministic users, long contexts): say 0.5
         per_group.append(torch.where(total > 0, weighted / total, 0.5).log())  # (B, T)
     groups_log_prob = torch.stack(per_group)  # (groups, B, T)
+    groups_log_prob[:, ~batch["context_mask"].any(1)] = math.log(0.5)
     combined = groups_log_prob.logsumexp(0) - math.log(groups)  # equal-size groups: the mean of predictives
     return combined.float(), groups_log_prob.float()
 
