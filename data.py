@@ -325,6 +325,7 @@ def load_pairs(path):
         missing |= answer_keys - arrays.keys()
     if missing:
         raise DataError(f"{path}: missing arrays {sorted(missing)}")
+    validate_pairs(path, arrays["pairs"])
     if "choices" in arrays:
         validate_arrays(path, arrays["pairs"], arrays["choices"], arrays["labels"], arrays["split"])
         choices, answers = torch.from_numpy(arrays["choices"].astype(np.int8)), None
@@ -340,8 +341,20 @@ def load_pairs(path):
                           None if ids is None else ids.astype(str), answers)
 
 
+def validate_pairs(path, pairs):
+    def fail(problem):
+        raise DataError(f"{path}: {problem}")
+
+    if pairs.ndim != 3 or pairs.shape[1] != 2:
+        fail(f"'pairs' must have shape [N, 2, D], got {list(pairs.shape)}")
+    if pairs.shape[0] == 0:
+        fail("no pairs (N = 0)")
+    if not np.issubdtype(pairs.dtype, np.number) or not np.isfinite(pairs).all():
+        fail("'pairs' holds non-numeric or non-finite (nan/inf) values")
+
+
 def validate_arrays(path, pairs, choices, labels, split):
-    """Checks an (N, L) choices matrix and the arrays beside it."""
+    """Checks an (N, L) choices matrix and the arrays beside it (pairs already checked)."""
     if choices.ndim != 2 or choices.shape[0] != pairs.shape[0]:
         raise DataError(f"{path}: 'choices' must have shape [N, L] with N = {pairs.shape[0]}, "
                         f"got {list(choices.shape)}")
@@ -352,8 +365,8 @@ def validate_arrays(path, pairs, choices, labels, split):
 
 
 def validate_answers(path, arrays, rows, labels_of, choices_of):
-    """Checks answer_rows / answer_labels / answer_choices -> (rows, labels, choices) tensors
-    sorted by label then row."""
+    """Checks answer_rows / answer_labels / answer_choices (pairs already checked) ->
+    (rows, labels, choices) tensors sorted by label then row."""
     def fail(problem):
         raise DataError(f"{path}: {problem}")
 
@@ -378,17 +391,11 @@ def validate_answers(path, arrays, rows, labels_of, choices_of):
 
 
 def validate_common(path, pairs, labels, split, num_labels, rows, label_ids):
-    """Checks pairs, labels and split, and that each label answers in one split or in all,
-    given the answered cells (rows, label_ids)."""
+    """Checks labels and split, and that each label answers in one split or in all, given
+    the answered cells (rows, label_ids)."""
     def fail(problem):
         raise DataError(f"{path}: {problem}")
 
-    if pairs.ndim != 3 or pairs.shape[1] != 2:
-        fail(f"'pairs' must have shape [N, 2, D], got {list(pairs.shape)}")
-    if pairs.shape[0] == 0:
-        fail("no pairs (N = 0)")
-    if not np.issubdtype(pairs.dtype, np.number) or not np.isfinite(pairs).all():
-        fail("'pairs' holds non-numeric or non-finite (nan/inf) values")
     if labels.shape != (num_labels,):
         fail(f"'labels' must have shape [L] with L = {num_labels}, got {list(labels.shape)}")
     if len(set(labels.tolist())) != len(labels):
