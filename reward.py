@@ -161,8 +161,24 @@ class NPBTL(nn.Module):
         return loss, {"loss": loss.item(), "nll": nll.item(), "kl": kl.item(), "acc": acc.item()}
 
 
+MODEL_DEFAULTS = {
+    "kind": "np_btl",  # np_btl | btl | dpl
+    "hidden": 64,  # reward MLP width
+    "layers": 3,  # reward MLP hidden layers
+    "kl_beta": 1.0,  # KL weight in the ELBO (stochastic np_btl only)
+    "predict_samples": 0,  # > 0: predict with the posterior predictive over this many z ~ q(z | context)
+    "encoder": {
+        "hidden": 64,  # context encoder width
+        "layers": 2,  # pair-embedding MLP layers
+        "latent_dim": 16,  # size of z
+        "aggregator": "attention",  # attention (a learned query attends to the pairs) | mean | sum
+        "stochastic": False,  # Gaussian z trained by the ELBO, else deterministic
+    },
+}
+
+
 def build_model(model_config, input_dim):
-    """model_config: the `model` section of train_reward.DEFAULTS."""
+    """model_config: a config's `model` section (MODEL_DEFAULTS)."""
     c, kind = model_config, model_config["kind"]
     if kind == "btl":
         return BTL(input_dim, c["hidden"], c["layers"])
@@ -195,8 +211,6 @@ def load_reward_model(path, input_dim, device="cpu", data_path="the data"):
 
 
 if __name__ == "__main__":
-    from train_reward import DEFAULTS
-
     for kind in MODEL_KINDS:
-        model = build_model(dict(DEFAULTS["model"], kind=kind), input_dim=1)
+        model = build_model(dict(MODEL_DEFAULTS, kind=kind), input_dim=1)
         print(kind, sum(p.numel() for p in model.parameters()), "parameters\n", model)

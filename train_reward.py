@@ -48,7 +48,7 @@ from dist import (any_rank, average_gradients, barrier, check_replicas_agree, is
                   mean_over_ranks, restore_rng_states, rng_states, setup_distributed, start_replicas)
 from data import (DataError, file_sha256, load_pairs, make_linear_synthetic, make_paper_synthetic, save_pairs, select_labels,
                   train_val_samplers)
-from reward import MODEL_KINDS, build_model, choice_correct
+from reward import MODEL_DEFAULTS, MODEL_KINDS, build_model, choice_correct
 
 DEFAULTS = {
     "stage": "reward",  # which trainer a config is for; train_policy.py refuses this one
@@ -63,20 +63,7 @@ DEFAULTS = {
         "generate": False,  # also generate a missing data.path that is not the generator's default path
         "labels": None,  # train on these labels only (a label-specific BTL); null = all
     },
-    "model": {
-        "kind": "np_btl",  # np_btl | btl | dpl
-        "hidden": 64,  # reward MLP width
-        "layers": 3,  # reward MLP hidden layers
-        "kl_beta": 1.0,  # KL weight in the ELBO (stochastic np_btl only)
-        "predict_samples": 0,  # > 0: predict with the posterior predictive over this many z ~ q(z | context)
-        "encoder": {
-            "hidden": 64,  # context encoder width
-            "layers": 2,  # pair-embedding MLP layers
-            "latent_dim": 16,  # size of z
-            "aggregator": "attention",  # attention (a learned query attends to the pairs) | mean | sum
-            "stochastic": False,  # Gaussian z trained by the ELBO, else deterministic
-        },
-    },
+    "model": MODEL_DEFAULTS,  # reward.py: kind, sizes, encoder, kl_beta, predict_samples
     "train": {
         "steps": 30000,  # optimizer steps: the cap, as train.patience ends the run when val/loss plateaus
         "epochs": 0.0,  # > 0: steps = epochs * answered train (pair, label) cells / (batch_size * num_targets)
