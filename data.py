@@ -497,6 +497,7 @@ class EpisodeSampler:
             "context_mask": torch.arange(n_max)[None] < n[:, None],  # (B, n_max)
             "targets": oriented[:, n_max:],  # (B, T, 2, D)
             "label_rows": label_rows,
+            "label_ids": self.label_ids[label_rows],  # (B,) columns of data.labels
             "pair_idx": pair_idx,  # (B, n_max + T) rows of the data
             "flipped": choice.bool(),  # (B, n_max + T) True where the second option was chosen
         }
@@ -759,12 +760,13 @@ def toy_vocabulary():
     return ["<pad>", "<unk>", "<bos>", "<eos>"] + sorted(words - {"{}"})
 
 
-def toy_tokenizer():
-    """A word-level Hugging Face tokenizer over the toy vocabulary, built in code."""
+def toy_tokenizer(vocabulary=None):
+    """A word-level Hugging Face tokenizer over a word list (default: the two-type toy
+    vocabulary), built in code."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(toy_vocabulary())}
+    vocab = {w: i for i, w in enumerate(vocabulary or toy_vocabulary())}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     # people type "Tell me about bees." for "tell me about bees ."; the toy texts tokenize as before
     backend.normalizer = normalizers.Lowercase()

@@ -59,6 +59,11 @@ DEFAULTS = {
         "samples_per_context": 4,  # responses sampled per context
         "max_new_tokens": 40,  # response length cap
         "temperature": 1.0,  # sampling temperature
+        "prompts": 8,  # steering world: evaluated test prompts
+        "samples": 4,  # steering world: responses per user, prompt and n
+        "reference_samples": 64,  # steering world: reference responses per prompt
+        "interpolation_samples": 32,  # steering world: responses per prompt at each interpolation point
+        "repeats": 4,  # steering world: random contexts per user and n for implicit-reward accuracy
     },
 }
 ALIASES = {"num-context": "num_context", "max-sem": "max_sem"}
@@ -316,9 +321,12 @@ def is_policy_checkpoint(path):
 
 
 def policy_role(policy, run_config):
-    """'np_dpo', 'dpo', or 'oracle:<label>' for a DPO policy trained on one label only."""
+    """'np_dpo', 'known' (FiLM on the users' true preferences), 'dpo', or 'oracle:<label>'
+    for a DPO policy trained on one label only."""
     if policy.encoder is not None:
         return "np_dpo"
+    if policy.film is not None:
+        return "known"
     labels = run_config["data"]["labels"]
     return f"oracle:{labels[0]}" if labels and len(labels) == 1 else "dpo"
 
@@ -328,18 +336,22 @@ def load_policies(paths, device):
     import train_policy
     from policy import load_policy
 
-    policies, first = {}, None
+    policies, first, configs = {}, None, {}
     for path in paths:
         policy, checkpoint = load_policy(path if not os.path.isdir(path) else os.path.join(path, "ckpt_best.pt"),
                                          device=device)
         first = first or checkpoint
         name = os.path.basename(os.path.normpath(run_dir_of(path)))
+        if name in policies:
+            raise ConfigError(f"two runs are named {name}: give runs in folders of different names")
         policies[name] = (policy.eval(), policy_role(policy, checkpoint["config"]))
+        configs[name] = checkpoint["config"]
     d = first["config"]["data"]
     first_config = dict(first["config"], data=dict(d, pairs=resolve_path(d["pairs"], first),
                                                    features=resolve_path(d["features"], first)))
     inputs_config = dict(first_config, data=dict(first_config["data"], labels=None, toy=False))
     data, token_pairs, tokenizer = train_policy.load_inputs(inputs_config)
+    first_config["run_configs"] = configs
     return policies, data, token_pairs, tokenizer, first_config
 
 
@@ -511,12 +523,52 @@ def plot_steering(rows, labels, sizes, where, out):
     return ["steering.png"]
 
 
+def plot_world(results, groups, roles, sizes, out):
+    """steering.png: normalised reward against n; attribute against true preference at the
+    largest n (first seed of each model); attribute against interpolation weight."""
+    from steer_eval import over_seeds
+
+    plt = pyplot()
+    styles = model_styles(list(groups))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.6))
+    for group, names in groups.items():
+        style, np_dpo = styles[group], roles[names[0]] == "np_dpo"
+        if np_dpo:
+            stats = [over_seeds(results, names, f"normalised@{n}") for n in sizes]
+            errorbar_curve(axes[0], sizes, [100 * m for m, _ in stats], [100 * (0 if math.isnan(s) else s) for _, s in stats],
+                           style, group)
+        else:
+            mean, _ = over_seeds(results, names, "normalised@None")
+            axes[0].axhline(100 * mean, label=f"{group} (no context)", **dict(style, marker=None))
+        scatter = results[names[0]]["scatter"]
+        prefs = torch.tensor(scatter["preference"])
+        for ax, d, attribute in ((axes[1], 0, "length"), (axes[2], 1, "tone")):
+            ax.scatter(prefs[:, d], scatter[attribute], s=10, color=style["color"], marker=style["marker"], label=group)
+        if "interpolation_path" in results[names[0]]:
+            path = results[names[0]]["interpolation_path"]
+            axes[3].plot(path["weights"], path["length"], color=style["color"], marker="o", label=f"{group}: length")
+            axes[3].plot(path["weights"], [3.5 + 2.5 * t for t in path["tone"]], color=style["color"], marker="s",
+                         linestyle="--", label=f"{group}: tone (scaled to 1-6)")
+    axes[0].set(xlabel="context pairs n", ylabel="normalised gold reward (%)", xticks=sizes,
+                title="0 % = reference, 100 % = each user's optimum")
+    axes[1].set(xlabel="user's preferred length", ylabel="mean sentences generated", title=f"n = {sizes[-1]}")
+    axes[2].set(xlabel="user's preferred tone", ylabel="mean tone generated", title=f"n = {sizes[-1]}")
+    axes[3].set(xlabel="interpolation weight", ylabel="attribute", title="latent path between two opposite users")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(plt, fig, os.path.join(out, "steering.png"))
+    return ["steering.png"]
+
+
 def evaluate_policies(paths, config, device):
     """Rows for eval.json and the function that draws the plots into a folder (None: no plots)."""
     from data import read_text_pairs
 
     policies, data, token_pairs, tokenizer, run_config = load_policies(paths, device)
     sizes = sorted(config["num_context"])
+    if run_config["data"].get("world") == "continuum":
+        return evaluate_world_policies(policies, data, token_pairs, tokenizer, run_config, config, device)
     rows = implicit_reward_rows(policies, data, token_pairs, tokenizer.pad_token_id, config, device)
     print(f"DPO implicit-reward accuracy (points ± SEM) on held-out conflicting pairs, split '{config['split']}'\n")
     print(markdown(rows, sizes, float("inf")))
@@ -530,6 +582,31 @@ def evaluate_policies(paths, config, device):
     print(table + "\n\n" + closure_lines(steer_rows, policies, data.labels, sizes))
     where = f"split '{config['split']}' of {run_config['data']['pairs']}"
     return rows + steer_rows, functools.partial(plot_steering, steer_rows, data.labels, sizes, where)
+
+
+def evaluate_world_policies(policies, data, token_pairs, tokenizer, run_config, config, device):
+    """The steering world (steer_eval.py): rows for eval.json, the tables, and the plots."""
+    import steer_eval
+    from data import read_text_pairs
+
+    text_rows = read_text_pairs(run_config["data"]["pairs"], run_config["data"]["skip_bad_lines"])
+    if "preferences" not in data.meta:
+        raise DataError(f"{run_config['data']['preferences']}: the users' preferences are needed to score steering")
+    users = steer_eval.TestUsers(data, text_rows, config["split"])
+    results = steer_eval.evaluate_world(policies, users, token_pairs, tokenizer, config, device)
+    groups = steer_eval.seed_groups(run_config["run_configs"])
+    roles = {name: role for name, (_, role) in policies.items()}
+    sizes = sorted(config["num_context"])
+    print(f"Steering world, split '{config['split']}': {len(users.labels)} users never seen in training, "
+          f"prompts {steer_eval.eval_prompts(users.split, config['policy_eval']['prompts'])}; "
+          "mean ± sd over training seeds (one seed: ± SEM over users)\n")
+    print(steer_eval.world_tables(results, groups, roles, sizes))
+    ref = results["reference"]
+    print(f"\nreference (the fine-tuned base): gold reward {ref['reference_reward']:.3f}, relevance "
+          f"{100 * ref['relevance']:.1f} %; users' optimum (exact) {ref['best_reward']:.3f} on average")
+    rows = [{"model": name, "role": roles.get(name, name), **{k: v for k, v in res.items()}}
+            for name, res in results.items()]
+    return rows, functools.partial(plot_world, results, groups, roles, sizes)
 
 
 def evaluate_rewards(paths, config, device):

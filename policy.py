@@ -13,8 +13,9 @@ there is no FiLM and no encoder: the same code is plain DPO with LoRA.
 
 Steer a trained policy with a user's few choices (a JSONL of text pairs, data.py):
 
+    python policy.py runs/steer_world_np_dpo --context=examples/world_context.jsonl --prompt="Tell me about owls."
+    python policy.py runs/steer_world_dpo --prompt="Tell me about owls."   # plain DPO reads no context
     python policy.py runs/steer_text_np_dpo --context=examples/context.jsonl --prompt="Tell me about bees."
-    python policy.py runs/steer_text_dpo --prompt="Tell me about bees."   # plain DPO reads no context
 
 Usage:
     policy = SteerablePolicy(build_base_model("Qwen/Qwen2-0.5B"), config, context_dim=D)
@@ -605,6 +606,9 @@ def main(argv):
     device = pick_device(config["device"])
     checkpoint = policy_checkpoint(rest[0], device)
     steered = "encoder" in checkpoint["model"]  # it holds encoder weights iff the policy reads a context
+    if "film" in checkpoint["model"] and not steered:
+        raise ConfigError(f"{rest[0]} is a known-preference policy (train.condition_on = preferences): a ceiling "
+                          "conditioned on a user's true preference vector, not on choices; score it with evaluate.py")
     context = steering_context(config["context"], rest[0], steered)
     p = checkpoint["policy_config"]
     tokenizer = run_model(p["base"], "policy.base", checkpoint,

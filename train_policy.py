@@ -1,27 +1,30 @@
 """
 Train a steerable policy with NP-DPO (or plain DPO, the baseline) on text pairs.
 
-    python train_policy.py                                     # configs/steer_text.yaml: the toy task, CPU
-    python train_policy.py configs/steer_text_dpo.yaml         # plain DPO on the same data (the baseline)
-    python train_policy.py configs/steer_text_oracle_concise.yaml   # DPO on one user type (the oracle)
+    python train_policy.py                                     # configs/steer_world.yaml: the steering world, CPU
+    python train_policy.py configs/steer_world_dpo.yaml        # plain DPO on the same data (the baseline)
+    python train_policy.py configs/steer_world_known.yaml      # FiLM on the users' true preferences (the ceiling)
+    python train_policy.py configs/steer_text.yaml             # the one-bit two-type world (concise vs detailed)
     python train_policy.py configs/uf_hh_dpo.yaml              # the paper's LLM setting (GPU and hub)
     python train_policy.py --train.steps=100 --resume          # dotted overrides, continue a run
     torchrun --nproc_per_node=4 train_policy.py configs/uf_hh_dpo.yaml   # data-parallel
 
 Inputs (data.*): text pairs as JSONL (data.py's format) and, row-aligned with them,
 a feature-pair .npz of context embeddings (data.py embed). The context encoder reads
-the embeddings; the policy reads tokens. With data.toy (the default), missing inputs
-at their default paths (or anywhere, with data.generate) are built first: the toy text
-pairs, the base model fine-tuned on the mixed responses (the reference policy, written
-to policy.base), and its last-token embeddings. A mistyped input path is an error.
+the embeddings; the policy reads tokens. With data.toy (the default), a built-in
+world's missing inputs at their default paths (or anywhere, with data.generate) are
+built first: its text pairs (and, for the steering world of world.py, each user's
+true preference in data.preferences), the base model fine-tuned on the world's
+responses (the reference policy, written to policy.base), and its last-token
+embeddings. A mistyped input path is an error.
 
 Writes to out_dir: config.yaml, log.jsonl, ckpt_best.pt (lowest val DPO loss) and
 ckpt_last.pt, which hold only LoRA, FiLM and encoder weights, and adapter/: the best
 LoRA as a peft adapter folder (PeftModel.from_pretrained opens it) with FiLM and
 encoder weights in steering.safetensors. As in train_reward.py, nothing is written
 before the loop, and a run folder needs --resume or --overwrite. Then:
-    python evaluate.py runs/steer_text_np_dpo runs/steer_text_dpo runs/steer_text_oracle_*
-    python policy.py runs/steer_text_np_dpo --context=choices.jsonl --prompt="tell me about cats ."
+    python evaluate.py runs/steer_world_np_dpo runs/steer_world_dpo runs/steer_world_known
+    python policy.py runs/steer_world_np_dpo --context=examples/world_context.jsonl --prompt="Tell me about owls."
 
 An episode is one user: n context pairs (embeddings) and num_targets target pairs
 (tokens), disjoint; each target's DPO loss is conditioned on the episode's latent.
@@ -51,7 +54,8 @@ Departures from the paper's code:
    but drifted off the toy grammar, and generations for concise users did not get
    shorter (gold reward -0.03 at n = 10 vs 0.02 at n = 0 with beta 0.5). Set it to 0
    for the paper's objective, as configs/uf_hh_dpo.yaml does.
-3. The toy task's prompts are split 80/10/10 by prompt, so test prompts are unseen.
+3. The two-type world's prompts are split 80/10/10 by prompt, so test prompts are unseen;
+   the steering world splits its topics, and its users, so test users and topics are.
 """
 
 import contextlib
@@ -64,6 +68,7 @@ import torch
 from tqdm import tqdm
 
 import policy as policy_lib
+import world
 from common import (ConfigError, check, check_finite, check_positive, check_resume, check_run_folder, claimed_run_folder,
                     graceful_stop, load_checkpoint, load_config, log, lr_at, print_config, run_script, save_config,
                     seed_everything)
@@ -71,26 +76,32 @@ from dist import (any_rank, average_gradients, barrier, check_replicas_agree, is
                   mean_over_ranks, restore_rng_states, rng_states, setup_distributed, start_replicas, sum_over_ranks)
 from data import (DataError, collate_pairs, file_sha256, last_token_embeddings, load_pairs, make_toy_text_pairs,
                   prompt_response_batch, read_text_pairs, save_pairs, select_labels, text_pair_ids, text_pairs_to_data,
-                  tokenize_pairs, toy_tokenizer, train_val_samplers, write_text_pairs)
+                  tokenize_pairs, tokenize_prompt, tokenize_response, toy_tokenizer, train_val_samplers,
+                  write_text_pairs)
 
 DEFAULTS = {
     "stage": "policy",  # which trainer a config is for; train_reward.py refuses this one
-    "out_dir": "runs/steer_text_np_dpo",  # checkpoints, config and logs go here
+    "out_dir": "runs/steer_world_np_dpo",  # checkpoints, config and logs go here
     "seed": 0,  # seeds torch, numpy, python and the episode sampler
     "device": "auto",  # auto = cuda if available, else cpu
     "resume": False,  # continue the run in out_dir from its ckpt_last.pt
     "overwrite": False,  # replace the run already in out_dir (without it, such a folder is refused)
     "data": {
-        "pairs": "data/steer_text/pairs.jsonl",  # text pairs (JSONL, data.py)
-        "features": "data/steer_text/features.npz",  # context embeddings, row-aligned with pairs
+        "pairs": "data/steer_world/pairs.jsonl",  # text pairs (JSONL, data.py)
+        "features": "data/steer_world/features.npz",  # context embeddings, row-aligned with pairs
+        "preferences": "data/steer_world/users.json",  # {user: true preference vector} (the steering world); null = none
         "embedder": None,  # the model that embedded the features (used for new users); null = policy.base
         "labels": None,  # train on these labels only (a label-specific oracle); null = all
         "max_length": 64,  # prompt + response tokens; longer pairs are dropped and counted
         "skip_bad_lines": False,  # drop malformed JSONL lines instead of stopping
-        "toy": True,  # the toy task: build its missing pairs, base model and features at their default paths
+        "toy": True,  # a built-in world: build its missing pairs, base model and features at their default paths
+        "world": "continuum",  # continuum (world.py: users on a 2-D continuum) | two_types (concise vs detailed)
         "generate": False,  # also build missing toy inputs away from their default paths
-        "toy_pairs": 6000,  # toy text pairs to generate
-        "toy_conflict_fraction": 0.8,  # share of toy pairs the two user types rank oppositely
+        "world_users": [250, 40, 100],  # continuum: train, val and test users
+        "world_pairs_per_user": 24,  # continuum: pairs each user answers
+        "world_corpus": 20000,  # continuum: (prompt, response) texts the base model is fine-tuned on
+        "toy_pairs": 6000,  # two_types: toy text pairs to generate
+        "toy_conflict_fraction": 0.8,  # two_types: share of toy pairs the two user types rank oppositely
     },
     "toy_model": {  # the tiny Llama-style base of the toy task, fine-tuned before DPO
         "hidden_size": 64,  # model width
@@ -101,7 +112,7 @@ DEFAULTS = {
         "sft_batch_size": 64,  # sequences per fine-tuning step
         "sft_lr": 3e-3,  # fine-tuning learning rate
     },
-    "policy": dict(policy_lib.DEFAULTS, base="runs/steer_text_base"),  # see policy.DEFAULTS
+    "policy": dict(policy_lib.DEFAULTS, base="runs/steer_world_base"),  # see policy.DEFAULTS
     "train": {
         "steps": 3000,  # optimizer steps
         "batch_size": 8,  # episodes per step (each num_targets pairs)
@@ -119,6 +130,8 @@ DEFAULTS = {
         "autocast": "bf16",  # on GPU: bf16 | fp16 | none; CPU always runs fp32
         "gradient_checkpointing": False,  # recompute decoder activations in backward (less memory, slower)
         "precompute_ref_logps": False,  # reference log-probs once per pair before training, not every step
+        "condition_on": "context",  # context: NP-DPO's encoder infers z | preferences: z = the user's true
+        # preference vector from data.preferences (the known-preference policy, a ceiling); plain DPO ignores it
     },
     "eval": {
         "interval": 500,  # steps between validations and checkpoints
@@ -149,6 +162,8 @@ def validate_config(config, world_size=1):
     check(0 <= t["min_context"] <= t["max_context"], "train.min_context", "must lie in [0, train.max_context]")
     check(t["autocast"] in ("bf16", "fp16", "none"), "train.autocast", "must be bf16, fp16 or none")
     check(config["eval"]["interval"] > 0, "eval.interval", "must be positive")
+    check(config["data"]["world"] in WORLD_PATHS, "data.world", f"must be one of {', '.join(WORLD_PATHS)}")
+    check(t["condition_on"] in ("context", "preferences"), "train.condition_on", "must be context or preferences")
 
 
 # -----------------------------------------------------------------------------
@@ -163,10 +178,9 @@ def toy_base_config(m, vocab_size):
                        pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
 
 
-def finetune_base(model, token_pairs, m, seed):
-    """Supervised fine-tuning on both responses of every training pair (the mixed
-    distribution): mean negative log-likelihood of the response tokens."""
-    sequences = [(prompt, response) for prompt, responses in token_pairs for response in responses]
+def finetune_base(model, sequences, m, seed):
+    """Supervised fine-tuning on (prompt ids, response ids) texts: mean negative
+    log-likelihood of the response tokens."""
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=m["sft_lr"])
     model.train()
@@ -185,14 +199,23 @@ def finetune_base(model, token_pairs, m, seed):
     return model.eval()
 
 
+WORLD_PATHS = {  # where each built-in world's inputs are built without --data.generate
+    "continuum": {"data.pairs": "data/steer_world/pairs.jsonl", "data.features": "data/steer_world/features.npz",
+                  "data.preferences": "data/steer_world/users.json", "policy.base": "runs/steer_world_base"},
+    "two_types": {"data.pairs": "data/steer_text/pairs.jsonl", "data.features": "data/steer_text/features.npz",
+                  "policy.base": "runs/steer_text_base"},
+}
+
+
 def toy_inputs_to_build(config):
-    """The toy inputs that are missing and may be built: those at their default paths,
-    or any with data.generate. A missing input at another path is a mistyped path."""
+    """The toy inputs that are missing and may be built: those at their world's default
+    paths, or any with data.generate. A missing input at another path is a mistyped path."""
     d, p = config["data"], config["policy"]
     wanted = {"data.pairs": (d["pairs"], d["pairs"]), "data.features": (d["features"], d["features"]),
               "policy.base": (p["base"], os.path.join(p["base"], "config.json"))}
-    defaults = {"data.pairs": DEFAULTS["data"]["pairs"], "data.features": DEFAULTS["data"]["features"],
-                "policy.base": DEFAULTS["policy"]["base"]}
+    if d["world"] == "continuum":
+        wanted["data.preferences"] = (d["preferences"], d["preferences"])
+    defaults = WORLD_PATHS[d["world"]]
     missing = [key for key, (_, marker) in wanted.items() if not os.path.exists(marker)]
     for key in missing:
         path = wanted[key][0]
@@ -209,8 +232,11 @@ def toy_settings(config):
     """{record file: the settings an existing toy input was built with}: the pairs' and the
     base model's. The seed is left out: a second training seed reuses the same toy inputs."""
     d = config["data"]
-    pairs = {f"data.{k}": d[k] for k in ("toy_pairs", "toy_conflict_fraction")}
+    keys = ("world_users", "world_pairs_per_user") if d["world"] == "continuum" else ("toy_pairs", "toy_conflict_fraction")
+    pairs = {"data.world": d["world"], **{f"data.{k}": d[k] for k in keys}}
     base = {f"toy_model.{k}": v for k, v in config["toy_model"].items()}
+    if d["world"] == "continuum":
+        base.update({"data.world": d["world"], "data.world_corpus": d["world_corpus"]})
     return {os.path.join(os.path.dirname(d["pairs"]) or ".", "toy_settings.json"): pairs,
             os.path.join(config["policy"]["base"], "toy_settings.json"): base}
 
@@ -233,22 +259,31 @@ def write_toy_settings(record, settings):
 
 
 def build_toy_inputs(config):
-    """Writes whichever of the toy pairs, base model and features is missing."""
-    d, base_dir = config["data"], config["policy"]["base"]
+    """Writes whichever of the world's pairs (and users' preferences), base model and features is missing."""
+    d, base_dir, continuum = config["data"], config["policy"]["base"], config["data"]["world"] == "continuum"
     (pairs_record, pairs_settings), (base_record, base_settings) = toy_settings(config).items()
     if not os.path.exists(d["pairs"]):
-        write_text_pairs(d["pairs"], make_toy_text_pairs(d["toy_pairs"], d["toy_conflict_fraction"], config["seed"]))
+        if continuum:
+            rows, preferences = world.make_pairs(d["world_users"], d["world_pairs_per_user"], seed=config["seed"])
+            write_json_atomic(d["preferences"], preferences)
+        else:
+            rows = make_toy_text_pairs(d["toy_pairs"], d["toy_conflict_fraction"], config["seed"])
+        write_text_pairs(d["pairs"], rows)
         write_toy_settings(pairs_record, pairs_settings)
         print(f"wrote the toy text pairs to {d['pairs']}")
     rows = read_text_pairs(d["pairs"])
-    tokenizer = toy_tokenizer()
+    tokenizer = world.tokenizer() if continuum else toy_tokenizer()
     token_pairs, dropped = tokenize_pairs(rows, tokenizer, d["max_length"])
     check(dropped == 0, "data.max_length", f"{dropped} toy pairs are longer; raise it")
     if not os.path.exists(os.path.join(base_dir, "config.json")):
+        if continuum:  # the base knows every topic, as a pretrained model would
+            texts = [(tokenize_prompt(tokenizer, q), tokenize_response(tokenizer, r))
+                     for q, r in world.corpus(d["world_corpus"], seed=config["seed"])]
+        else:  # both responses of every training pair (the mixed distribution)
+            texts = [(q, r) for pair, row in zip(token_pairs, rows) if row["split"] == "train" for q, rs in [pair] for r in rs]
         torch.manual_seed(config["seed"])
         base = policy_lib.build_base_model(toy_base_config(config["toy_model"], len(tokenizer)))
-        train_rows = [pair for pair, row in zip(token_pairs, rows) if row["split"] == "train"]
-        finetune_base(base, train_rows, config["toy_model"], config["seed"])
+        finetune_base(base, texts, config["toy_model"], config["seed"])
         tmp = f"{base_dir}.tmp{os.getpid()}"  # then renamed: an interrupted build leaves no half a model
         base.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -262,6 +297,14 @@ def build_toy_inputs(config):
         features = last_token_embeddings(base, sequences, tokenizer.pad_token_id).view(len(rows), 2, -1)
         save_pairs(d["features"], text_pairs_to_data(rows, features, d["features"]))
         print(f"wrote context embeddings {tuple(features.shape)} to {d['features']}")
+
+
+def write_json_atomic(path, value):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+    os.replace(tmp, path)
 
 
 def load_inputs(config, rank=0):
@@ -289,21 +332,46 @@ def load_inputs(config, rank=0):
         data.choices[torch.tensor([t is None for t in token_pairs])] = -1
     if d["labels"]:
         data = select_labels(data, d["labels"])
+    if d["preferences"] and os.path.exists(d["preferences"]):
+        with open(d["preferences"]) as f:
+            data.meta["preferences"] = json.load(f)
     return data, token_pairs, tokenizer
+
+
+def known_latents(data, config):
+    """The users' true preferences scaled to [-1, 1], (L, d) in data.labels' order, when the
+    policy is conditioned on them (train.condition_on = preferences); else None."""
+    if config["train"]["condition_on"] != "preferences" or config["policy"]["film"]["latent_dim"] == 0:
+        return None
+    preferences = data.meta.get("preferences")
+    if preferences is None:
+        raise DataError(f"train.condition_on = preferences needs the users' preferences: data.preferences = "
+                        f"{config['data']['preferences']} not found")
+    missing = [label for label in data.labels if label not in preferences]
+    if missing:
+        raise DataError(f"{config['data']['preferences']}: no preference for user {missing[0]!r} "
+                        f"(and {len(missing) - 1} more)")
+    latents = world.user_latents(data.labels, preferences)
+    check(config["policy"]["film"]["latent_dim"] == latents.shape[1], "policy.film.latent_dim",
+          f"must be {latents.shape[1]}, the size of a user's preference vector, with train.condition_on = preferences")
+    return latents
 
 
 # -----------------------------------------------------------------------------
 # batches, validation, checkpoints
 
 
-def make_batch(sampler, token_pairs, batch_size, pad_id, device, num_context=None, ref_logps=None):
-    return episode_batch(sampler.sample(batch_size, num_context=num_context), token_pairs, pad_id, device, ref_logps)
+def make_batch(sampler, token_pairs, batch_size, pad_id, device, num_context=None, ref_logps=None, latents=None):
+    return episode_batch(sampler.sample(batch_size, num_context=num_context), token_pairs, pad_id, device, ref_logps,
+                         latents)
 
 
-def episode_batch(episodes, token_pairs, pad_id, device, ref_logps=None):
+def episode_batch(episodes, token_pairs, pad_id, device, ref_logps=None, latents=None):
     """Episodes -> the context (B, n, 2, D) with its mask and the target pairs' tokens (B * T rows).
     With ref_logps (N, 2), the reference log-probs of each pair's two responses, the batch
-    carries the targets' ref_{chosen,rejected}_logps (B * T,) too."""
+    carries the targets' ref_{chosen,rejected}_logps (B * T,) too. With latents (L, d), one
+    row per label of the data (the users' known preferences), it carries each episode's
+    latent (B, d) for a policy conditioned on it."""
     n = episodes["context"].shape[1]
     targets, flipped = episodes["pair_idx"][:, n:].reshape(-1), episodes["flipped"][:, n:].reshape(-1)  # (B * T,)
     batch = collate_pairs(token_pairs, targets, flipped, pad_id)
@@ -311,6 +379,8 @@ def episode_batch(episodes, token_pairs, pad_id, device, ref_logps=None):
     if ref_logps is not None:
         batch.update(ref_chosen_logps=ref_logps[targets, flipped.long()],
                      ref_rejected_logps=ref_logps[targets, (~flipped).long()])
+    if latents is not None:
+        batch["latent"] = latents[episodes["label_ids"]]
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -352,14 +422,14 @@ def reference_logprobs(policy, data, token_pairs, config, pad_id, device, rank=0
 
 
 @torch.no_grad()
-def validate(policy, sampler, token_pairs, pad_id, config, device, ref_logps=None):
+def validate(policy, sampler, token_pairs, pad_id, config, device, ref_logps=None, latents=None):
     """DPO loss and implicit-reward accuracy on fixed val episodes at each context size."""
     e, t = config["eval"], config["train"]
     sampler.gen.manual_seed(config["seed"] + 1)  # the same episodes at every validation
     policy.eval()
     metrics, losses = {}, []
     for n in e["context_sizes"]:
-        batch = make_batch(sampler, token_pairs, e["episodes"], pad_id, device, num_context=n, ref_logps=ref_logps)
+        batch = make_batch(sampler, token_pairs, e["episodes"], pad_id, device, n, ref_logps, latents)
         with autocast(device, t["autocast"]):
             loss, step_metrics = policy_lib.dpo_step(policy, batch, t["beta"], t["nll_weight"])
         losses.append(loss.item())
@@ -404,7 +474,7 @@ def save(name, policy, optimizer, sampler, config, step, best_val_loss, metrics,
 
 
 def train(policy, optimizer, sampler, val_sampler, token_pairs, pad_id, config, device, step, best_val_loss,
-          rank=0, world_size=1, ref_logps=None):
+          rank=0, world_size=1, ref_logps=None, latents=None):
     """Returns (last validation metrics, True if stopped early by SIGINT/SIGTERM). Under
     torchrun a signal on any rank stops every rank after the same step."""
     t, main_process = config["train"], is_main(rank)
@@ -422,7 +492,7 @@ def train(policy, optimizer, sampler, val_sampler, token_pairs, pad_id, config, 
             episodes = micro_batches(sampler.sample(t["batch_size"] * t["grad_accum"]), t["grad_accum"])
             step_metrics, step_loss = [], 0.0
             for micro in episodes[rank::world_size]:
-                batch = episode_batch(micro, token_pairs, pad_id, device, ref_logps)
+                batch = episode_batch(micro, token_pairs, pad_id, device, ref_logps, latents)
                 with autocast(device, t["autocast"]):
                     loss, train_metrics = policy_lib.dpo_step(policy, batch, t["beta"], t["nll_weight"])
                 scaler.scale(loss / own_micro_batches).backward()
@@ -444,7 +514,7 @@ def train(policy, optimizer, sampler, val_sampler, token_pairs, pad_id, config, 
                 torch_rng = rng_states()  # each rank's, so --resume continues each rank's dropout stream
                 train_metrics = mean_metrics(step_metrics, device)  # over this step's micro-batches and ranks
             if at_interval and main_process:
-                metrics = validate(policy, val_sampler, token_pairs, pad_id, config, device, ref_logps)
+                metrics = validate(policy, val_sampler, token_pairs, pad_id, config, device, ref_logps, latents)
                 if metrics["val/loss"] < best_val_loss:
                     best_val_loss = metrics["val/loss"]
                     save("ckpt_best.pt", policy, optimizer, sampler, config, done, best_val_loss, metrics, torch_rng)
@@ -467,7 +537,7 @@ def mean_metrics(rows, device):
 
 def main(argv):
     # ---- config
-    config, rest = load_config(DEFAULTS, argv or ["configs/steer_text.yaml"])
+    config, rest = load_config(DEFAULTS, argv or ["configs/steer_world.yaml"])
     if rest:
         raise ConfigError(f"unexpected arguments {rest} (give one .yaml file and --key=value overrides)")
     rank, world_size, _, device = setup_distributed(config["device"])  # (0, 1, 0, device) without torchrun
@@ -494,7 +564,8 @@ def main(argv):
     # ---- model and optimizer
     seed_everything(config["seed"])  # the same init whether or not the toy inputs were just built
     base = policy_lib.build_base_model(p["base"], p["dtype"], p["trust_remote_code"])
-    policy = policy_lib.SteerablePolicy(base, p, context_dim=data.dim).to(device)
+    latents = known_latents(data, config)  # (L, d) for the known-preference policy, else None
+    policy = policy_lib.SteerablePolicy(base, p, context_dim=0 if latents is not None else data.dim).to(device)
     if t["gradient_checkpointing"]:
         policy.enable_gradient_checkpointing()
     trainable = [q for q in policy.parameters() if q.requires_grad]
@@ -517,7 +588,7 @@ def main(argv):
             if changed:  # recorded beside the original values, which config.yaml no longer shows
                 log({"step": step, "event": "resume", "changed": changed}, config["out_dir"])
         metrics, stopped = train(policy, optimizer, sampler, val_sampler, token_pairs, tokenizer.pad_token_id,
-                                 config, device, step, best_val_loss, rank, world_size, ref_logps)
+                                 config, device, step, best_val_loss, rank, world_size, ref_logps, latents)
         check_replicas_agree(trainable)
     if stopped:  # rank 0 alone says so
         sys.exit(f"stopped by a signal: {config['out_dir']}/ckpt_last.pt holds the last step; continue with --resume"

@@ -1,0 +1,395 @@
+"""
+Policy evaluation on the steering world (world.py): how far a policy moves each test
+user's generations toward that user's best response, and what it costs in quality.
+
+evaluate.py calls `evaluate_world`; the metrics are plain functions, tested on small
+fixtures with hand-computed answers (tests/test_steer_eval.py).
+
+For every test user (never seen in training) and context size n:
+- contexts are n of the user's own answered pairs, any of them, and never one on the
+  evaluated prompt (generation) or one of the scored pairs (implicit reward);
+- normalised gold reward = (policy - reference) / (the user's optimum - reference),
+  per user, averaged over users with the SEM over users; the optimum is exact
+  (world.best_reward) and the reference is the fine-tuned base, sampled alike;
+- continuum: per preference dimension, the Spearman correlation over users between
+  the true preference and the attribute of their generations; and along a latent
+  path between two users at opposite corners, the Spearman correlation of each
+  attribute with the interpolation weight (11 points);
+- quality: the relevance of the generations (shared by every user);
+- implicit-reward accuracy on the user's other pairs, separately where the population
+  conflicts and where it agrees (world.pair_kind), beside the gold reward's own
+  accuracy on the same recorded (Bradley-Terry) choices: the ceiling.
+"""
+
+import math
+import re
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import world
+from data import collate_pairs, tokenize_prompt
+from policy import implicit_reward, policy_and_reference_logprobs
+from reward import choice_correct
+
+
+# -----------------------------------------------------------------------------
+# the metrics
+
+
+def ranks(x):
+    """Ranks 0..N-1 of a 1-D tensor, ties given their average rank."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    order = x.argsort(stable=True)
+    r = torch.empty_like(x)
+    r[order] = torch.arange(len(x), dtype=torch.float64)
+    for value in x.unique():
+        tied = x == value
+        r[tied] = r[tied].mean()
+    return r
+
+
+def spearman(x, y):
+    """Spearman's rank correlation; NaN when either side is constant."""
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = (rx.square().sum() * ry.square().sum()).sqrt()
+    return (rx * ry).sum().item() / denom.item() if denom > 0 else math.nan
+
+
+def normalised(policy_reward, reference_reward, best_reward):
+    """Per user: (policy - reference) / (optimum - reference). Inputs (U,)."""
+    return (policy_reward - reference_reward) / (best_reward - reference_reward)
+
+
+def mean_sem(values):
+    values = torch.as_tensor(values, dtype=torch.float64)
+    sem = values.std(unbiased=True).item() / len(values) ** 0.5 if len(values) > 1 else math.inf
+    return values.mean().item(), sem
+
+
+def attribute_table(prompt_texts):
+    """[(prompt, text)] -> (N, 3) tensor of length, tone, relevance."""
+    rows = [world.attributes(q, t) for q, t in prompt_texts]
+    return torch.tensor([[a["length"], a["tone"], a["relevance"]] for a in rows], dtype=torch.float64)
+
+
+def rewards_from_attributes(attrs, preferences):
+    """attrs (..., 3) of responses, preferences (..., 2) broadcastable -> gold rewards (...)."""
+    a = {"length": attrs[..., 0], "tone": attrs[..., 1], "relevance": attrs[..., 2]}
+    return world.reward_of(a, (preferences[..., 0], preferences[..., 1]))
+
+
+# -----------------------------------------------------------------------------
+# users, their pairs and contexts
+
+
+class TestUsers:
+    """The users of one split: their answered rows, true preferences and pair kinds."""
+
+    def __init__(self, data, text_rows, split):
+        in_split = torch.from_numpy(data.split == split)
+        columns = [j for j in range(len(data.labels)) if ((data.choices[:, j] >= 0) & in_split).any()]
+        if not columns:
+            raise ValueError(f"no answered pairs in split '{split}'")
+        self.data, self.text_rows, self.split, self.columns = data, text_rows, split, columns
+        self.labels = [data.labels[j] for j in columns]
+        self.rows = [torch.nonzero((data.choices[:, j] >= 0) & in_split).squeeze(1) for j in columns]
+        prefs = data.meta["preferences"]
+        self.preferences = torch.tensor([prefs[label] for label in self.labels], dtype=torch.float64)  # (U, 2)
+        self.latents = world.user_latents(self.labels, prefs)  # (U, 2) scaled, for the known-preference policy
+        self.prompt_of = [row["prompt"] for row in text_rows]
+
+    def context(self, user, n, gen, exclude_rows=None, exclude_prompt=None):
+        """(n, 2, D) features of n of the user's pairs, chosen first, and their rows: drawn
+        without replacement from the user's rows minus exclude_rows and the evaluated prompt's."""
+        rows = self.rows[user]
+        keep = torch.ones(len(rows), dtype=torch.bool)
+        if exclude_rows is not None:
+            keep &= ~torch.isin(rows, exclude_rows)
+        if exclude_prompt is not None:
+            keep &= torch.tensor([self.prompt_of[r] != exclude_prompt for r in rows.tolist()])
+        allowed = rows[keep]
+        if len(allowed) < n:
+            raise ValueError(f"user {self.labels[user]} has {len(allowed)} pairs to draw a context of {n} from")
+        picked = allowed[torch.randperm(len(allowed), generator=gen)[:n]]
+        return self.oriented(picked, user), picked
+
+    def oriented(self, rows, user):
+        flipped = self.data.choices[rows, self.columns[user]].bool()[:, None, None]
+        pairs = self.data.pairs[rows]  # (n, 2, D)
+        return torch.where(flipped, pairs.flip(1), pairs)
+
+
+def latents_for(policy, role, users, contexts, device):
+    """(U, d) latents: NP-DPO's from each user's context (U, n, 2, D); the true preferences
+    for the known-preference policy; None for a policy without FiLM."""
+    if role == "np_dpo":
+        return policy.infer_latent(contexts.to(device))
+    if role == "known":
+        return users.latents.to(device)
+    return None
+
+
+# -----------------------------------------------------------------------------
+# implicit-reward accuracy, split by pair kind
+
+
+@torch.no_grad()
+def implicit_accuracy(policies, users, token_pairs, pad_id, sizes, repeats, seed, device):
+    """{(model, n, kind): per-user accuracy (U_kind,)}: each user, `repeats` times per n, gives
+    a random context of n of their pairs and is scored on all their other pairs. Model
+    'gold' scores the recorded choices with the user's true gold reward (the ceiling)."""
+    kinds = [world.pair_kind(r["prompt"], r["response_a"], r["response_b"]) for r in users.text_rows]
+    out = {}
+    for n in sizes:
+        gen = torch.Generator().manual_seed(seed + n)
+        per = {}  # (model, kind) -> list of per-user accuracies
+        for u in range(len(users.labels)):
+            draws = [users.context(u, n, gen) for _ in range(repeats)]
+            contexts = torch.stack([c for c, _ in draws])  # (R, n, 2, D)
+            targets = [users.rows[u][~torch.isin(users.rows[u], picked)] for _, picked in draws]
+            flat = torch.cat(targets)  # (R * T,)
+            flipped = users.data.choices[flat, users.columns[u]].bool()
+            batch = collate_pairs(token_pairs, flat, flipped, pad_id)
+            batch.update(context=contexts, context_mask=torch.ones(contexts.shape[:2], dtype=torch.bool),
+                         latent=users.latents[[u] * repeats])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            target_kinds = [kinds[r] for r in flat.tolist()]
+            correct = {name: episode_correct(policy, batch) for name, (policy, _) in policies.items()}
+            correct["gold"] = gold_correct(users, u, flat, flipped)
+            for name, c in correct.items():
+                for kind in ("conflict", "agree"):
+                    mask = torch.tensor([k == kind for k in target_kinds])
+                    if mask.any():
+                        per.setdefault((name, kind), []).append(c[mask].mean().item())
+        out.update({(name, n, kind): torch.tensor(v) for (name, kind), v in per.items()})
+    return out
+
+
+def episode_correct(policy, batch):
+    """1/0/0.5 per pair: the DPO implicit reward ranks the chosen response higher/lower/equal."""
+    chosen, rejected, ref_chosen, ref_rejected = policy_and_reference_logprobs(policy, batch)
+    margin = implicit_reward(chosen, ref_chosen) - implicit_reward(rejected, ref_rejected)
+    return choice_correct(F.logsigmoid(margin.double())).cpu()
+
+
+def gold_correct(users, u, rows, flipped):
+    """The user's true gold reward as a predictor of their recorded choices."""
+    preference = users.preferences[u].tolist()
+    margins = []
+    for r, second in zip(rows.tolist(), flipped.tolist()):
+        row = users.text_rows[r]
+        chosen, rejected = (row["response_b"], row["response_a"]) if second else (row["response_a"], row["response_b"])
+        margins.append(world.gold_reward(row["prompt"], chosen, preference)
+                       - world.gold_reward(row["prompt"], rejected, preference))
+    return choice_correct(F.logsigmoid(torch.tensor(margins, dtype=torch.float64)))
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+def eval_prompts(split, count):
+    """The first `count` prompts of the split, templates outer and topics inner, so a few
+    prompts already cover every topic."""
+    topics = world.TOPICS[split]
+    ordered = [t.format(topic) for t in world.TEMPLATES for topic in topics]
+    return ordered[:count]
+
+
+@torch.no_grad()
+def sample_texts(policy, tokenizer, prompt, latent, count, samples, config, device, reference=False):
+    """count * samples responses to `prompt`; row r * samples + s is conditioned on latent row r."""
+    ids = torch.tensor([tokenize_prompt(tokenizer, prompt)] * count, device=device)
+    kwargs = dict(do_sample=True, temperature=config["temperature"], num_return_sequences=samples,
+                  max_new_tokens=config["max_new_tokens"], pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    if reference:
+        with policy.reference_mode():
+            out = policy.lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    else:
+        out = policy.generate(ids, torch.ones_like(ids), latent=latent, **kwargs)
+    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+
+
+def generation_attributes(policy, role, users, tokenizer, prompts, n, config, gen, device):
+    """(U, Q, S, 3) attributes of each user's generations at context size n."""
+    per_prompt = []
+    for q in prompts:
+        contexts = None
+        if role == "np_dpo":
+            contexts = torch.stack([users.context(u, n, gen, exclude_prompt=q)[0] for u in range(len(users.labels))])
+        latent = latents_for(policy, role, users, contexts, device)
+        texts = sample_texts(policy, tokenizer, q, latent, len(users.labels), config["samples"], config, device)
+        per_prompt.append(attribute_table([(q, t) for t in texts]).view(len(users.labels), config["samples"], 3))
+    return torch.stack(per_prompt, 1)
+
+
+def reference_attributes(policy, tokenizer, prompts, config, device):
+    """(Q, S_ref, 3) attributes of the reference's responses to each prompt."""
+    out = []
+    for q in prompts:
+        texts = sample_texts(policy, tokenizer, q, None, 1, config["reference_samples"], config, device, reference=True)
+        out.append(attribute_table([(q, t) for t in texts]))
+    return torch.stack(out)
+
+
+def user_scores(attrs, users, reference, best):
+    """Per user (U,): gold reward, normalised gold reward and the mean of each attribute."""
+    prefs = users.preferences[:, None, None, :]  # (U, 1, 1, 2)
+    reward = rewards_from_attributes(attrs, prefs).mean((1, 2))  # (U,)
+    return {"reward": reward, "normalised": normalised(reward, reference, best),
+            "length": attrs[..., 0].mean((1, 2)), "tone": attrs[..., 1].mean((1, 2)),
+            "relevance": attrs[..., 2].mean((1, 2))}
+
+
+def interpolation(policy, role, users, tokenizer, prompts, config, gen, device, points=11):
+    """Attributes along the latent path between the two users at opposite corners of the
+    population: {'weights', 'length', 'tone', 'relevance'} (points,), and the two users."""
+    corner = users.latents.sum(1)
+    a, b = int(corner.argmin()), int(corner.argmax())
+    if role == "np_dpo":
+        contexts = torch.stack([users.context(u, 10, gen, exclude_rows=prompt_rows(users, u, prompts))[0]
+                                for u in (a, b)])
+        ends = policy.infer_latent(contexts.to(device))
+    else:
+        ends = users.latents[[a, b]].to(device)
+    weights = torch.linspace(0, 1, points)
+    path = (1 - weights[:, None].to(device)) * ends[0] + weights[:, None].to(device) * ends[1]  # (points, d)
+    attrs = torch.stack([attribute_table([(q, t) for t in sample_texts(
+        policy, tokenizer, q, path, points, config["interpolation_samples"], config, device)]).view(points, -1, 3)
+        for q in prompts], 1)  # (points, Q, S, 3)
+    mean = attrs.mean((1, 2))
+    return {"weights": weights, "length": mean[:, 0], "tone": mean[:, 1], "relevance": mean[:, 2],
+            "users": (users.labels[a], users.labels[b])}
+
+
+def prompt_rows(users, u, prompts):
+    return torch.tensor([r for r in users.rows[u].tolist() if users.prompt_of[r] in prompts], dtype=torch.long)
+
+
+# -----------------------------------------------------------------------------
+# everything, per policy
+
+
+def evaluate_world(policies, users, token_pairs, tokenizer, config, device):
+    """{model: {metric: value}} for every policy (and 'reference'), all on the same users,
+    prompts and contexts. config is evaluate.py's (num_context, seed, policy_eval)."""
+    p = config["policy_eval"]  # prompts, samples, reference_samples, interpolation_samples, repeats, ...
+    sizes, seed = sorted(config["num_context"]), config["seed"]
+    prompts = eval_prompts(users.split, p["prompts"])
+    first = next(iter(policies.values()))[0]
+    torch.manual_seed(seed)
+    ref_attrs = reference_attributes(first, tokenizer, prompts, p, device)  # (Q, S_ref, 3)
+    reference = rewards_from_attributes(ref_attrs[None], users.preferences[:, None, None, :]).mean((1, 2))  # (U,)
+    best = torch.tensor([world.best_reward(u) for u in users.preferences.tolist()], dtype=torch.float64)
+    results = {"reference": {"relevance": ref_attrs[..., 2].mean().item(), "reference_reward": reference.mean().item(),
+                             "best_reward": best.mean().item()}}
+    for name, (policy, role) in policies.items():
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        res = {}
+        for n in (sizes if role == "np_dpo" else [None]):
+            attrs = generation_attributes(policy, role, users, tokenizer, prompts, n, p, gen, device)
+            scores = user_scores(attrs, users, reference, best)
+            for key in ("normalised", "relevance", "length", "tone"):
+                res[f"{key}@{n}"] = mean_sem(scores[key])
+            for d, attribute in enumerate(world.ATTRIBUTES):
+                res[f"spearman_{attribute}@{n}"] = spearman(users.preferences[:, d], scores[attribute])
+            if n in (None, sizes[-1]):  # the scatter of the plot
+                res["scatter"] = {"preference": users.preferences.tolist(),
+                                  **{a: scores[a].tolist() for a in world.ATTRIBUTES}}
+        if role in ("np_dpo", "known"):
+            path = interpolation(policy, role, users, tokenizer, prompts, p, gen, device)
+            for attribute in ("length", "tone"):
+                res[f"interpolation_{attribute}"] = spearman(path["weights"], path[attribute])
+            res["interpolation_path"] = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in path.items()}
+        results[name] = res
+    accuracy = implicit_accuracy(policies, users, token_pairs, tokenizer.pad_token_id, sizes, p["repeats"], seed, device)
+    for (name, n, kind), values in accuracy.items():
+        results.setdefault(name, {})[f"implicit_{kind}@{n}"] = mean_sem(values)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# seeds and tables
+
+RUN_ONLY_KEYS = ("seed", "out_dir", "resume", "overwrite", "device")
+
+
+def seed_groups(run_configs):
+    """{group name: [run names]}: runs whose configs differ only in seed and run folder are one
+    model trained with several seeds. A group is named by its runs' common name prefix."""
+    import json
+    groups = {}
+    for name, config in run_configs.items():
+        key = json.dumps({k: v for k, v in config.items() if k not in RUN_ONLY_KEYS}, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(name)
+    named = {}
+    for names in groups.values():
+        prefix = names[0]
+        for other in names[1:]:
+            while not other.startswith(prefix):
+                prefix = prefix[:-1]
+        if len(names) > 1 and all(len(prefix) < len(n) for n in names):  # x_s1, x_s2 -> x
+            prefix = re.sub(r"[_-]*(seed|s)?$", "", prefix)
+        named[prefix or names[0]] = names
+    return named
+
+
+def over_seeds(results, names, key):
+    """Mean and sd over the seeds' values of metric `key` (a value or a (mean, sem) pair)."""
+    values = [results[n][key][0] if isinstance(results[n][key], tuple) else results[n][key] for n in names]
+    values = torch.tensor(values, dtype=torch.float64)
+    return values.mean().item(), (values.std(unbiased=True).item() if len(values) > 1 else math.nan)
+
+
+def cell(results, names, key, scale=1.0, digits=1):
+    if any(key not in results[n] for n in names):
+        return "-"
+    mean, sd = over_seeds(results, names, key)
+    if len(names) == 1:  # one seed: the SEM over users instead
+        value = results[names[0]][key]
+        sem = value[1] if isinstance(value, tuple) else math.nan
+        return f"{scale * mean:.{digits}f}" + ("" if math.isnan(sem) else f" ± {scale * sem:.{digits}f}")
+    return f"{scale * mean:.{digits}f} ± {scale * sd:.{digits}f}"
+
+
+def world_tables(results, groups, roles, sizes):
+    """Markdown tables of the headline metrics, one row per model (seeds pooled)."""
+    def key_at(group, metric, n):
+        return f"{metric}@{n if roles[groups[group][0]] == 'np_dpo' else None}"
+
+    header = "| model | seeds | " + " | ".join(f"n={n}" for n in sizes) + " |\n|---|---|" + "---|" * len(sizes)
+    out = []
+    for title, metric, scale in (("Normalised gold reward, % of the way from the reference to each user's optimum",
+                                  "normalised", 100), ("Relevance of the generations (quality), %", "relevance", 100),
+                                 ("Implicit-reward accuracy on pairs where the population conflicts, %",
+                                  "implicit_conflict", 100),
+                                 ("Implicit-reward accuracy on pairs where the population agrees, %", "implicit_agree", 100)):
+        lines = [f"{title}:\n", header]
+        for group, names in groups.items():
+            lines.append(f"| {group} | {len(names)} | " + " | ".join(
+                cell(results, names, key_at(group, metric, n) if not metric.startswith("implicit") else f"{metric}@{n}",
+                     scale) for n in sizes) + " |")
+        if metric.startswith("implicit"):
+            lines.append("| the user's gold reward (ceiling) | - | "
+                         + " | ".join(gold_cell(results, metric, n) for n in sizes) + " |")
+        out.append("\n".join(lines))
+    lines = ["Continuum (Spearman over test users at n = max, and along the interpolation path):\n",
+             "| model | seeds | length | tone | interpolation: length | interpolation: tone |", "|---|---|---|---|---|---|"]
+    for group, names in groups.items():
+        n = sizes[-1]
+        lines.append(f"| {group} | {len(names)} | " + " | ".join(
+            cell(results, names, key, 1.0, 3) for key in (key_at(group, "spearman_length", n),
+                                                         key_at(group, "spearman_tone", n),
+                                                         "interpolation_length", "interpolation_tone")) + " |")
+    out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def gold_cell(results, metric, n):
+    return cell(results, ["gold"], f"{metric}@{n}", 100) if "gold" in results else "-"
+

@@ -1,0 +1,229 @@
+"""The steering world's gold reward and the policy metrics, on fixtures with
+hand-computed answers. Each broken evaluation named in the docstrings makes a test fail."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import steer_eval
+import world
+from data import PreferenceData
+
+# -----------------------------------------------------------------------------
+# the world
+
+
+def test_attributes_read_text_as_people_write_it():
+    a = world.attributes("Tell me about OWLS!", "Owls are lovely. owls exist . kites feel cold. owls blue .")
+    # 4 sentences: two well formed on topic, one off topic, one malformed ("owls blue")
+    assert a == {"length": 4.0, "tone": (1 + 0 - 1 + 0) / 4, "relevance": 0.5}
+    assert world.attributes("describe owls .", "") == {"length": 0.0, "tone": 0.0, "relevance": 0.0}
+
+
+def test_gold_reward_by_hand():
+    # relevance 1, 2 sentences, tone (1 + 0) / 2; user (length 3, tone 0.5)
+    assert world.gold_reward("Describe owls.", "owls are lovely . owls exist .", (3.0, 0.5)) == pytest.approx(4 - 0.3)
+    assert world.gold_reward("Describe owls.", "", (3.0, 0.5)) == pytest.approx(-0.3 * 9 - 2 * 0.25)
+
+
+def test_best_reward_by_hand():
+    # length 3 needs tone 1/3 or 2/3 (miss 1/6); lengths 2 and 4 hit tone 0.5 but miss length by 1
+    assert world.best_reward((3.0, 0.5)) == pytest.approx(4 - 2 / 36)
+    assert world.best_reward((6.0, -1.0)) == pytest.approx(4.0)
+
+
+def test_pair_kind():
+    q = "Describe owls."
+    assert world.pair_kind(q, "owls exist .", "kites exist .") == "agree"  # relevance alone decides
+    assert world.pair_kind(q, "owls exist .", "owls exist . owls exist . owls exist .") == "conflict"
+    assert world.pair_kind(q, "owls are lovely .", "owls are dull .") == "conflict"
+    assert world.pair_kind(q, "owls exist .", "owls exist .") == "conflict"  # a tie is not an agreement
+
+
+def test_test_users_and_topics_are_never_seen_in_training():
+    rows, preferences = world.make_pairs(users=(5, 2, 3), pairs_per_user=4, seed=1)
+    users_of = {split: {u for r in rows if r["split"] == split for u in r["choices"]} for split in ("train", "test")}
+    assert len(users_of["test"]) == 3 and not users_of["train"] & users_of["test"]
+    for r in rows:
+        assert world.prompt_topic(r["prompt"]) in world.TOPICS[r["split"]]
+    assert not set(world.TOPICS["train"]) & set(world.TOPICS["test"])
+    assert set(preferences) == {u for r in rows for u in r["choices"]}
+
+
+def test_choices_are_bradley_terry_on_the_gold_reward():
+    rows, preferences = world.make_pairs(users=(200, 0, 0), pairs_per_user=10, seed=0)
+    agree, expected = [], []
+    for r in rows:
+        (user, choice), = r["choices"].items()
+        margin = (world.gold_reward(r["prompt"], r["response_b"], preferences[user])
+                  - world.gold_reward(r["prompt"], r["response_a"], preferences[user]))
+        agree.append((margin > 0) == (choice == 1))
+        expected.append(1 / (1 + math.exp(-abs(margin))))
+    assert abs(np.mean(agree) - np.mean(expected)) < 0.02  # 2,000 choices: SE about 0.009
+    assert np.mean(agree) < 0.95  # no single pair reveals a user
+
+
+# -----------------------------------------------------------------------------
+# metrics by hand
+
+
+def test_spearman_by_hand():
+    assert steer_eval.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert steer_eval.spearman([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
+    assert steer_eval.spearman([1, 2, 3], [1, 1, 2]) == pytest.approx(math.sqrt(3) / 2)  # ties: average ranks
+    assert math.isnan(steer_eval.spearman([1, 2, 3], [5, 5, 5]))
+
+
+def test_normalised_reward_by_hand():
+    out = steer_eval.normalised(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0]))
+    assert out.tolist() == [0.5, 1.0]
+
+
+# -----------------------------------------------------------------------------
+# a fixture world: 3 test users whose true preferences are known, one feature per row
+# that names the row, and a stub policy whose latent and generations are known
+
+PROMPTS = ["Describe owls.", "Describe kites.", "What about owls?"]
+
+
+@pytest.fixture
+def users():
+    rows, choices, prefs = [], [], {"t0": [1.0, -1.0], "t1": [3.5, 0.0], "t2": [6.0, 1.0], "x": [2.0, 0.0]}
+    short, long = "owls exist .", "owls exist . owls exist . owls exist ."
+    for u, label in enumerate(["t0", "t1", "t2"]):
+        for i in range(6):
+            rows.append({"prompt": PROMPTS[i % 3], "response_a": short, "response_b": long, "split": "test"})
+            choices.append([-1] * 3 + [-1])
+            choices[-1][u] = int(label != "t0")  # t0 likes short, the others long
+    rows.append({"prompt": PROMPTS[0], "response_a": short, "response_b": long, "split": "train"})  # a train user
+    choices.append([-1, -1, -1, 0])
+    features = torch.arange(len(rows), dtype=torch.float32)[:, None, None].expand(-1, 2, 1).clone()  # row id
+    features[:, 1] += 0.5
+    data = PreferenceData(features, torch.tensor(choices, dtype=torch.int8), ["t0", "t1", "t2", "x"],
+                          np.array([r["split"] for r in rows]), {"preferences": prefs}, "<fixture>")
+    return steer_eval.TestUsers(data, rows, "test")
+
+
+def test_test_users_are_the_splits_users_only(users):
+    assert users.labels == ["t0", "t1", "t2"]  # the train user 'x' is not scored
+    assert all(users.data.split[r] == "test" for rows in users.rows for r in rows.tolist())
+
+
+def test_context_never_holds_the_evaluated_prompt_or_a_scored_pair(users):
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        context, picked = users.context(1, 4, gen, exclude_prompt=PROMPTS[0])
+        assert all(users.prompt_of[r] != PROMPTS[0] for r in picked.tolist())
+        assert context[:, 0, 0].tolist() == [float(r) + 0.5 for r in picked.tolist()]  # chosen (long, b) first
+        _, picked = users.context(0, 3, gen, exclude_rows=torch.tensor([0, 1, 2]))
+        assert not set(picked.tolist()) & {0, 1, 2}
+    with pytest.raises(ValueError, match="pairs to draw"):
+        users.context(0, 5, gen, exclude_prompt=PROMPTS[0])
+
+
+class StubPolicy:
+    """Infers a latent = the user's preferred length read off the context's rows (the
+    fixture's users own rows 0-5, 6-11, 12-17), and generates that many on-topic sentences."""
+
+    def __init__(self):
+        self.contexts = []
+
+    def infer_latent(self, context):
+        self.contexts.append(context)
+        rows = context[:, :, 0, 0].floor().long()  # (U, n) row ids (chosen may be a or b)
+        owner = rows[:, 0] // 6 if rows.shape[1] else torch.ones(len(rows), dtype=torch.long)
+        return torch.tensor([[1.0], [3.5], [6.0]])[owner]
+
+
+def stub_texts(policy, tokenizer, prompt, latent, count, samples, config, device, reference=False):
+    topic = world.prompt_topic(prompt)
+    if reference:
+        return [f"{topic} exist . drums exist ."] * (count * samples)  # relevance 0.5, length 2
+    lengths = latent[:, 0].round().long().repeat_interleave(samples).tolist()
+    return [" ".join([f"{topic} exist ."] * k) for k in lengths]
+
+
+def test_generation_metrics_by_hand(users, monkeypatch):
+    monkeypatch.setattr(steer_eval, "sample_texts", stub_texts)
+    config = {"samples": 2, "temperature": 1.0, "max_new_tokens": 8}
+    policy = StubPolicy()
+    gen = torch.Generator().manual_seed(0)
+    attrs = steer_eval.generation_attributes(policy, "np_dpo", users, None, PROMPTS[:2], 3, config, gen, "cpu")
+    assert attrs.shape == (3, 2, 2, 3)
+    assert attrs[..., 0].mean((1, 2)).tolist() == [1.0, 4.0, 6.0]  # round(3.5) = 4
+    for context, q in zip(policy.contexts, PROMPTS[:2]):  # the evaluated prompt is never in a context
+        rows = context[:, :, 0, 0].floor().long().flatten().tolist()
+        assert all(users.prompt_of[r] != q for r in rows)
+    reference = steer_eval.reference_attributes(policy, None, PROMPTS[:2], dict(config, reference_samples=3), "cpu")
+    ref_reward = steer_eval.rewards_from_attributes(reference[None], users.preferences[:, None, None]).mean((1, 2))
+    best = torch.tensor([world.best_reward(u) for u in users.preferences.tolist()], dtype=torch.float64)
+    scores = steer_eval.user_scores(attrs, users, ref_reward, best)
+    # user t0 (length 1, tone -1): reference 4 * 0.5 - 0.3 * 1 - 2 * 1 = -0.3; generation 4 - 0 - 2 = 2; best 4
+    assert ref_reward[0].item() == pytest.approx(-0.3)
+    assert scores["normalised"][0].item() == pytest.approx((2 + 0.3) / (4 + 0.3))
+    assert steer_eval.spearman(users.preferences[:, 0], scores["length"]) == pytest.approx(1.0)
+
+
+def test_a_zeroed_latent_or_empty_generations_fail_the_metrics(users, monkeypatch):
+    """The latent replaced by zeros, or every generation empty, loses the continuum."""
+    monkeypatch.setattr(steer_eval, "sample_texts", lambda *a, **k: [""] * (a[4] * a[5]))
+    config = {"samples": 2, "temperature": 1.0, "max_new_tokens": 8}
+    gen = torch.Generator().manual_seed(0)
+    attrs = steer_eval.generation_attributes(StubPolicy(), "np_dpo", users, None, PROMPTS[:1], 3, config, gen, "cpu")
+    scores = steer_eval.user_scores(attrs, users, torch.zeros(3), torch.full((3,), 4.0))
+    assert (scores["normalised"] < 0).all()  # an empty response is worse than the reference's
+    assert math.isnan(steer_eval.spearman(users.preferences[:, 0], scores["length"]))
+
+
+def test_implicit_accuracy_is_split_by_kind_and_not_inverted(users, monkeypatch):
+    """A predictor right on every agreeing pair and wrong on every conflicting one scores
+    100 % and 0 %: mixing the kinds, or inverting the accuracy, fails."""
+    kinds = ["agree" if i % 2 else "conflict" for i in range(len(users.text_rows))]
+    monkeypatch.setattr(world, "pair_kind", lambda q, a, b, it=iter(kinds * 100): next(it))
+
+    def logprobs(policy, batch):  # chosen above rejected on agreeing pairs only
+        agree = batch["agree"].double()
+        return agree, 1 - agree, torch.zeros_like(agree), torch.zeros_like(agree)
+
+    monkeypatch.setattr(steer_eval, "policy_and_reference_logprobs", logprobs)
+    real_collate = steer_eval.collate_pairs
+
+    def collate(token_pairs, rows, flipped, pad_id):
+        batch = real_collate(token_pairs, rows, flipped, pad_id)
+        return dict(batch, agree=torch.tensor([kinds[r] == "agree" for r in rows.tolist()]))
+
+    monkeypatch.setattr(steer_eval, "collate_pairs", collate)
+    token_pairs = [([2, 4], ([5, 3], [6, 3]))] * len(users.text_rows)
+    out = steer_eval.implicit_accuracy({"stub": (None, "dpo")}, users, token_pairs, 0, [0, 2], 2, 0, "cpu")
+    for n in (0, 2):
+        assert out[("stub", n, "agree")].tolist() == [1.0, 1.0, 1.0]
+        assert out[("stub", n, "conflict")].tolist() == [0.0, 0.0, 0.0]
+        # the true reward: t0 prefers short and chose it; t1 (3.5) and t2 (6) prefer long and chose it
+        assert out[("gold", n, "agree")].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_seed_groups_pool_runs_that_differ_only_in_seed():
+    base = {"stage": "policy", "train": {"nll_weight": 1.0}, "seed": 0, "out_dir": "a"}
+    configs = {"np_s0": base, "np_s1": dict(base, seed=1, out_dir="b"), "pure": dict(base, train={"nll_weight": 0.0})}
+    assert steer_eval.seed_groups(configs) == {"np": ["np_s0", "np_s1"], "pure": ["pure"]}
+
+
+def test_sampled_texts_are_the_generated_responses_not_the_prompt():
+    """Decoding the wrong slice (the prompt, or nothing: every generation empty) fails."""
+    from transformers import LlamaConfig
+
+    import policy as policy_lib
+    tokenizer = world.tokenizer()
+    torch.manual_seed(0)
+    base = policy_lib.build_base_model(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, num_key_value_heads=2,
+                                                   intermediate_size=32, max_position_embeddings=64))
+    config = dict(policy_lib.DEFAULTS, base="tiny", film=dict(policy_lib.DEFAULTS["film"], latent_dim=2))
+    policy = policy_lib.SteerablePolicy(base, config).eval()
+    texts = steer_eval.sample_texts(policy, tokenizer, "Describe owls.", torch.zeros(3, 2), 3, 2,
+                                    {"temperature": 1.0, "max_new_tokens": 6}, "cpu")
+    assert len(texts) == 6
+    assert sum(len(t.split()) for t in texts) > 12  # a random model rarely stops at once
+    assert not any(t.startswith("describe owls") for t in texts)
