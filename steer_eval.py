@@ -17,8 +17,9 @@ For every test user (never seen in training) and context size n:
   attribute with the interpolation weight (11 points);
 - quality: the relevance of the generations (shared by every user);
 - implicit-reward accuracy on the user's other pairs, separately where the population
-  conflicts and where it agrees (world.pair_kind), beside the gold reward's own
-  accuracy on the same recorded (Bradley-Terry) choices: the ceiling.
+  conflicts and where it agrees (world.pair_kind), beside two limits on the same
+  recorded (Bradley-Terry) choices: the Bayes-optimal prediction from the same n
+  context pairs, and the user's own gold reward (their preference known).
 """
 
 import math
@@ -100,6 +101,17 @@ class TestUsers:
         self.preferences = torch.tensor([prefs[label] for label in self.labels], dtype=torch.float64)  # (U, 2)
         self.latents = world.user_latents(self.labels, prefs)  # (U, 2) scaled, for the known-preference policy
         self.prompt_of = [row["prompt"] for row in text_rows]
+        self._margins = {}
+
+    def margins(self, rows):
+        """(len(rows), G) gold reward of response b minus response a at every grid preference."""
+        for r in rows.tolist():
+            if r not in self._margins:
+                row = self.text_rows[r]
+                a, b = (world.attributes(row["prompt"], row[k]) for k in ("response_a", "response_b"))
+                grid = (BAYES_GRID[:, 0].double(), BAYES_GRID[:, 1].double())
+                self._margins[r] = world.reward_of(b, grid) - world.reward_of(a, grid)
+        return torch.stack([self._margins[r] for r in rows.tolist()])
 
     def context(self, user, n, gen, exclude_rows=None, exclude_prompt=None):
         """(n, 2, D) features of n of the user's pairs, chosen first, and their rows: drawn
@@ -159,6 +171,8 @@ def implicit_accuracy(policies, users, token_pairs, pad_id, sizes, repeats, seed
             target_kinds = [kinds[r] for r in flat.tolist()]
             correct = {name: episode_correct(policy, batch) for name, (policy, _) in policies.items()}
             correct["gold"] = gold_correct(users, u, flat, flipped)
+            correct["bayes"] = torch.cat([bayes_correct(users, picked, rows, users.columns[u])
+                                          for (_, picked), rows in zip(draws, targets)])
             for name, c in correct.items():
                 for kind in ("conflict", "agree"):
                     mask = torch.tensor([k == kind for k in target_kinds])
@@ -185,6 +199,23 @@ def gold_correct(users, u, rows, flipped):
         margins.append(world.gold_reward(row["prompt"], chosen, preference)
                        - world.gold_reward(row["prompt"], rejected, preference))
     return choice_correct(F.logsigmoid(torch.tensor(margins, dtype=torch.float64)))
+
+
+BAYES_GRID = torch.cartesian_prod(torch.linspace(*world.LENGTH_RANGE, 41), torch.linspace(*world.TONE_RANGE, 41))
+
+
+def bayes_correct(users, context_rows, target_rows, column):
+    """The Bayes-optimal prediction of one user's target choices from their context choices:
+    the world's reward family and its uniform population prior, on a 41 x 41 grid of
+    preferences. The limit of any predictor given those n pairs."""
+    margins = users.margins(torch.cat([context_rows, target_rows]))  # (n + T, G) reward of b - reward of a
+    choices = users.data.choices[torch.cat([context_rows, target_rows]), column].double()  # 1 = b chosen
+    sign = 2 * choices - 1
+    n = len(context_rows)
+    log_post = F.logsigmoid(sign[:n, None] * margins[:n]).sum(0)  # (G,)
+    prob_b = (torch.softmax(log_post, 0) * torch.sigmoid(margins[n:])).sum(1)  # (T,)
+    prob_chosen = torch.where(choices[n:] == 1, prob_b, 1 - prob_b)
+    return choice_correct(prob_chosen.log())
 
 
 # -----------------------------------------------------------------------------
@@ -375,7 +406,9 @@ def world_tables(results, groups, roles, sizes):
                 cell(results, names, key_at(group, metric, n) if not metric.startswith("implicit") else f"{metric}@{n}",
                      scale) for n in sizes) + " |")
         if metric.startswith("implicit"):
-            lines.append("| the user's gold reward (ceiling) | - | "
+            lines.append("| Bayes-optimal given the n pairs (the world's reward family and prior) | - | "
+                         + " | ".join(gold_cell(results, metric, n, "bayes") for n in sizes) + " |")
+            lines.append("| the user's own gold reward (known preference) | - | "
                          + " | ".join(gold_cell(results, metric, n) for n in sizes) + " |")
         out.append("\n".join(lines))
     lines = ["Continuum (Spearman over test users at n = max, and along the interpolation path):\n",
@@ -390,6 +423,6 @@ def world_tables(results, groups, roles, sizes):
     return "\n\n".join(out)
 
 
-def gold_cell(results, metric, n):
-    return cell(results, ["gold"], f"{metric}@{n}", 100) if "gold" in results else "-"
+def gold_cell(results, metric, n, name="gold"):
+    return cell(results, [name], f"{metric}@{n}", 100) if name in results else "-"
 

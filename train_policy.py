@@ -97,8 +97,9 @@ DEFAULTS = {
         "toy": True,  # a built-in world: build its missing pairs, base model and features at their default paths
         "world": "continuum",  # continuum (world.py: users on a 2-D continuum) | two_types (concise vs detailed)
         "generate": False,  # also build missing toy inputs away from their default paths
-        "world_users": [250, 40, 100],  # continuum: train, val and test users
+        "world_users": [1000, 40, 100],  # continuum: train, val and test users
         "world_pairs_per_user": 24,  # continuum: pairs each user answers
+        "world_answers_per_pair": 4,  # continuum: users who answer each pair
         "world_corpus": 20000,  # continuum: (prompt, response) texts the base model is fine-tuned on
         "toy_pairs": 6000,  # two_types: toy text pairs to generate
         "toy_conflict_fraction": 0.8,  # two_types: share of toy pairs the two user types rank oppositely
@@ -121,7 +122,7 @@ DEFAULTS = {
         "min_context": 0,  # fewest context pairs in an episode
         "max_context": 10,  # most context pairs in an episode
         "beta": 0.1,  # DPO temperature
-        "nll_weight": 1.0,  # weight of the chosen responses' NLL per token added to the DPO loss (RPO)
+        "nll_weight": 0.3,  # weight of the chosen responses' NLL per token added to the DPO loss (RPO)
         "lr": 1e-3,  # peak AdamW learning rate
         "min_lr": 2e-5,  # cosine decay floor
         "warmup_steps": 30,  # linear warmup
@@ -130,6 +131,9 @@ DEFAULTS = {
         "autocast": "bf16",  # on GPU: bf16 | fp16 | none; CPU always runs fp32
         "gradient_checkpointing": False,  # recompute decoder activations in backward (less memory, slower)
         "precompute_ref_logps": False,  # reference log-probs once per pair before training, not every step
+        "encoder_warmup_steps": 5000,  # NP-DPO: first train the encoder by the NP-BTL loss on the context
+        # features (a throwaway reward head, batches of 64 episodes), then DPO; 0 = off
+        "steering_lr_scale": 1.0,  # FiLM and encoder learn at this multiple of train.lr (LoRA at train.lr)
         "condition_on": "context",  # context: NP-DPO's encoder infers z | preferences: z = the user's true
         # preference vector from data.preferences (the known-preference policy, a ceiling); plain DPO ignores it
     },
@@ -153,6 +157,9 @@ def validate_config(config, world_size=1):
     labels = config["data"]["labels"]
     check(labels is None or isinstance(labels, list), "data.labels", f"must be a list of labels, e.g. [{labels}]")
     check(t["lr"] > 0, "train.lr", "must be positive")
+    check_positive(config, "train.steering_lr_scale")
+    check(isinstance(t["encoder_warmup_steps"], int) and t["encoder_warmup_steps"] >= 0, "train.encoder_warmup_steps",
+          "must be a non-negative number of steps (0 = off)")
     check(0 <= t["min_lr"] <= t["lr"], "train.min_lr", "must lie in [0, train.lr]")
     check(t["steps"] > 0 and t["batch_size"] > 0 and t["grad_accum"] > 0, "train.steps",
           "steps, batch_size and grad_accum must be positive")
@@ -163,6 +170,10 @@ def validate_config(config, world_size=1):
     check(t["autocast"] in ("bf16", "fp16", "none"), "train.autocast", "must be bf16, fp16 or none")
     check(config["eval"]["interval"] > 0, "eval.interval", "must be positive")
     check(config["data"]["world"] in WORLD_PATHS, "data.world", f"must be one of {', '.join(WORLD_PATHS)}")
+    users = config["data"]["world_users"]
+    check(isinstance(users, list) and len(users) == 3 and all(isinstance(u, int) and u > 0 for u in users),
+          "data.world_users", "must be three positive numbers of users: [train, val, test]")
+    check_positive(config, "data.world_pairs_per_user", "data.world_answers_per_pair", "data.world_corpus")
     check(t["condition_on"] in ("context", "preferences"), "train.condition_on", "must be context or preferences")
 
 
@@ -232,7 +243,8 @@ def toy_settings(config):
     """{record file: the settings an existing toy input was built with}: the pairs' and the
     base model's. The seed is left out: a second training seed reuses the same toy inputs."""
     d = config["data"]
-    keys = ("world_users", "world_pairs_per_user") if d["world"] == "continuum" else ("toy_pairs", "toy_conflict_fraction")
+    keys = (("world_users", "world_pairs_per_user", "world_answers_per_pair") if d["world"] == "continuum"
+            else ("toy_pairs", "toy_conflict_fraction"))
     pairs = {"data.world": d["world"], **{f"data.{k}": d[k] for k in keys}}
     base = {f"toy_model.{k}": v for k, v in config["toy_model"].items()}
     if d["world"] == "continuum":
@@ -264,7 +276,8 @@ def build_toy_inputs(config):
     (pairs_record, pairs_settings), (base_record, base_settings) = toy_settings(config).items()
     if not os.path.exists(d["pairs"]):
         if continuum:
-            rows, preferences = world.make_pairs(d["world_users"], d["world_pairs_per_user"], seed=config["seed"])
+            rows, preferences = world.make_pairs(d["world_users"], d["world_pairs_per_user"],
+                                                 d["world_answers_per_pair"], seed=config["seed"])
             write_json_atomic(d["preferences"], preferences)
         else:
             rows = make_toy_text_pairs(d["toy_pairs"], d["toy_conflict_fraction"], config["seed"])
@@ -487,7 +500,7 @@ def train(policy, optimizer, sampler, val_sampler, token_pairs, pad_id, config, 
     with graceful_stop() as stop:
         for step in progress:
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, t)
+                group["lr"] = lr_at(step, t) * group["lr_scale"]
             # every rank draws the same global batch, then runs micro-batches rank, rank + N, ...
             episodes = micro_batches(sampler.sample(t["batch_size"] * t["grad_accum"]), t["grad_accum"])
             step_metrics, step_loss = [], 0.0
@@ -526,6 +539,37 @@ def train(policy, optimizer, sampler, val_sampler, token_pairs, pad_id, config, 
                 progress.close()
                 return metrics, True
     return metrics, False
+
+
+def warm_up_encoder(policy, sampler, config, device):
+    """Trains the policy's context encoder (in place) with the NP-BTL objective: a reward
+    head r(x, z) on the same context features, FiLM-modulated by the encoder's z, fitted
+    to the users' choices on episodes of the train split. The head is then dropped; DPO
+    starts from a latent that already tells users apart."""
+    import reward as reward_lib
+
+    e, steps = config["policy"]["encoder"], config["train"]["encoder_warmup_steps"]
+    model = reward_lib.NPBTL(sampler.data.dim, latent_dim=config["policy"]["film"]["latent_dim"],
+                             encoder_hidden=e["hidden"], encoder_layers=e["layers"], aggregator=e["aggregator"],
+                             stochastic=e["stochastic"]).to(device)
+    model.encoder = policy.encoder  # shared: the NP-BTL loss trains the policy's encoder
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in tqdm(range(steps), desc="encoder warm-up (NP-BTL)", mininterval=1.0):
+        episodes = sampler.sample(64)
+        batch = {k: episodes[k].to(device) for k in ("context", "context_mask", "targets")}
+        loss, metrics = model.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    print(f"encoder warm-up: last NP-BTL loss {metrics['loss']:.3f}, accuracy {metrics['acc']:.3f}")
+
+
+def parameter_groups(policy, t):
+    """LoRA at train.lr; FiLM and encoder (which learn who the user is) at steering_lr_scale times it."""
+    steering = [q for m in (policy.film, policy.encoder) if m is not None for q in m.parameters()]
+    ids = {id(q) for q in steering}
+    lora = [q for q in policy.parameters() if q.requires_grad and id(q) not in ids]
+    return [{"params": lora, "lr_scale": 1.0}, {"params": steering, "lr_scale": t["steering_lr_scale"]}]
 
 
 def mean_metrics(rows, device):
@@ -568,12 +612,14 @@ def main(argv):
     policy = policy_lib.SteerablePolicy(base, p, context_dim=0 if latents is not None else data.dim).to(device)
     if t["gradient_checkpointing"]:
         policy.enable_gradient_checkpointing()
+    if policy.encoder is not None and t["encoder_warmup_steps"] > 0 and not checkpoint:
+        warm_up_encoder(policy, sampler, config, device)
     trainable = [q for q in policy.parameters() if q.requires_grad]
     start_replicas(trainable, config["seed"], rank)
     if main_process:
         print(f"policy: {sum(q.numel() for q in trainable):,} trained parameters "
               f"(LoRA{', FiLM, encoder' if policy.encoder is not None else ''}) on a {p['base']} base")
-    optimizer = torch.optim.AdamW(trainable, lr=t["lr"], weight_decay=t["weight_decay"])
+    optimizer = torch.optim.AdamW(parameter_groups(policy, t), lr=t["lr"], weight_decay=t["weight_decay"])
     step, best_val_loss = 0, float("inf")
     if checkpoint:
         step, best_val_loss = restore(checkpoint, policy, optimizer, sampler, data, config, rank, world_size)

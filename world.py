@@ -183,28 +183,40 @@ def corpus(num, seed=0):
     return out
 
 
-def make_pairs(users=(250, 40, 100), pairs_per_user=24, temperature=1.0, seed=0):
-    """Text pairs in data.py's JSONL schema, one user's choice each, and {user: [length, tone]}.
+def make_pairs(users=(1000, 40, 100), pairs_per_user=24, answers_per_pair=4, temperature=1.0, seed=0):
+    """Text pairs in data.py's JSONL schema and {user: [length, tone]}.
 
-    users: how many train, val and test users; each answers pairs_per_user pairs on
-    prompts of their split's topics, Bradley-Terry on their gold reward."""
+    users: how many train, val and test users. Every user answers exactly pairs_per_user
+    pairs, on prompts of their split's topics, Bradley-Terry on their gold reward. A pair
+    is shown to answers_per_pair users of its split (fewer for the last few), as data
+    sets give one pair to several annotators: the same pair then carries conflicting
+    choices, which only a policy that reads the user can fit."""
     rng = np.random.default_rng(seed)
     rows, preferences = [], {}
     for split, count in zip(("train", "val", "test"), users):
-        split_prompts, topics = prompts(split), TOPICS[split]
-        for i, preference in enumerate(sample_preferences(count, rng)):
-            user = f"{split}{i:04d}"
-            preferences[user] = [round(float(v), 4) for v in preference]
-            for _ in range(pairs_per_user):
-                prompt = split_prompts[rng.integers(len(split_prompts))]
-                topic = prompt_topic(prompt)
-                others = [t for t in topics if t != topic]
-                a, b = (sample_response(topic, others, rng) for _ in range(2))
-                margin = gold_reward(prompt, b, preferences[user]) - gold_reward(prompt, a, preferences[user])
-                choice = int(rng.random() < 1 / (1 + math.exp(-margin / temperature)))
-                rows.append({"prompt": prompt, "response_a": a, "response_b": b, "choices": {user: choice},
-                             "split": split, "id": len(rows)})
+        names = [f"{split}{i:04d}" for i in range(count)]
+        for name, preference in zip(names, sample_preferences(count, rng)):
+            preferences[name] = [round(float(v), 4) for v in preference]
+        capacity = np.full(count, pairs_per_user)
+        while capacity.sum() > 0:
+            k = min(answers_per_pair, int((capacity > 0).sum()))
+            answering = rng.choice(count, k, replace=False, p=capacity / capacity.sum())
+            capacity[answering] -= 1
+            rows.append(annotated_pair(split, [names[u] for u in sorted(answering)], preferences, temperature, rng))
+            rows[-1]["id"] = len(rows) - 1
     return rows, preferences
+
+
+def annotated_pair(split, names, preferences, temperature, rng):
+    prompt = prompts(split)[rng.integers(len(prompts(split)))]
+    topic = prompt_topic(prompt)
+    others = [t for t in TOPICS[split] if t != topic]
+    a, b = (sample_response(topic, others, rng) for _ in range(2))
+    choices = {}
+    for name in names:
+        margin = gold_reward(prompt, b, preferences[name]) - gold_reward(prompt, a, preferences[name])
+        choices[name] = int(rng.random() < 1 / (1 + math.exp(-margin / temperature)))
+    return {"prompt": prompt, "response_a": a, "response_b": b, "choices": choices, "split": split}
 
 
 def user_latents(labels, preferences):

@@ -56,12 +56,13 @@ def test_choices_are_bradley_terry_on_the_gold_reward():
     rows, preferences = world.make_pairs(users=(200, 0, 0), pairs_per_user=10, seed=0)
     agree, expected = [], []
     for r in rows:
-        (user, choice), = r["choices"].items()
-        margin = (world.gold_reward(r["prompt"], r["response_b"], preferences[user])
-                  - world.gold_reward(r["prompt"], r["response_a"], preferences[user]))
-        agree.append((margin > 0) == (choice == 1))
-        expected.append(1 / (1 + math.exp(-abs(margin))))
-    assert abs(np.mean(agree) - np.mean(expected)) < 0.02  # 2,000 choices: SE about 0.009
+        assert len(r["choices"]) == 4  # each pair is answered by four users
+        for user, choice in r["choices"].items():
+            margin = (world.gold_reward(r["prompt"], r["response_b"], preferences[user])
+                      - world.gold_reward(r["prompt"], r["response_a"], preferences[user]))
+            agree.append((margin > 0) == (choice == 1))
+            expected.append(1 / (1 + math.exp(-abs(margin))))
+    assert abs(np.mean(agree) - np.mean(expected)) < 0.02  # 2,000 choices: SE about 0.008
     assert np.mean(agree) < 0.95  # no single pair reveals a user
 
 
@@ -227,3 +228,13 @@ def test_sampled_texts_are_the_generated_responses_not_the_prompt():
     assert len(texts) == 6
     assert sum(len(t.split()) for t in texts) > 12  # a random model rarely stops at once
     assert not any(t.startswith("describe owls") for t in texts)
+
+
+def test_bayes_reference_moves_from_the_majority_to_the_user(users):
+    """Short (1 sentence) against long (3): users with a preferred length above 2, 80 % of
+    the prior, prefer long. With no context Bayes predicts long and is wrong for t0, who
+    chose short; after t0's five other answers (all short) it is right."""
+    target, others = users.rows[0][:1], users.rows[0][1:]
+    assert steer_eval.bayes_correct(users, others[:0], target, 0).tolist() == [0.0]
+    assert steer_eval.bayes_correct(users, others, target, 0).tolist() == [1.0]
+    assert steer_eval.bayes_correct(users, users.rows[2][1:], users.rows[2][:1], 2).tolist() == [1.0]

@@ -339,3 +339,98 @@ def test_toy_inputs_built_with_other_settings_are_not_reused_silently(toy_root, 
     with pytest.raises(UserError, match=r"toy_model.hidden_size = 64 \(built with 32\)"):
         train_policy.main(small(toy_root, f"--out_dir={tmp_path}/run", "--toy_model.hidden_size=64"))
     train_policy.main(small(toy_root, f"--out_dir={tmp_path}/run", "--seed=1", "--train.steps=2"))  # a new seed reuses them
+
+
+# -----------------------------------------------------------------------------
+# the steering world (train_policy.py's default): built small, the known-preference
+# policy, the encoder warm-up, and evaluate.py's world metrics end to end
+
+
+def world_args(root, *overrides):
+    """A seconds-long run on a tiny steering world under `root`."""
+    return [f"--data.pairs={root}/pairs.jsonl", f"--data.features={root}/features.npz",
+            f"--data.preferences={root}/users.json", f"--policy.base={root}/base", "--data.generate",
+            "--data.world_users=[40,6,6]", "--data.world_pairs_per_user=16", "--data.world_corpus=400",
+            "--toy_model.hidden_size=32", "--toy_model.intermediate_size=64", "--toy_model.sft_steps=30",
+            "--toy_model.sft_batch_size=32", "--policy.lora.r=4", "--policy.film.hidden=32",
+            "--policy.encoder.hidden=32", "--train.steps=4", "--train.warmup_steps=1", "--train.batch_size=4",
+            "--train.encoder_warmup_steps=0", "--eval.interval=2", "--eval.episodes=4", "--eval.context_sizes=[0,3]",
+            *overrides]
+
+
+@pytest.fixture(scope="module")
+def world_runs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("world"))
+    runs = {name: os.path.join(root, name) for name in ("np", "dpo", "known")}
+    train_policy.main(world_args(root, f"--out_dir={runs['np']}", "--policy.film.latent_dim=4"))
+    train_policy.main(world_args(root, f"--out_dir={runs['dpo']}", "--policy.film.latent_dim=0"))
+    train_policy.main(world_args(root, f"--out_dir={runs['known']}", "--policy.film.latent_dim=2",
+                                 "--train.condition_on=preferences"))
+    return root, runs
+
+
+def test_world_inputs_hold_users_on_disjoint_topics(world_runs):
+    import world
+    root, _ = world_runs
+    rows = data.read_text_pairs(f"{root}/pairs.jsonl")
+    preferences = json.load(open(f"{root}/users.json"))
+    answered = {}
+    for row in rows:
+        assert world.prompt_topic(row["prompt"]) in world.TOPICS[row["split"]]
+        for user in row["choices"]:
+            answered.setdefault(user, set()).add(row["split"])
+            answered.setdefault(f"count {user}", []).append(1)
+    users = [u for u in preferences]
+    assert len(users) == 52 and all(answered[u] == {u.rstrip("0123456789")} for u in users)
+    assert {len(answered[f"count {u}"]) for u in users} == {16}
+
+
+def test_known_preference_policy_reads_the_true_preferences(world_runs):
+    checkpoint = load_checkpoint(os.path.join(world_runs[1]["known"], "ckpt_last.pt"))
+    assert "film" in checkpoint["model"] and "encoder" not in checkpoint["model"]
+    assert checkpoint["policy_config"]["context_dim"] == 0
+    policy, _ = policy_lib.load_policy(world_runs[1]["known"])
+    assert evaluate.policy_role(policy, checkpoint["config"]) == "known"
+
+
+def test_known_preferences_must_match_the_latent_size(world_runs, tmp_path):
+    root, _ = world_runs
+    with pytest.raises(ConfigError, match="policy.film.latent_dim"):
+        train_policy.main(world_args(root, f"--out_dir={tmp_path}/x", "--train.condition_on=preferences"))
+    assert not os.path.exists(f"{tmp_path}/x")
+
+
+def test_condition_on_preferences_needs_a_preference_file(toy_root, tmp_path):
+    with pytest.raises(data.DataError, match="data.preferences"):
+        train_policy.main(small(toy_root, f"--out_dir={tmp_path}/x", "--train.condition_on=preferences",
+                                "--policy.film.latent_dim=2"))
+
+
+def test_encoder_warm_up_trains_the_encoder_only_on_a_fresh_run(world_runs, tmp_path, monkeypatch):
+    root, _ = world_runs
+    calls = []
+    real = train_policy.warm_up_encoder
+    monkeypatch.setattr(train_policy, "warm_up_encoder", lambda *a: calls.append(1) or real(*a))
+    args = ["--policy.film.latent_dim=4", "--train.steps=2", "--eval.interval=1"]
+    train_policy.main(world_args(root, f"--out_dir={tmp_path}/cold", *args))
+    train_policy.main(world_args(root, f"--out_dir={tmp_path}/warm", *args, "--train.encoder_warmup_steps=30"))
+    cold, warm = (load_checkpoint(f"{tmp_path}/{n}/ckpt_last.pt")["model"]["encoder"] for n in ("cold", "warm"))
+    assert calls == [1]
+    assert any(not torch.equal(cold[k], warm[k]) for k in cold)
+    train_policy.main(world_args(root, f"--out_dir={tmp_path}/warm", *args, "--train.encoder_warmup_steps=30",
+                                 "--train.steps=3", "--resume"))
+    assert calls == [1]  # a resumed run continues its own encoder
+
+
+def test_evaluate_scores_the_world_for_every_policy(world_runs, tmp_path):
+    _, runs = world_runs
+    rows = evaluate.main([runs["np"], runs["dpo"], runs["known"], "--num-context=[0,3]", "--policy_eval.prompts=2",
+                          "--policy_eval.samples=1", "--policy_eval.reference_samples=4",
+                          "--policy_eval.interpolation_samples=1", "--policy_eval.repeats=1",
+                          "--policy_eval.max_new_tokens=12", f"--out={tmp_path}"])
+    by_model = {r["model"]: r for r in rows}
+    assert set(by_model) == {"reference", "np", "dpo", "known", "gold"}
+    assert {k for k in by_model["np"] if k.startswith("normalised@")} == {"normalised@0", "normalised@3"}
+    assert "normalised@None" in by_model["dpo"] and "interpolation_length" in by_model["known"]
+    assert "implicit_conflict@3" in by_model["gold"]
+    assert json.load(open(tmp_path / "eval.json")) == json.loads(json.dumps(rows))
