@@ -49,13 +49,17 @@ Departures from the paper's code:
 1. Context and target pairs of an episode are disjoint (data.EpisodeSampler), and the
    reference is the policy with LoRA and FiLM switched off, not a deep copy.
 2. train.nll_weight adds the chosen responses' NLL per token to the DPO loss (RPO,
-   Pang et al., 2024); the toy default uses 1.0 for every policy alike (NP-DPO, plain
-   DPO, oracles). With pure DPO the toy policies kept high implicit-reward accuracy
-   but drifted off the toy grammar, and generations for concise users did not get
-   shorter (gold reward -0.03 at n = 10 vs 0.02 at n = 0 with beta 0.5). Set it to 0
-   for the paper's objective, as configs/uf_hh_dpo.yaml does.
+   Pang et al., 2024), for every policy alike (NP-DPO, plain DPO, known preference):
+   0.3 by default, 1.0 in the two-type configs. With pure DPO (0, the paper's
+   objective, as configs/uf_hh_dpo.yaml uses) the steering world's known-preference
+   policy drifted off topic (relevance 18 % against the reference's 64 %) and ended
+   below the reference in gold reward; see the README.
 3. The two-type world's prompts are split 80/10/10 by prompt, so test prompts are unseen;
    the steering world splits its topics, and its users, so test users and topics are.
+4. train.encoder_warmup_steps first trains the context encoder alone with the NP-BTL
+   loss on the context features (reward.NPBTL, a reward head that is then dropped).
+   Trained by DPO alone, the encoder of the steering world did not learn to tell users
+   apart within the default budget (NP-DPO scored as plain DPO); see the README.
 """
 
 import contextlib
