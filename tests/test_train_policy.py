@@ -429,8 +429,8 @@ def test_evaluate_scores_the_world_for_every_policy(world_runs, tmp_path):
                           "--policy_eval.interpolation_samples=1", "--policy_eval.repeats=1",
                           "--policy_eval.max_new_tokens=12", f"--out={tmp_path}"])
     by_model = {r["model"]: r for r in rows}
-    assert set(by_model) == {"reference", "np", "dpo", "known", "gold"}
+    assert set(by_model) == {"reference", "np", "dpo", "known", "gold", "bayes"}
     assert {k for k in by_model["np"] if k.startswith("normalised@")} == {"normalised@0", "normalised@3"}
     assert "normalised@None" in by_model["dpo"] and "interpolation_length" in by_model["known"]
-    assert "implicit_conflict@3" in by_model["gold"]
+    assert "implicit_conflict@3" in by_model["gold"] and "implicit_agree@0" in by_model["bayes"]
     assert json.load(open(tmp_path / "eval.json")) == json.loads(json.dumps(rows))
