@@ -604,8 +604,7 @@ def evaluate_world_policies(policies, data, token_pairs, tokenizer, run_config, 
     ref = results["reference"]
     print(f"\nreference (the fine-tuned base): gold reward {ref['reference_reward']:.3f}, relevance "
           f"{100 * ref['relevance']:.1f} %; users' optimum (exact) {ref['best_reward']:.3f} on average")
-    rows = [{"model": name, "role": roles.get(name, name), **{k: v for k, v in res.items()}}
-            for name, res in results.items()]
+    rows = [{"model": name, "role": roles.get(name, name), **res} for name, res in results.items()]
     return rows, functools.partial(plot_world, results, groups, roles, sizes)
 
 

@@ -504,7 +504,7 @@ def train(policy, optimizer, sampler, val_sampler, token_pairs, pad_id, config, 
     with graceful_stop() as stop:
         for step in progress:
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, t) * group["lr_scale"]
+                group["lr"] = lr_at(step, t) * group.get("lr_scale", 1.0)
             # every rank draws the same global batch, then runs micro-batches rank, rank + N, ...
             episodes = micro_batches(sampler.sample(t["batch_size"] * t["grad_accum"]), t["grad_accum"])
             step_metrics, step_loss = [], 0.0
@@ -570,10 +570,12 @@ def warm_up_encoder(policy, sampler, config, device):
 
 def parameter_groups(policy, t):
     """LoRA at train.lr; FiLM and encoder (which learn who the user is) at steering_lr_scale times it."""
-    steering = [q for m in (policy.film, policy.encoder) if m is not None for q in m.parameters()]
-    ids = {id(q) for q in steering}
-    lora = [q for q in policy.parameters() if q.requires_grad and id(q) not in ids]
-    return [{"params": lora, "lr_scale": 1.0}, {"params": steering, "lr_scale": t["steering_lr_scale"]}]
+    trainable = [q for q in policy.parameters() if q.requires_grad]
+    if t["steering_lr_scale"] == 1.0:  # one group, as checkpoints from before this key hold
+        return [{"params": trainable}]
+    steering = {id(q) for m in (policy.film, policy.encoder) if m is not None for q in m.parameters()}
+    return [{"params": [q for q in trainable if id(q) not in steering]},
+            {"params": [q for q in trainable if id(q) in steering], "lr_scale": t["steering_lr_scale"]}]
 
 
 def mean_metrics(rows, device):
