@@ -39,7 +39,7 @@ import torch
 from common import (CheckpointError, ConfigError, check, flatten, load_checkpoint, load_config, pick_device, run_script,
                     seed_everything)
 from data import EpisodeSampler, PreferenceData
-from reward import build_model, load_reward_model
+from reward import MODEL_DEFAULTS, build_model, load_reward_model
 from train_reward import DEFAULTS as TRAIN_DEFAULTS, prepare_data, to_device
 
 REWARD_DEFAULTS = dict(TRAIN_DEFAULTS, bench={
@@ -48,6 +48,8 @@ REWARD_DEFAULTS = dict(TRAIN_DEFAULTS, bench={
     "context_pairs": 10,  # a new user's context size
     "candidate_pairs": 100,  # pairs scored for that user
     "repeats": 1000,  # latency measurements
+    "question_candidates": 1000,  # the pool a new user's next question is chosen from (queries.py)
+    "question_targets": 16,  # unlabelled pairs whose answers infogain is about
 })
 ALIASES = {"run": "bench.run"}
 POLICY_BENCH = {
@@ -55,6 +57,8 @@ POLICY_BENCH = {
     "context_pairs": 10,  # a new user's context size
     "new_tokens": 32,  # greedily generated tokens
     "repeats": 20,  # latency measurements
+    "question_candidates": 1000,  # cached candidate pairs a new user's next question is chosen from
+    "question_targets": 16,  # unlabelled pairs whose answers infogain is about
     "random_weights": False,  # base from policy.base's config.json with random weights, random token pairs
     "random_pairs": 512,  # random token pairs (random_weights only)
     "prompt_tokens": 256,  # tokens per random prompt
@@ -142,6 +146,41 @@ def time_reward_adaptation(model, data, config, device):
     return percentiles_ms(times)
 
 
+@torch.no_grad()
+def time_question_choice(model, data, b, device, repeats=20):
+    """Seconds per choice of the next question by infogain (queries.next_question) for one user with
+    `context_pairs` answers, from `question_candidates` candidate pairs of the data (their features
+    cached): the model's posterior draws, or its look-ahead for a deterministic z."""
+    import queries
+
+    gen = torch.Generator().manual_seed(0)
+    pick = lambda k: data.pairs[torch.randint(len(data.pairs), (k,), generator=gen)][None].to(device)
+    context, cand, targets = pick(b["context_pairs"]), pick(b["question_candidates"]), pick(b["question_targets"])
+    excluded = torch.zeros(1, b["question_candidates"], dtype=torch.bool)
+    belief, times = queries.ModelBelief(model.eval()), []
+    for _ in range(repeats + 2):
+        start = time.perf_counter()
+        queries.next_question(belief, "infogain", context, cand, excluded, targets, gen)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return percentiles_ms(times[2:])
+
+
+def queries_belief_samples(model):
+    import queries
+
+    return queries.ModelBelief(model).samples
+
+
+def question_row(model, data, b, device, who):
+    median, p90 = time_question_choice(model, data, b, device)
+    samples = queries_belief_samples(model)
+    how = f"{samples} draws of z ~ q(z | context)" if samples > 1 else "look-ahead, deterministic z"
+    return (f"{who}: choose the next question by infogain from {b['question_candidates']} cached candidates "
+            f"({how}, {b['context_pairs']} answers, {b['question_targets']} target pairs), median / p90 ms",
+            f"{median:.1f} / {p90:.1f}")
+
+
 def predictive_note(model):
     samples = getattr(model, "predict_samples", 0)
     return f" (posterior predictive, {samples} draws of z)" if samples else ""
@@ -168,6 +207,7 @@ def bench_reward(argv, device_name=None):
     episodes_per_s = time_reward_training(model, sampler, config, device)
     memory = peak_memory_row(device, "reward training")
     median, p90 = time_reward_adaptation(model, data, config, device)
+    question = [question_row(model, data, b, device, "reward")] if hasattr(model, "encoder") else []
     name = f"reward {config['model']['kind']} ({config['model']['encoder']['aggregator']} aggregator)"
     return name, [
         (f"reward training, episodes/s (batch {t['batch_size']}, {t['num_targets']} targets)",
@@ -175,7 +215,7 @@ def bench_reward(argv, device_name=None):
         memory,
         (f"reward: adapt to a new user, latent from {b['context_pairs']} pairs + score {b['candidate_pairs']} pairs"
          f"{predictive_note(model)}, median / p90 ms", f"{median:.3f} / {p90:.3f}"),
-    ]
+    ] + question
 
 
 # -----------------------------------------------------------------------------
@@ -275,6 +315,8 @@ def bench_policy(argv, device_name=None):
         memory,
         (f"NP-DPO: adapt to a new user, latent from {b['context_pairs']} pairs + {b['new_tokens']} greedy tokens, "
          "median / p90 ms", f"{median:.1f} / {p90:.1f}"),
+        question_row(build_model(MODEL_DEFAULTS, data.dim).to(device), data, b, device,
+                     f"NP-DPO's selector (an NP-BTL on its {data.dim}-dim context features)"),
     ]
 
 

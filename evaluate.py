@@ -35,7 +35,7 @@ from common import (CheckpointError, ConfigError, check, check_positive, load_ch
                     read_yaml, resolve_path, run_in_use, run_script)
 from data import (DataError, EpisodeSampler, bayes_log_prob_chosen, check_out_path, load_pairs,
                   population_log_prob_chosen, true_rewards)
-from reward import choice_correct, load_reward_model
+from reward import choice_correct, load_reward_model, run_data_path
 
 DEFAULTS = {
     "split": "test",  # train | val | test
@@ -51,6 +51,16 @@ DEFAULTS = {
     "plot": False,  # write accuracy.png (and reward_curves.png for 1-D options)
     "out": None,  # where eval.json and plots go; default: the first run dir
     "device": "cpu",  # cpu | cuda | auto
+    "queries": "",  # reward runs: compare question strategies instead, e.g. random,uncertainty,infogain (queries.py)
+    "query": {  # --queries only; writes queries.json (and queries.png), not eval.json
+        "pool": 100,  # candidate questions per episode: answered pairs of the user, disjoint from the targets
+        "questions": 10,  # questions asked, greedily one after another
+        "episodes": 4000,  # episodes, fixed in advance
+        "target_inputs": 16,  # unlabelled pairs of the split whose answers infogain is about
+        "samples": 32,  # draws of z ~ q(z | context) for a stochastic NP-BTL's belief
+        "bayes_samples": 2000,  # prior draws of the Bayes belief that chooses questions (populations)
+        "selector": "",  # policy runs: the reward run that chooses the questions (NP-BTL on the same features)
+    },
     "policy_eval": {  # policies only
         "episodes": 256,  # implicit-reward episodes per n (labels balanced)
         "num_targets": 8,  # conflicting target pairs per episode
@@ -72,18 +82,6 @@ BAYES = "bayes_optimal"
 
 def run_dir_of(path):
     return path if os.path.isdir(path) else os.path.dirname(path) or "."
-
-
-def run_data_path(path):
-    """The data file a reward run was trained on, as seen from here (the run may have been
-    trained in another folder, with a relative data.path)."""
-    checkpoint = load_checkpoint(path)
-    recorded = checkpoint["config"]["data"]["path"]
-    resolved = resolve_path(recorded, checkpoint)
-    if not os.path.exists(resolved):
-        where = f" or from {checkpoint['cwd']}, where the run was trained" if checkpoint.get("cwd") else ""
-        raise DataError(f"{recorded}: the data file of {path} is not found (from here{where})")
-    return resolved
 
 
 def load_models(paths, device):
@@ -628,6 +626,139 @@ def evaluate_rewards(paths, config, device):
     return rows, functools.partial(plot_reward_figures, models, data, sampler, rows, sizes, config["split"])
 
 
+def query_strategies(config):
+    """The --queries list, checked: [] when off."""
+    import queries
+
+    names = [s.strip() for s in str(config["queries"] or "").split(",") if s.strip()]
+    for name in names:
+        check(name in queries.STRATEGIES, "queries", f"unknown strategy '{name}' (expected some of "
+              f"{', '.join(queries.STRATEGIES)}, comma-separated)")
+    check(len(set(names)) == len(names), "queries", "names a strategy twice")
+    return names
+
+
+def query_rows(curves, name, strategy, reference):
+    """Rows (one per number of questions) of a strategy's curve, with the paired gap to `reference`."""
+    rows = []
+    for k in range(curves[(name, strategy)].shape[1]):
+        acc = curves[(name, strategy)][:, k]
+        row = {"model": name, "strategy": strategy, "questions": k, "accuracy": acc.mean().item(), "sem": sem(acc),
+               "episodes": len(acc)}
+        if reference in curves and (name, strategy) != reference:
+            diff = acc - curves[reference][:, k]
+            row.update(gap_to_bayes_active=diff.mean().item(), gap_sem=sem(diff))
+        rows.append(row)
+    return rows
+
+
+def query_summary(rows):
+    """Per model: how many questions each strategy needs to reach random's accuracy after the most
+    questions, and each strategy's largest shortfall against Bayes-active."""
+    import queries
+
+    curves = {}
+    for r in rows:
+        curves.setdefault(r["model"], {}).setdefault(r["strategy"], []).append(r)
+    lines = []
+    for name, by_strategy in curves.items():
+        if "random" in by_strategy:
+            level = by_strategy["random"][-1]["accuracy"]
+            reach = ", ".join(f"{s} after {queries.questions_to_reach(torch.tensor([r['accuracy'] for r in c]), level)}"
+                              for s, c in by_strategy.items())
+            lines.append(f"  {name}: random's {len(by_strategy['random']) - 1}-question accuracy {100 * level:.2f} "
+                         f"is reached by {reach}")
+        for s, c in by_strategy.items():
+            gaps = [(r["gap_to_bayes_active"], r["questions"], r["gap_sem"]) for r in c if "gap_to_bayes_active" in r]
+            if gaps:
+                gap, k, error = min(gaps)
+                lines.append(f"  {name} ({s}): largest shortfall against Bayes-active {100 * gap:+.2f} ± "
+                             f"{100 * error:.2f} points (at {k} questions)")
+    return "\n".join(lines)
+
+
+def plot_queries(rows, where, path):
+    """Accuracy against questions asked, one line per (model, strategy)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    keys = list(dict.fromkeys((r["model"], r["strategy"]) for r in rows))
+    styles = model_styles([f"{m} ({s})" for m, s in keys])
+    for model, strategy in keys:
+        curve = [r for r in rows if r["model"] == model and r["strategy"] == strategy]
+        errorbar_curve(ax, [r["questions"] for r in curve], [100 * r["accuracy"] for r in curve],
+                       [100 * r["sem"] for r in curve], styles[f"{model} ({strategy})"], f"{model} ({strategy})")
+    ax.set_title(f"Accuracy on a user's held-out pairs against questions asked\n{where}; ±1 SEM over episodes",
+                 fontsize=9)
+    ax.set_xlabel("questions asked (answers in the context)")
+    ax.set_ylabel("accuracy on held-out target pairs (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    save_figure(plt, fig, path)
+    return ["queries.png"]
+
+
+def evaluate_queries(paths, strategies, config, device):
+    """--queries: accuracy against questions for each NP model and strategy, with Bayes-random and
+    Bayes-active beside them where the generator is known. Rows for queries.json and the plot."""
+    import queries
+
+    models, data = load_models(paths, device)
+    for name in [n for n, m in models.items() if not hasattr(m, "encoder")]:
+        print(f"note: {name} reads no context: no question changes its predictions; left out")
+        del models[name]
+    check(len(models) > 0, "run", "--queries compares question strategies for NP-BTL runs: give at least one")
+    known = true_rewards(data.meta, data.pairs[:1]) is not None or data.meta.get("generator") == "linear_population"
+    bayes = (lambda batch: bayes_reference(data.meta, batch, config)[0]) if known else None
+    curves = queries.evaluate(models, data, config["split"], strategies, config, device, bayes)
+    reference = ("bayes_optimal", "infogain")
+    rows = [row for key in curves for row in query_rows(curves, *key, reference)]
+    q = config["query"]
+    where = (f"split '{config['split']}' of {data.path}, {q['episodes']} episodes, pool {q['pool']}, "
+             f"{config['num_targets']} targets")
+    print(f"{where}; accuracy ± SEM in points after k questions (the same episodes and random questions for all)\n")
+    sizes = list(range(q["questions"] + 1))
+    table = [{"model": f"{r['model']} ({r['strategy']})", "label": "all", "num_context": r["questions"], **{
+        k: r[k] for k in ("accuracy", "sem")}} for r in rows]
+    print(markdown(table, sizes, config["max_sem"]))
+    print("\n" + query_summary(rows))
+    return rows, lambda out: plot_queries(rows, where, os.path.join(out, "queries.png"))
+
+
+def evaluate_policy_queries(paths, strategies, config, device):
+    """--queries on steering-world policies: normalised gold reward against questions asked, the
+    questions chosen by the reward run query.selector (steer_eval.question_curves)."""
+    import queries
+    import steer_eval
+    from data import read_text_pairs
+
+    policies, data, _, tokenizer, run_config = load_policies(paths, device)
+    check(run_config["data"].get("world") == "continuum", "queries", "policies are scored against questions on "
+          "the steering world only (data.world: continuum), where gold rewards are known")
+    selector = config["query"]["selector"]
+    check(bool(selector) or strategies == ["random"], "query.selector", "give the reward run that chooses the "
+          "questions (an NP-BTL trained on the policy's context features, e.g. runs/steer_world_reward)")
+    belief = None
+    if selector:
+        check_runs([selector])
+        model, _ = load_reward_model(selector, data.dim, device, data.path)
+        check(hasattr(model, "encoder"), "query.selector", f"{selector} reads no context: it cannot choose questions")
+        belief = queries.ModelBelief(model, config["query"]["samples"])
+    users = steer_eval.TestUsers(data, read_text_pairs(run_config["data"]["pairs"]), config["split"])
+    curves = steer_eval.question_curves(policies, belief, users, tokenizer, strategies, config, device)
+    check(len(curves) > 0, "run", "--queries scores NP-DPO policies (steered by answers): give at least one")
+    sizes = sorted(config["num_context"])
+    rows = [{"model": name, "strategy": s, "questions": n, **{k: v[0] for k, v in res.items()},
+             **{f"{k}_sem": v[1] for k, v in res.items()}} for (name, s, n), res in curves.items()]
+    print(f"Steering world, split '{config['split']}', {len(users.labels)} users; questions chosen by {selector or '-'}"
+          f"\n\nNormalised gold reward (%) ± SEM over users, against the number of questions answered:\n")
+    print("| model | strategy | " + " | ".join(f"n={n}" for n in sizes) + " |\n|---|---|" + "---|" * len(sizes))
+    for key in dict.fromkeys((r["model"], r["strategy"]) for r in rows):
+        cells = [f"{100 * r['normalised']:.1f} ± {100 * r['normalised_sem']:.1f} (rel {100 * r['relevance']:.0f})"
+                 for r in rows if (r["model"], r["strategy"]) == key]
+        print(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    return rows, None
+
+
 def check_arguments(config, paths):
     check(len(paths) > 0, "run", "give at least one run dir or checkpoint")
     check(config["split"] in ("train", "val", "test"), "split", "must be train, val or test")
@@ -638,7 +769,8 @@ def check_arguments(config, paths):
     check(config["episodes"] >= 2, "episodes", "must be at least 2 (a standard error needs two)")
     check(config["predict_samples"] >= 0, "predict_samples", "must be non-negative (0 = mean z only)")
     check(config["bayes_samples"] >= 4, "bayes_samples", "must be at least 4 (four Monte Carlo groups)")
-    check_positive(config, "num_targets", *(f"policy_eval.{k}" for k in config["policy_eval"]))
+    check_positive(config, "num_targets", *(f"policy_eval.{k}" for k in config["policy_eval"]),
+                   *(f"query.{k}" for k in config["query"] if k != "selector"))
 
 
 def check_runs(paths):
@@ -681,9 +813,15 @@ def main(argv):
     check_out_path("out", out, folder=True)
     kinds = {is_policy_checkpoint(p) for p in paths}
     check(len(kinds) == 1, "run", "give reward runs or policy runs, not both")
-    rows, draw = (evaluate_policies if kinds.pop() else evaluate_rewards)(paths, config, device)
-    write_json(os.path.join(out, "eval.json"), rows)
-    print(f"\nwrote {out}/eval.json")
+    strategies = query_strategies(config)
+    policy_runs = kinds.pop()
+    if strategies:
+        rows, draw = (evaluate_policy_queries if policy_runs else evaluate_queries)(paths, strategies, config, device)
+    else:
+        rows, draw = (evaluate_policies if policy_runs else evaluate_rewards)(paths, config, device)
+    name = "queries.json" if strategies else "eval.json"
+    write_json(os.path.join(out, name), rows)
+    print(f"\nwrote {out}/{name}")
     if config["plot"] and draw is not None:
         print(f"wrote {', '.join(draw(out))} to {out}")
     return rows

@@ -113,9 +113,9 @@ class FiLM(nn.Module):
 
 
 def modulate(hidden, gamma, beta):
-    """hidden (B, ..., F); gamma, beta (B, F)."""
-    shape = (hidden.shape[0],) + (1,) * (hidden.dim() - 2) + (hidden.shape[-1],)
-    return hidden * gamma.view(shape) + beta.view(shape)
+    """hidden (B, ..., F) or (1, ..., F), shared by the B latents; gamma, beta (B, F)."""
+    shape = (gamma.shape[0],) + (1,) * (hidden.dim() - 2) + (hidden.shape[-1],)
+    return torch.addcmul(beta.view(shape), hidden, gamma.view(shape))
 
 
 if __name__ == "__main__":

@@ -479,14 +479,21 @@ def save_adapter_folder(folder, policy):
 CLI_DEFAULTS = {
     "context": "",  # JSONL of one user's choices (data.py's text pairs); '' = none (plain DPO takes none)
     "prompt": "",  # what to answer
+    "ask": 0,  # first have this many answers: ask the person (one pair of responses at a time) all that
+    # --context does not already hold (dialogue.py)
+    "selector": "",  # the reward run that chooses the questions (NP-BTL on the policy's context features)
+    "strategy": "infogain",  # random | uncertainty | infogain; without --selector: random
+    "pool": 1000,  # candidate questions: pairs of the run's data (its test split)
+    "save": "",  # write the person's answers (with --context's) here, as a context file
     "samples": 1,  # responses to print
     "temperature": 1.0,  # 0 = greedy
     "max_new_tokens": 128,  # response length cap
     "seed": 0,  # sampling seed
     "device": "auto",  # auto | cpu | cuda
 }
-USAGE = ("usage: python policy.py RUN --prompt=TEXT [--context=FILE.jsonl] [--samples=N] [--temperature=T] "
-         "[--max_new_tokens=N] [--seed=S] [--device=auto|cpu|cuda]")
+USAGE = ("usage: python policy.py RUN --prompt=TEXT [--context=FILE.jsonl] [--ask=K [--selector=REWARD_RUN] "
+         "[--save=FILE.jsonl] [--pool=N]] [--samples=N] [--temperature=T] [--max_new_tokens=N] [--seed=S] "
+         "[--device=auto|cpu|cuda]")
 EXAMPLE_CONTEXT = "examples/context.jsonl"  # a user's choices in the toy world, in the repository
 
 
@@ -500,6 +507,11 @@ def check_cli(config, rest):
     check(math.isfinite(config["temperature"]) and config["temperature"] >= 0, "temperature",
           "must be 0 (greedy) or a positive number")
     check(config["max_new_tokens"] >= 1, "max_new_tokens", "must be at least 1")
+    check(config["ask"] >= 0, "ask", "must be 0 or more questions")
+    check(config["pool"] >= 1, "pool", "must be at least 1")
+    check(config["strategy"] in ("random", "uncertainty", "infogain"), "strategy",
+          "must be random, uncertainty or infogain")
+    check(not config["save"] or config["ask"] > 0, "save", "saves the answers to --ask's questions: give --ask=K")
 
 
 def read_context(path):
@@ -530,12 +542,16 @@ def read_context(path):
     return answered, labels[0]
 
 
-def steering_context(path, run, steered):
-    """(rows, label) of the user's choices for a policy with a context encoder; None for plain DPO."""
+def steering_context(path, run, steered, asking=False):
+    """(rows, label) of the user's choices for a policy with a context encoder; None for plain DPO
+    (and for a dialogue that starts from no answers)."""
     given = bool(path and path.strip())
     if not steered:
+        check(not asking, "ask", f"{run} is plain DPO (no context encoder): no answer would change its responses")
         if given:
             print(f"note: {run} is plain DPO (no context encoder): --context is ignored", file=sys.stderr)
+        return None
+    if asking and not given:
         return None
     check(given, "context", "this policy is steered by a user's choices: give --context=FILE.jsonl, their "
           f"choices between two responses (as in {EXAMPLE_CONTEXT})")
@@ -591,6 +607,38 @@ def sample_responses(policy, tokenizer, prompt_ids, latent, config):
     return tokenizer.batch_decode(out[:, prompt_ids.shape[1]:], skip_special_tokens=True)
 
 
+def ask_and_save(checkpoint, config, context, device):
+    """The dialogue (dialogue.py): questions from the run's data, chosen by --selector's reward run
+    (random without one); returns (rows, label) of every answer, which --save writes."""
+    import dialogue
+
+    rows, label = context or ([], "me")
+    known_features = context_features(checkpoint, rows, config["context"], device)[0].cpu() if rows else None
+    cand_rows, cand_features = dialogue.candidate_pool(checkpoint, config["pool"], config["seed"], rows)
+    strategy, belief = config["strategy"], None
+    if config["selector"]:
+        belief = dialogue.selector_belief(config["selector"], cand_features.shape[-1])
+    elif strategy != "random":
+        print("note: no --selector (a reward run on this policy's context features): random questions",
+              file=sys.stderr)
+        strategy = "random"
+    if rows:
+        print(f"starting from {len(rows)} answers of {label!r} in {config['context']}")
+    remaining = max(0, config["ask"] - len(rows))  # --ask counts the answers from --context too
+    rows = dialogue.ask_person(cand_rows, cand_features, belief, strategy, remaining, rows,
+                               known_features if known_features is not None else [], label, config["seed"])
+    if checkpoint["config"]["data"].get("world") == "continuum":
+        print("\n" + dialogue.world_summary(rows, label))
+    if config["save"]:
+        dialogue.save_rows(config["save"], rows)
+        print(f"wrote {len(rows)} answers to {config['save']}")
+    if not rows:
+        print("no answers: the response is steered by no context (the policy's n = 0 behaviour)")
+        return None
+    print(f"\nsteered by {len(rows)} answers; the response to {config['prompt']!r}:")
+    return rows, label
+
+
 def main(argv):
     from transformers import AutoTokenizer
     from transformers.utils.logging import disable_progress_bar
@@ -609,15 +657,20 @@ def main(argv):
     if "film" in checkpoint["model"] and not steered:
         raise ConfigError(f"{rest[0]} is a known-preference policy (train.condition_on = preferences): a ceiling "
                           "conditioned on a user's true preference vector, not on choices; score it with evaluate.py")
-    context = steering_context(config["context"], rest[0], steered)
+    import dialogue
+
+    dialogue.check_save_path(config["save"], config["context"])
+    context = steering_context(config["context"], rest[0], steered, asking=config["ask"] > 0)
     p = checkpoint["policy_config"]
     tokenizer = run_model(p["base"], "policy.base", checkpoint,
                           lambda path: AutoTokenizer.from_pretrained(path, trust_remote_code=p["trust_remote_code"]))
     check_known_words(tokenizer, config["prompt"], "--prompt")
     prompt_ids = torch.tensor([tokenize_prompt(tokenizer, config["prompt"])], device=device)
     policy = policy_from_checkpoint(checkpoint, device=device).eval()
-    latent = user_latent(policy, checkpoint, *context, config["context"], device) if context else None
-    if context:
+    if config["ask"]:
+        context = ask_and_save(checkpoint, config, context, device)
+    latent = user_latent(policy, checkpoint, *context, config["context"] or "your answers", device) if context else None
+    if context and not config["ask"]:
         print(f"steered by {len(context[0])} choices of {context[1]!r} from {config['context']}", file=sys.stderr)
     torch.manual_seed(config["seed"])
     for text in sample_responses(policy, tokenizer, prompt_ids, latent, config):

@@ -345,6 +345,56 @@ def evaluate_world(policies, users, token_pairs, tokenizer, config, device):
 
 
 # -----------------------------------------------------------------------------
+# steering against questions asked (queries.py)
+
+
+def question_contexts(users, belief, strategy, prompt, questions, seed):
+    """(U, K, 2, D) each user's answers, chosen first, to K questions picked by `strategy` from
+    their own answered pairs not on `prompt`; infogain is about 16 random pairs of the split."""
+    import queries
+
+    split_rows = torch.cat(users.rows)
+    out = []
+    for u in range(len(users.labels)):
+        rows = torch.tensor([r for r in users.rows[u].tolist() if users.prompt_of[r] != prompt])
+        gen = torch.Generator().manual_seed(seed + u)
+        cand, answers = queries.shown(users.oriented(rows, u)[None], gen)
+        targets = users.data.pairs[split_rows[torch.randint(len(split_rows), (16,), generator=gen)]][None]
+        out.append(queries.ask(belief, strategy, cand, answers, questions, targets, gen)[0][0])
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def question_curves(policies, belief, users, tokenizer, strategies, config, device):
+    """{(model, strategy, n): {'normalised', 'relevance'} (mean, SEM over users)} for each NP-DPO
+    policy: generations steered by the user's answers to the first n questions that `belief`
+    (a reward model on the same context features) chose by `strategy`. The same users, prompts and
+    sampling seeds for every strategy; random questions are today's random contexts."""
+    p, sizes, seed = config["policy_eval"], sorted(config["num_context"]), config["seed"]
+    prompts = eval_prompts(users.split, p["prompts"])
+    first = next(iter(policies.values()))[0]
+    torch.manual_seed(seed)
+    ref_attrs = reference_attributes(first, tokenizer, prompts, p, device)
+    reference = rewards_from_attributes(ref_attrs[None], users.preferences[:, None, None, :]).mean((1, 2))
+    best = torch.tensor([world.best_reward(u) for u in users.preferences.tolist()], dtype=torch.float64)
+    contexts = {(s, q): question_contexts(users, belief, s, q, max(sizes), seed) for s in strategies for q in prompts}
+    out = {}
+    for name, (policy, role) in policies.items():
+        if role != "np_dpo":
+            continue
+        for strategy in strategies:
+            for n in sizes:
+                torch.manual_seed(seed + n)
+                attrs = torch.stack([attribute_table([(q, t) for t in sample_texts(
+                    policy, tokenizer, q, policy.infer_latent(contexts[(strategy, q)][:, :n].to(device)),
+                    len(users.labels), p["samples"], p, device)]).view(len(users.labels), p["samples"], 3)
+                    for q in prompts], 1)
+                scores = user_scores(attrs, users, reference, best)
+                out[(name, strategy, n)] = {k: mean_sem(scores[k]) for k in ("normalised", "relevance")}
+    return out
+
+
+# -----------------------------------------------------------------------------
 # seeds and tables
 
 RUN_ONLY_KEYS = ("seed", "out_dir", "resume", "overwrite", "device")

@@ -131,6 +131,22 @@ def best_reward(preference):
     return best
 
 
+def preference_posterior(answers, points=41, temperature=1.0):
+    """What a person's answers say about their preference, exactly: the posterior under the
+    population prior (uniform on a points x points grid) and Bradley-Terry choices.
+    answers: [(prompt, chosen text, rejected text)]. Returns {dimension: (mean, sd)}."""
+    grid = torch.cartesian_prod(torch.linspace(*LENGTH_RANGE, points, dtype=torch.float64),
+                                torch.linspace(*TONE_RANGE, points, dtype=torch.float64))  # (G, 2)
+    log_w = torch.zeros(len(grid), dtype=torch.float64)
+    for prompt, chosen, rejected in answers:
+        margin = (reward_of(attributes(prompt, chosen), grid.T) - reward_of(attributes(prompt, rejected), grid.T))
+        log_w += torch.nn.functional.logsigmoid(margin / temperature)
+    w = torch.softmax(log_w, 0)
+    mean = w @ grid
+    sd = (w @ (grid - mean) ** 2).sqrt()
+    return {name: (mean[d].item(), sd[d].item()) for d, name in enumerate(ATTRIBUTES)}
+
+
 def preference_latent(preference):
     """A user's preference scaled to [-1, 1] per dimension: the known-preference policy's latent."""
     (lo_l, hi_l), (lo_t, hi_t) = LENGTH_RANGE, TONE_RANGE

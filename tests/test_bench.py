@@ -25,7 +25,11 @@ def test_reward_bench_prints_one_table(paper_path, capsys):
     rows = bench.main(["reward", f"--data.path={paper_path}", "--bench.train_steps=3", "--bench.repeats=5"])
     out = capsys.readouterr().out
     assert out.count("| measure | value |") == 1
-    assert [m.split(",")[0].split(":")[0] for m, _ in rows] == ["reward training", "reward training", "reward"]
+    assert [m.split(",")[0].split(":")[0] for m, _ in rows] == ["reward training", "reward training", "reward",
+                                                                "reward"]
+    question = rows[-1]
+    assert "choose the next question by infogain from 1000 cached candidates (look-ahead" in question[0]
+    assert all(float(v) > 0 for v in question[1].split(" / "))
     assert all(n > 0 for _, value in rows for n in numbers(value))
     assert all(f"| {m} | {v} |" in out for m, v in rows)
 
@@ -37,8 +41,9 @@ def test_reward_bench_times_the_posterior_predictive(paper_path, monkeypatch):
                         lambda self, batch, samples: calls.append(samples) or original(self, batch, samples))
     rows = bench.main(["reward", f"--data.path={paper_path}", "--bench.train_steps=3", "--bench.repeats=5",
                        "--model.encoder.stochastic=true", "--model.predict_samples=32"])
-    assert "posterior predictive, 32 draws of z" in rows[-1][0]
+    assert "posterior predictive, 32 draws of z" in rows[-2][0]
     assert calls == [32] * 5  # every timed adaptation draws the 32 samples
+    assert "(32 draws of z ~ q(z | context)" in rows[-1][0]  # the question choice draws its own
 
 
 def test_policy_bench_with_precomputed_reference(toy_root, capsys):

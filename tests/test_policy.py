@@ -1,5 +1,6 @@
 import copy
 import hashlib
+import io
 import json
 import math
 import os
@@ -710,3 +711,77 @@ def test_cli_ctrl_c_during_generation_exits_130_quietly(cli_runs):
             process.kill()
     assert process.returncode == 130 and out == ""
     assert err.strip() == "interrupted" and "Traceback" not in err
+
+
+# -----------------------------------------------------------------------------
+# the dialogue: policy.py --ask, driven through stdin
+
+
+@pytest.fixture(scope="module")
+def selector(toy_root, tmp_path_factory):
+    """A tiny NP-BTL on the toy world's context features: it chooses the policy's questions."""
+    out = str(tmp_path_factory.mktemp("selector") / "run")
+    train_reward.main([f"--out_dir={out}", f"--data.path={toy_root}/features.npz", "--data.synthetic=null", *TINY])
+    return out
+
+
+def ask_cli(monkeypatch, capsys, answers, *argv):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(answers))
+    policy_lib.main(list(argv))
+    return capsys.readouterr()
+
+
+def test_dialogue_asks_saves_and_resumes(cli_runs, selector, monkeypatch, capsys, tmp_path):
+    save = str(tmp_path / "me.jsonl")
+    out, err = ask_cli(monkeypatch, capsys, "1\ns\n2\n", cli_runs["np"], "--ask=2", f"--selector={selector}",
+                       "--prompt=Tell me about bees.", f"--save={save}", "--max_new_tokens=8", "--pool=50")
+    assert out.count("Question 1 of 2") == 1 and out.count("Question 2 of 2") == 2 and err == ""
+    assert "  1. " in out and "  2. " in out and "steered by 2 answers" in out
+    assert out.strip().splitlines()[-1].split()  # the steered response, last
+    rows, label = policy_lib.read_context(save)  # the documented context format
+    assert label == "me" and [r["choices"]["me"] for r in rows] == [0, 1]
+    out, _ = ask_cli(monkeypatch, capsys, "1\n", cli_runs["np"], "--ask=3", f"--selector={selector}",
+                     f"--context={save}", f"--save={save}", "--prompt=Tell me about bees.", "--max_new_tokens=8",
+                     "--pool=50")
+    assert "starting from 2 answers" in out and out.count("Question 1 of 1") == 1
+    assert len(policy_lib.read_context(save)[0]) == 3
+    asked = [r["prompt"] + r["response_a"] for r in policy_lib.read_context(save)[0]]
+    assert len(set(asked)) == 3  # an answered question is not asked again
+
+
+def test_dialogue_without_a_selector_asks_at_random_and_says_so(cli_runs, monkeypatch, capsys):
+    out, err = ask_cli(monkeypatch, capsys, "q\n", cli_runs["np"], "--ask=2", "--prompt=Tell me about bees.",
+                       "--max_new_tokens=5")
+    assert "random questions" in err and "no answers" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{dpo}", "--ask=2"], "plain DPO (no context encoder): no answer would change its responses"),
+    (["{np}", "--save={tmp}/x.jsonl"], "saves the answers to --ask's questions: give --ask=K"),
+    (["{np}", "--ask=2", "--save={tmp}/no/x.jsonl"], "no folder"),
+    (["{np}", "--ask=2", "--selector={reward}"], "options of dimension"),
+])
+def test_dialogue_mistakes_are_one_line_exit_2(cli_runs, tmp_path, monkeypatch, capsys, args, message):
+    paths = {**cli_runs, "tmp": str(tmp_path)}
+    monkeypatch.setattr(sys, "argv", ["policy.py", *(a.format(**paths) for a in args), "--prompt=Tell me about bees."])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("1\n1\n"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(policy_lib.main)
+    assert exit_info.value.code == 2
+    assert_one_error_line(capsys.readouterr().err, message)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_new_users_features_equal_the_training_features(cli_runs, toy_root):
+    """The CLI embeds a person's pairs as preparation embedded the training pairs: the same
+    features for the same pairs, so the same latent."""
+    checkpoint = load_checkpoint(cli_runs["np"])
+    rows = data.read_text_pairs(f"{toy_root}/pairs.jsonl")[:5]
+    here = os.getcwd()
+    os.chdir(checkpoint["cwd"])
+    try:
+        features, _ = policy_lib.context_features(checkpoint, rows, "rows", "cpu")
+    finally:
+        os.chdir(here)
+    stored = data.load_pairs(f"{toy_root}/features.npz").pairs[:5]
+    assert torch.allclose(features, stored, atol=1e-5)

@@ -1,0 +1,276 @@
+"""
+Which question to ask a new user next: choosing context pairs actively.
+
+A question is a candidate pair (a, b); the user's answer says which they prefer. After
+each answer the model's belief about the user's latent z is updated, and the next
+question is chosen greedily from the candidates not yet asked:
+
+- random:      uniformly (today's context: whatever pairs the user happens to answer);
+- uncertainty: the largest predictive entropy H[P(a > b | context)];
+- infogain:    the largest expected information gain about the user's answers on a set
+               of unlabelled target pairs t (EPIG: mean over t of the mutual information
+               I(y_ab; y_t | context), both answers drawn from the current posterior).
+
+How each belief gives that mutual information (`Belief.answer_probs`):
+- a stochastic NP-BTL: S Monte Carlo draws z ~ q(z | context) stand in for the
+  posterior, so P(y_ab, y_t) = mean_s P(y_ab | z_s) P(y_t | z_s). q is the amortised
+  encoder's approximation of p(z | context), so the gain is as good as q is;
+- a deterministic NP-BTL has one z per context, no posterior to draw from. It looks
+  ahead instead: for each candidate and each answer, the encoder's z given the context
+  plus that answer, and the target predictions under it. The mutual information is that
+  of the joint P(y_ab) P(y_t | context + y_ab): how much the model's own predictions
+  would move, weighted by how likely each answer is;
+- the Bayes reference (data.py's generators): the exact posterior over user types, or
+  importance-weighted draws from the population prior (`bayes_samples`).
+
+A BTL or DPL ignores the context, so no question changes its predictions.
+
+The question selection never sees an answer: candidates are shown in a random order of
+their two options, and `answers` (the user's) is read only after a candidate is picked.
+
+    python queries.py      # asks the paper task's two user types five questions each
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from data import pair_log_lik, sphere_samples, type_likelihood
+
+STRATEGIES = ("random", "uncertainty", "infogain")
+
+
+def entropy(p):
+    """Binary entropy in nats, 0 at p = 0 or 1."""
+    return -(torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p))
+
+
+def mutual_information(p11, p_a, p_b):
+    """I(A; B) of two binary answers from P(A = 1, B = 1) and the marginals (broadcast)."""
+    cells = torch.stack([p11, p_a - p11, p_b - p11, 1 - p_a - p_b + p11]).clamp(min=0)
+    return entropy(p_a) + entropy(p_b) + torch.xlogy(cells, cells).sum(0)
+
+
+def epig(p_cand, p_targ, weights):
+    """Expected information gain about the targets' answers from posterior draws.
+    p_cand (B, S, C), p_targ (B, S, T): P(first option chosen) under each of S draws of
+    the user; weights (B, S), summing to 1. Returns (B, C): mean over targets of I(y_c; y_t)."""
+    p_c = torch.einsum("bs,bsc->bc", weights, p_cand)
+    p_t = torch.einsum("bs,bst->bt", weights, p_targ)
+    p11 = torch.einsum("bs,bsc,bst->bct", weights, p_cand, p_targ)
+    return mutual_information(p11, p_c[..., None], p_t[:, None]).mean(-1)
+
+
+# -----------------------------------------------------------------------------
+# beliefs about a user: P(first option chosen) for any pairs, given the context
+
+
+class ModelBelief:
+    """A trained reward model's belief (reward.py). `samples`: draws of z ~ q(z | context) for a
+    stochastic NP-BTL; `chunk`: episodes per look-ahead forward (memory)."""
+
+    def __init__(self, model, samples=32, chunk=None):
+        self.model, self.chunk = model, chunk
+        self.samples = samples if getattr(model, "stochastic", False) else 1
+        self.reads_context = hasattr(model, "encoder")
+
+    def answer_probs(self, context, mask, pairs):
+        """(probs (B, S, P), weights (B, S)) for pairs (B, P, 2, D)."""
+        m = self.model
+        if not self.reads_context:
+            probs = m.log_prob_chosen({"targets": pairs}).exp()[:, None]
+        elif self.samples > 1:
+            mean, scale = m.encoder(context, mask)
+            z = mean + scale * torch.randn(self.samples, *mean.shape, device=mean.device)  # (S, B, L)
+            r = m.rewards(pairs.expand(self.samples, *pairs.shape).flatten(0, 1), z.flatten(0, 1))
+            probs = torch.sigmoid(r[..., 0] - r[..., 1]).view(self.samples, *pairs.shape[:2]).transpose(0, 1)
+        else:
+            probs = m.log_prob_chosen({"context": context, "context_mask": mask, "targets": pairs}, samples=0).exp()
+            probs = probs[:, None]
+        S = probs.shape[1]
+        return probs, torch.full(probs.shape[:2], 1 / S, device=probs.device)
+
+    def infogain(self, context, mask, cand, targets):
+        if self.samples > 1 or not self.reads_context:  # posterior draws (or none: a BTL gains nothing)
+            return epig(self.answer_probs(context, mask, cand)[0], self.answer_probs(context, mask, targets)[0],
+                        torch.full((len(cand), self.samples if self.reads_context else 1), 1 / self.samples))
+        chunk = self.chunk or max(1, 100_000 // (cand.shape[1] * targets.shape[1] * 4))  # rows of the reward MLP
+        return torch.cat([self.lookahead(*(x[i:i + chunk] for x in (context, mask, cand, targets)))
+                          for i in range(0, len(cand), chunk)])
+
+    def lookahead(self, context, mask, cand, targets):
+        """Deterministic z: the mutual information of P(y_c) P(y_t | context + y_c). (B, C)"""
+        m, (B, C), (n, T) = self.model, cand.shape[:2], (context.shape[1], targets.shape[1])
+        p_c = m.log_prob_chosen({"context": context, "context_mask": mask, "targets": cand}).exp()  # (B, C)
+        answered = torch.stack([cand, cand.flip(2)], 2)  # (B, C, 2, 2, D): answer 0 = first option chosen
+        extended = torch.cat([context[:, None, None].expand(B, C, 2, *context.shape[1:]), answered[:, :, :, None]], 3)
+        ext_mask = F.pad(mask, (0, 1), value=True)[:, None, None].expand(B, C, 2, n + 1)
+        z = m.infer_latent(extended.flatten(0, 2), ext_mask.flatten(0, 2)).view(B, C * 2, -1)
+        r = torch.stack([m.rewards(targets[b][None], z[b]) for b in range(B)])  # (B, C * 2, T, 2): options shared
+        p_t = torch.sigmoid(r[..., 0] - r[..., 1]).view(B, C, 2, T)  # given each answer
+        p_bar = p_c[..., None] * p_t[:, :, 0] + (1 - p_c[..., None]) * p_t[:, :, 1]
+        return mutual_information(p_c[..., None] * p_t[:, :, 0], p_c[..., None], p_bar).mean(-1)
+
+
+class BayesBelief:
+    """The exact posterior of a known generator (data.py meta): over its user types, or for a
+    continuous linear population, `samples` prior draws weighted by the context likelihood."""
+
+    def __init__(self, meta, samples=2000, seed=0):
+        self.meta = meta
+        self.population = meta.get("generator") == "linear_population"
+        self.samples, self.seed = samples, seed
+
+    def answer_probs(self, context, mask, pairs):
+        if self.population:
+            w = sphere_samples(self.samples, pairs.shape[-1], torch.Generator().manual_seed(self.seed))
+            t = self.meta["temperature"]
+            log_w = torch.where(mask[..., None], pair_log_lik(context, w, t), 0.0).sum(1)  # (B, S)
+            probs = pair_log_lik(pairs, w, t).exp().transpose(1, 2)  # (B, S, P)
+        else:
+            lik = torch.where(mask[..., None], type_likelihood(self.meta, context), 1.0)  # (B, n, K)
+            log_w = lik.log().sum(1)  # (B, K)
+            probs = type_likelihood(self.meta, pairs).transpose(1, 2)  # (B, K, P)
+        weights = torch.softmax(log_w, -1)
+        return probs.float(), weights.nan_to_num(1 / log_w.shape[-1]).float()  # no prior draw fits: uniform
+
+    def infogain(self, context, mask, cand, targets):
+        probs, weights = self.answer_probs(context, mask, torch.cat([cand, targets], 1))
+        return epig(probs[..., :cand.shape[1]], probs[..., cand.shape[1]:], weights)
+
+
+def scores(belief, strategy, context, mask, cand, targets, gen):
+    """(B, C) how much each candidate is worth asking; the largest is asked."""
+    if strategy == "random":
+        return torch.rand(cand.shape[:2], generator=gen)
+    if strategy == "uncertainty":
+        probs, weights = belief.answer_probs(context, mask, cand)
+        return entropy(torch.einsum("bs,bsc->bc", weights, probs))
+    if strategy == "infogain":
+        return belief.infogain(context, mask, cand, targets)
+    raise ValueError(f"unknown strategy '{strategy}' (expected one of {STRATEGIES})")
+
+
+@torch.no_grad()
+def next_question(belief, strategy, context, cand, excluded, targets, gen):
+    """(B,) index of the candidate to ask next: the best not yet asked or skipped (`excluded` (B, C))."""
+    mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+    worth = scores(belief, strategy, context, mask, cand, targets, gen).cpu().float()
+    worth += 1e-6 * torch.rand(worth.shape, generator=gen)  # ties broken at random, never by position
+    return worth.masked_fill(excluded, -math.inf).argmax(1)
+
+
+def answered(pair, second):
+    """A pair (..., 2, D) as context: the chosen option first (`second`: the user chose the second)."""
+    return torch.where(torch.as_tensor(second, device=pair.device)[..., None, None], pair.flip(-2), pair)
+
+
+@torch.no_grad()
+def ask(belief, strategy, cand, answers, num_questions, targets, gen, context=None):
+    """Greedy sequential questions to a batch of simulated users.
+
+    cand (B, C, 2, D): candidate pairs as shown; answers (B, C) bool, True where the user
+    prefers the second option (read only once a candidate is asked); targets (B, T, 2, D):
+    unlabelled pairs whose answers infogain is about; context (B, n0, 2, D): answers
+    already given, chosen first. Returns the context after the questions (B, n0 + K, 2, D),
+    chosen first, in asking order, and the asked candidates' indices (B, K).
+    """
+    B, rows = len(cand), torch.arange(len(cand))
+    context = cand.new_zeros(B, 0, *cand.shape[2:]) if context is None else context
+    asked, picks = torch.zeros(cand.shape[:2], dtype=torch.bool), []
+    for _ in range(num_questions):
+        pick = next_question(belief, strategy, context, cand, asked, targets, gen)
+        asked[rows, pick] = True
+        context = torch.cat([context, answered(cand[rows, pick], answers[rows, pick])[:, None]], 1)
+        picks.append(pick)
+    return context, torch.stack(picks, 1) if picks else torch.zeros(B, 0, dtype=torch.long)
+
+
+def shown(pairs, gen):
+    """Chosen-first pairs (B, C, 2, D) in a random order of their options, as a user sees them,
+    and the answers (B, C) bool: True where the second option shown is the chosen one."""
+    second = torch.rand(pairs.shape[:2], generator=gen) < 0.5
+    return torch.where(second.to(pairs.device)[..., None, None], pairs.flip(2), pairs), second
+
+
+# -----------------------------------------------------------------------------
+# evaluation: accuracy on a user's held-out pairs against the number of questions asked
+
+
+def episode_chunks(data, split, config, seed):
+    """Fixed-in-advance episodes of the split's users: a candidate pool of `pool` answered pairs,
+    `num_targets` held-out answered pairs (disjoint from the pool) and `target_inputs` unlabelled
+    pairs of the split for infogain. Users balanced, round-robin. Yields dicts of tensors."""
+    from data import EpisodeSampler
+
+    q = config["query"]
+    sampler = EpisodeSampler(data, split, config["num_targets"], q["pool"], seed=seed,
+                             size_keys="query.pool + num_targets")
+    split_rows = torch.from_numpy(data.split == split).nonzero().squeeze(1)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for start in range(0, q["episodes"], config["chunk"]):
+        rows = torch.arange(start, min(start + config["chunk"], q["episodes"])) % len(sampler.labels)
+        batch = sampler.sample(len(rows), num_context=q["pool"], label_rows=rows)
+        cand, answers = shown(batch["context"], gen)
+        inputs = split_rows[torch.randint(len(split_rows), (len(rows), q["target_inputs"]), generator=gen)]
+        yield {"cand": cand, "answers": answers, "targets": batch["targets"], "target_inputs": data.pairs[inputs],
+               "seed": seed + 7919 * start}
+
+
+@torch.no_grad()
+def accuracy_curves(predict, belief, strategy, chunk, questions, device):
+    """Per-episode accuracy (E, questions + 1) on the chunk's targets after 0..K questions chosen
+    by `strategy` under `belief`; `predict(batch)` gives log P(chosen) (E, T)."""
+    from reward import choice_correct
+
+    on = {k: v.to(device) if torch.is_tensor(v) else v for k, v in chunk.items()}
+    gen = torch.Generator().manual_seed(chunk["seed"])  # the same random questions for every belief
+    context, _ = ask(belief, strategy, on["cand"], chunk["answers"], questions, on["target_inputs"], gen)
+    accs = []
+    for k in range(questions + 1):
+        batch = {"context": context[:, :k], "context_mask": torch.ones(context.shape[0], k, dtype=torch.bool,
+                                                                       device=context.device),
+                 "targets": on["targets"]}
+        accs.append(choice_correct(predict(batch)).mean(1).cpu())
+    return torch.stack(accs, 1)
+
+
+def evaluate(models, data, split, strategies, config, device, bayes=None):
+    """{(row name, strategy): per-episode accuracies (E, K + 1)} for each NP model and strategy,
+    and for the Bayes reference (`bayes(batch)` -> log P(chosen), or None) with random and
+    infogain questions under the exact posterior."""
+    q, out = config["query"], {}
+    for chunk in episode_chunks(data, split, config, config["seed"]):
+        runs = [(name, ModelBelief(m, q["samples"]), m.log_prob_chosen, s) for name, m in models.items()
+                for s in strategies]
+        if bayes is not None:
+            belief = BayesBelief(data.meta, q["bayes_samples"], config["seed"])
+            runs += [("bayes_optimal", belief, bayes, s) for s in ("random", "infogain")]
+        for name, belief, predict, strategy in runs:
+            out.setdefault((name, strategy), []).append(
+                accuracy_curves(predict, belief, strategy, chunk, q["questions"], device))
+    return {key: torch.cat(parts) for key, parts in out.items()}
+
+
+def questions_to_reach(curve, level):
+    """The fewest questions whose mean accuracy reaches `level`, or None."""
+    hits = (curve >= level).nonzero()
+    return int(hits[0]) if len(hits) else None
+
+
+if __name__ == "__main__":
+    from data import make_paper_synthetic
+
+    data, gen = make_paper_synthetic(20000), torch.Generator().manual_seed(0)
+    belief, users = BayesBelief(data.meta), torch.arange(400) % 2  # 200 users of each type
+    rows = torch.rand(len(users), len(data.pairs), generator=gen).argsort(1)[:, :100]  # 100 candidates each
+    chosen_second = data.choices[rows, users[:, None]].bool()  # (400, 100)
+    cand, answers = shown(torch.where(chosen_second[..., None, None], data.pairs[rows].flip(2), data.pairs[rows]), gen)
+    targets = data.pairs[:64].expand(len(users), 64, 2, 1)
+    print("the paper task's two user types: mean posterior of the user's true type after 1..5 answers")
+    for strategy in STRATEGIES:
+        context, _ = ask(belief, strategy, cand, answers, 5, targets, gen)
+        truth = [belief.answer_probs(context[:, :n], torch.ones(len(users), n, dtype=torch.bool), targets)[1]
+                 .gather(1, users[:, None]).mean().item() for n in range(1, 6)]
+        print(f"{strategy:>11}:", " ".join(f"{p:.3f}" for p in truth))

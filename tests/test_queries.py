@@ -1,0 +1,208 @@
+"""Question selection (queries.py) and its evaluation (evaluate.py --queries): values by hand,
+the limit on the paper task, and that the selection never sees an answer."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import evaluate
+import queries
+from common import ConfigError
+from data import load_pairs, make_paper_synthetic
+from reward import NPBTL, load_reward_model
+
+LN2 = math.log(2)
+
+
+def test_mutual_information_by_hand():
+    half = torch.tensor(0.5)
+    assert queries.mutual_information(half * half, half, half).item() == pytest.approx(0.0, abs=1e-7)  # independent
+    assert queries.mutual_information(half, half, half).item() == pytest.approx(LN2)  # the same answer twice
+    # P(A=1, B=1) = 0.4, P(A=1) = P(B=1) = 0.5: cells 0.4, 0.1, 0.1, 0.4
+    by_hand = 2 * 0.4 * math.log(0.4 / 0.25) + 2 * 0.1 * math.log(0.1 / 0.25)
+    assert queries.mutual_information(torch.tensor(0.4), half, half).item() == pytest.approx(by_hand)
+
+
+def test_epig_by_hand():
+    """Two equally likely users. Candidate 0 splits them (they answer it oppositely), candidate 1
+    does not; the one target splits them too. Knowing the answer to candidate 0 gives the
+    target's answer: ln 2; candidate 1 gives nothing."""
+    p_cand = torch.tensor([[[1.0, 0.7], [0.0, 0.7]]])  # (B=1, S=2 users, C=2)
+    p_targ = torch.tensor([[[0.0], [1.0]]])  # (1, 2, T=1)
+    gain = queries.epig(p_cand, p_targ, torch.tensor([[0.5, 0.5]]))
+    assert gain[0, 0].item() == pytest.approx(LN2)
+    assert gain[0, 1].item() == pytest.approx(0.0, abs=1e-6)
+    # a posterior sure of the user: nothing left to learn
+    assert queries.epig(p_cand, p_targ, torch.tensor([[1.0, 0.0]])).abs().max().item() < 1e-6
+
+
+def paper_users(num_users, num_candidates, seed=0):
+    """Users of both types of the paper task, each with candidates (shown) and answers."""
+    data, gen = make_paper_synthetic(4000, seed=seed), torch.Generator().manual_seed(seed)
+    types = torch.arange(num_users) % 2
+    rows = torch.rand(num_users, len(data.pairs), generator=gen).argsort(1)[:, :num_candidates]
+    second = data.choices[rows, types[:, None]].bool()
+    chosen_first = torch.where(second[..., None, None], data.pairs[rows].flip(2), data.pairs[rows])
+    cand, answers = queries.shown(chosen_first, gen)
+    return data, types, cand, answers, data.pairs[:16].expand(num_users, 16, 2, 1)
+
+
+def test_bayes_infogain_identifies_a_paper_user_with_one_question():
+    """The types disagree on half the pairs: one random answer identifies the user half the time,
+    one infogain answer always (the paper task's limit with active questions: 100 %)."""
+    data, types, cand, answers, targets = paper_users(200, 50)
+    belief, gen = queries.BayesBelief(data.meta), torch.Generator().manual_seed(1)
+    posterior = {}
+    for strategy in queries.STRATEGIES:
+        context, picks = queries.ask(belief, strategy, cand, answers, 1, targets, gen)
+        weights = belief.answer_probs(context, torch.ones(200, 1, dtype=torch.bool), targets)[1]
+        posterior[strategy] = weights.gather(1, types[:, None]).squeeze(1)
+    assert (posterior["infogain"] == 1).all() and (posterior["uncertainty"] == 1).all()
+    assert 0.3 < (posterior["random"] == 1).float().mean() < 0.7
+    # argmin instead of argmax would pick the pairs the types agree on
+    gains = belief.infogain(cand.new_zeros(200, 0, 2, 1), torch.ones(200, 0, dtype=torch.bool), cand, targets)
+    worst = gains.argmin(1)
+    lik = belief.answer_probs(cand.new_zeros(200, 0, 2, 1), torch.ones(200, 0, dtype=torch.bool), cand)[0]
+    assert (lik[torch.arange(200), 0, worst] == lik[torch.arange(200), 1, worst]).all()
+
+
+def test_the_selection_never_sees_an_answer():
+    """The same candidates with every answer reversed: the same questions are asked first, and the
+    context holds each pair with the user's chosen option first."""
+    data, types, cand, answers, targets = paper_users(40, 30)
+    belief = queries.BayesBelief(data.meta)
+    for strategy in queries.STRATEGIES:
+        one = queries.ask(belief, strategy, cand, answers, 1, targets, torch.Generator().manual_seed(3))
+        other = queries.ask(belief, strategy, cand, ~answers, 1, targets, torch.Generator().manual_seed(3))
+        assert torch.equal(one[1], other[1])
+        assert torch.equal(one[0], other[0].flip(2))
+    context, picks = queries.ask(belief, "infogain", cand, answers, 4, targets, torch.Generator().manual_seed(3))
+    assert all(len(set(row.tolist())) == 4 for row in picks)  # no question twice
+    lik = belief.answer_probs(context, torch.ones(40, 4, dtype=torch.bool), context)[0]  # (B, K, 4)
+    assert (lik[torch.arange(40), types].diagonal(dim1=-2, dim2=-1) == 1).all()  # the true type chose the first
+
+
+def test_random_questions_are_the_same_for_every_belief():
+    data, _, cand, answers, targets = paper_users(20, 30)
+    model = NPBTL(1, hidden=8, latent_dim=2, encoder_hidden=8)
+    picks = [queries.ask(b, "random", cand, answers, 5, targets, torch.Generator().manual_seed(4))[1]
+             for b in (queries.BayesBelief(data.meta), queries.ModelBelief(model))]
+    assert torch.equal(*picks)
+
+
+def brute_force_lookahead(model, context, cand, targets):
+    """The deterministic model's gain, one candidate and answer at a time."""
+    gains = []
+    for c in range(cand.shape[1]):
+        pair = cand[:, c:c + 1]
+        p_c = model.log_prob_chosen({"context": context, "context_mask": torch.ones(1, context.shape[1],
+                                                                                    dtype=torch.bool),
+                                     "targets": pair}).exp().item()
+        p_t = []
+        for answered in (pair, pair.flip(2)):
+            extended = torch.cat([context, answered], 1)
+            p_t.append(model.log_prob_chosen({"context": extended, "context_mask": torch.ones(1, extended.shape[1],
+                                                                                             dtype=torch.bool),
+                                              "targets": targets}).exp()[0])
+        total = 0.0
+        for t in range(targets.shape[1]):
+            joint = torch.tensor([[p_c * p_t[0][t], p_c * (1 - p_t[0][t])],
+                                  [(1 - p_c) * p_t[1][t], (1 - p_c) * (1 - p_t[1][t])]])
+            outer = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
+            total += torch.xlogy(joint, joint / outer).sum().item()
+        gains.append(total / targets.shape[1])
+    return torch.tensor(gains)
+
+
+def test_lookahead_of_a_deterministic_model_by_brute_force(np_btl_run):
+    model, _ = load_reward_model(np_btl_run[0], 1)  # the paper task's NP-BTL, trained: z matters
+    gen = torch.Generator().manual_seed(0)
+    context, cand, targets = (torch.rand(1, k, 2, 1, generator=gen) for k in (0, 8, 5))
+    with torch.no_grad():
+        fast = queries.ModelBelief(model).infogain(context, torch.ones(1, 0, dtype=torch.bool), cand, targets)
+        slow = brute_force_lookahead(model, context, cand, targets)
+    assert fast[0] == pytest.approx(slow, abs=1e-5)
+    assert slow.max() > 0.05  # z matters: a test of zeros would pass anything
+
+
+def test_a_latent_that_ignores_the_context_gains_nothing():
+    """With FiLM at identity the reward ignores z: no answer moves a prediction."""
+    model = NPBTL(2, hidden=8, latent_dim=3, encoder_hidden=8).eval()
+    context, cand, targets = torch.rand(2, 3, 2, 2), torch.rand(2, 6, 2, 2), torch.rand(2, 5, 2, 2)
+    with torch.no_grad():
+        gain = queries.ModelBelief(model).infogain(context, torch.ones(2, 3, dtype=torch.bool), cand, targets)
+    assert gain.abs().max().item() < 1e-6
+
+
+def test_population_bayes_belief_learns_the_direction():
+    """A continuous linear population: answers along one axis make the posterior's draws point there."""
+    meta = {"generator": "linear_population", "temperature": 0.1}
+    belief = queries.BayesBelief(meta, samples=4000)
+    e0 = torch.eye(3)[0]
+    context = torch.stack([torch.stack([e0 * 0.9, e0 * 0.1])] * 5)[None]  # (1, 5, 2, 3): more of x0 is better
+    probs, weights = belief.answer_probs(context, torch.ones(1, 5, dtype=torch.bool),
+                                         torch.stack([e0, -e0])[None, None])
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert (weights[0] * probs[0, :, 0]).sum().item() > 0.95
+
+
+# -----------------------------------------------------------------------------
+# evaluate.py --queries
+
+
+FAST = ["--query.episodes=200", "--query.pool=20", "--query.questions=3", "--num_targets=10", "--chunk=100"]
+
+
+def test_evaluate_queries_writes_curves(np_btl_run, btl_run, tmp_path, capsys):
+    out = str(tmp_path / "q")
+    rows = evaluate.main([np_btl_run[0], btl_run[0], "--queries=random,infogain", *FAST, f"--out={out}"])
+    with open(os.path.join(out, "queries.json")) as f:
+        assert json.load(f) == rows
+    assert not os.path.exists(os.path.join(out, "eval.json"))
+    name = os.path.basename(np_btl_run[0])
+    assert "reads no context" in capsys.readouterr().out  # the BTL is named, not silently dropped
+    assert {(r["model"], r["strategy"]) for r in rows} == {(name, "random"), (name, "infogain"),
+                                                         ("bayes_optimal", "random"), ("bayes_optimal", "infogain")}
+    curve = {(r["model"], r["strategy"], r["questions"]): r for r in rows}
+    assert all(r["episodes"] == 200 for r in rows) and {r["questions"] for r in rows} == {0, 1, 2, 3}
+    # no question asked: every strategy sees the same empty context and the same targets
+    assert curve[(name, "random", 0)]["accuracy"] == curve[(name, "infogain", 0)]["accuracy"]
+    assert curve[("bayes_optimal", "infogain", 1)]["accuracy"] == 1.0  # one well-chosen question identifies the user
+    assert curve[("bayes_optimal", "random", 1)]["accuracy"] < 0.95
+    assert "gap_to_bayes_active" not in curve[("bayes_optimal", "infogain", 1)]
+    assert curve[(name, "infogain", 1)]["gap_to_bayes_active"] == pytest.approx(
+        curve[(name, "infogain", 1)]["accuracy"] - 1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("flag, message", [("--queries=infogian", "unknown strategy 'infogian'"),
+                                           ("--queries=random,random", "names a strategy twice"),
+                                           ("--query.pool=0", "query.pool")])
+def test_query_mistakes_are_one_line(np_btl_run, tmp_path, flag, message):
+    with pytest.raises(ConfigError, match=message):
+        evaluate.main([np_btl_run[0], flag, f"--out={tmp_path}/q"])
+    assert not os.path.exists(tmp_path / "q")
+
+
+def test_a_pool_too_large_for_the_users_is_named(np_btl_run, paper_path, tmp_path):
+    test_pairs = int((load_pairs(paper_path).split == "test").sum())
+    with pytest.raises(Exception, match="query.pool"):
+        evaluate.main([np_btl_run[0], "--queries=random", f"--query.pool={test_pairs}", f"--out={tmp_path}/q"])
+    assert not os.path.exists(tmp_path / "q")
+
+
+def test_candidates_and_targets_are_disjoint_answered_pairs_of_the_split(paper_path):
+    data = load_pairs(paper_path)
+    config = {"num_targets": 10, "chunk": 50, "seed": 0,
+              "query": {"pool": 30, "episodes": 100, "target_inputs": 8}}
+    chunks = list(queries.episode_chunks(data, "test", config, seed=0))
+    assert sum(len(c["cand"]) for c in chunks) == 100
+    test_options = {round(v, 6) for v in data.pairs[torch.from_numpy(data.split == "test")].flatten().tolist()}
+    for c in chunks:
+        for cand, targets in zip(c["cand"], c["targets"]):
+            shown = {tuple(sorted(round(v, 6) for v in pair.flatten().tolist())) for pair in cand}
+            held_out = {tuple(sorted(round(v, 6) for v in pair.flatten().tolist())) for pair in targets}
+            assert len(shown) == 30 and len(held_out) == 10 and not shown & held_out
+            assert {v for pair in shown | held_out for v in pair} <= test_options
