@@ -147,15 +147,15 @@ def time_reward_adaptation(model, data, config, device):
 
 
 @torch.no_grad()
-def time_question_choice(model, data, b, device, repeats=20):
-    """Seconds per choice of the next question by infogain (queries.next_question) for one user with
-    `context_pairs` answers, from `question_candidates` candidate pairs of the data (their features
-    cached): the model's posterior draws, or its look-ahead for a deterministic z."""
+def time_question_choice(model, data, b, device, answers, repeats=20):
+    """Median seconds per choice of the next question by infogain (queries.next_question) for one
+    user with `answers` answers, from `question_candidates` candidate pairs of the data (their
+    features cached): the model's look-ahead (skipping candidates that cannot win)."""
     import queries
 
     gen = torch.Generator().manual_seed(0)
     pick = lambda k: data.pairs[torch.randint(len(data.pairs), (k,), generator=gen)][None].to(device)
-    context, cand, targets = pick(b["context_pairs"]), pick(b["question_candidates"]), pick(b["question_targets"])
+    context, cand, targets = pick(answers), pick(b["question_candidates"]), pick(b["question_targets"])
     excluded = torch.zeros(1, b["question_candidates"], dtype=torch.bool)
     belief, times = queries.ModelBelief(model.eval()), []
     for _ in range(repeats + 2):
@@ -163,22 +163,18 @@ def time_question_choice(model, data, b, device, repeats=20):
         queries.next_question(belief, "infogain", context, cand, excluded, targets, gen)
         sync(device)
         times.append(time.perf_counter() - start)
-    return percentiles_ms(times[2:])
-
-
-def queries_belief_samples(model):
-    import queries
-
-    return queries.ModelBelief(model).samples
+    return statistics.median(times[2:])
 
 
 def question_row(model, data, b, device, who):
-    median, p90 = time_question_choice(model, data, b, device)
-    samples = queries_belief_samples(model)
-    how = f"{samples} draws of z ~ q(z | context)" if samples > 1 else "look-ahead, deterministic z"
+    import queries
+
+    first, later = (time_question_choice(model, data, b, device, n) for n in (0, b["context_pairs"]))
+    samples = queries.ModelBelief(model).samples
+    how = f"look-ahead, {samples} draws of z each" if samples > 1 else "look-ahead, deterministic z"
     return (f"{who}: choose the next question by infogain from {b['question_candidates']} cached candidates "
-            f"({how}, {b['context_pairs']} answers, {b['question_targets']} target pairs), median / p90 ms",
-            f"{median:.1f} / {p90:.1f}")
+            f"({how}, {b['question_targets']} target pairs), median ms with no answers yet / with "
+            f"{b['context_pairs']} answers", f"{1000 * first:.1f} / {1000 * later:.1f}")
 
 
 def predictive_note(model):

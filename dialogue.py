@@ -118,7 +118,7 @@ def candidate_pool(checkpoint, size, seed, avoid):
     return [rows[i] for i in picked], features.pairs[picked]
 
 
-def selector_belief(path, dim, samples=32):
+def selector_belief(path, dim, samples=8):
     """The belief of a reward run (NP-BTL) on the policy's context features: it chooses the questions."""
     import queries
     from data import DataError

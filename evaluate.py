@@ -57,7 +57,8 @@ DEFAULTS = {
         "questions": 10,  # questions asked, greedily one after another
         "episodes": 4000,  # episodes, fixed in advance
         "target_inputs": 16,  # unlabelled pairs of the split whose answers infogain is about
-        "samples": 32,  # draws of z ~ q(z | context) for a stochastic NP-BTL's belief
+        "samples": 8,  # a stochastic NP-BTL's draws of z per look-ahead prediction
+        "lookahead": True,  # infogain by the model's look-ahead (false: EPIG from draws of q(z | context))
         "bayes_samples": 2000,  # prior draws of the Bayes belief that chooses questions (populations)
         "selector": "",  # policy runs: the reward run that chooses the questions (NP-BTL on the same features)
     },
@@ -742,7 +743,7 @@ def evaluate_policy_queries(paths, strategies, config, device):
         check_runs([selector])
         model, _ = load_reward_model(selector, data.dim, device, data.path)
         check(hasattr(model, "encoder"), "query.selector", f"{selector} reads no context: it cannot choose questions")
-        belief = queries.ModelBelief(model, config["query"]["samples"])
+        belief = queries.ModelBelief(model, config["query"]["samples"], lookahead=config["query"]["lookahead"])
     users = steer_eval.TestUsers(data, read_text_pairs(run_config["data"]["pairs"]), config["split"])
     curves = steer_eval.question_curves(policies, belief, users, tokenizer, strategies, config, device)
     check(len(curves) > 0, "run", "--queries scores NP-DPO policies (steered by answers): give at least one")
@@ -770,7 +771,7 @@ def check_arguments(config, paths):
     check(config["predict_samples"] >= 0, "predict_samples", "must be non-negative (0 = mean z only)")
     check(config["bayes_samples"] >= 4, "bayes_samples", "must be at least 4 (four Monte Carlo groups)")
     check_positive(config, "num_targets", *(f"policy_eval.{k}" for k in config["policy_eval"]),
-                   *(f"query.{k}" for k in config["query"] if k != "selector"))
+                   *(f"query.{k}" for k in config["query"] if k not in ("selector", "lookahead")))
 
 
 def check_runs(paths):

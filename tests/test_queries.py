@@ -12,7 +12,7 @@ import evaluate
 import queries
 from common import ConfigError
 from data import load_pairs, make_paper_synthetic
-from reward import NPBTL, load_reward_model
+from reward import BTL, NPBTL, load_reward_model
 
 LN2 = math.log(2)
 
@@ -199,6 +199,8 @@ def test_candidates_and_targets_are_disjoint_answered_pairs_of_the_split(paper_p
               "query": {"pool": 30, "episodes": 100, "target_inputs": 8}}
     chunks = list(queries.episode_chunks(data, "test", config, seed=0))
     assert sum(len(c["cand"]) for c in chunks) == 100
+    second = torch.cat([c["answers"] for c in chunks]).float().mean()
+    assert 0.4 < second < 0.6  # shown in a random order: which option comes first says nothing
     test_options = {round(v, 6) for v in data.pairs[torch.from_numpy(data.split == "test")].flatten().tolist()}
     for c in chunks:
         for cand, targets in zip(c["cand"], c["targets"]):
@@ -206,3 +208,64 @@ def test_candidates_and_targets_are_disjoint_answered_pairs_of_the_split(paper_p
             held_out = {tuple(sorted(round(v, 6) for v in pair.flatten().tolist())) for pair in targets}
             assert len(shown) == 30 and len(held_out) == 10 and not shown & held_out
             assert {v for pair in shown | held_out for v in pair} <= test_options
+
+
+class NoGain:
+    """A belief under which every question is worth exactly the same."""
+
+    def infogain(self, context, mask, cand, targets):
+        return torch.zeros(cand.shape[:2])
+
+
+def test_ties_are_broken_at_random_not_by_position():
+    data, _, cand, answers, targets = paper_users(50, 20)
+    _, picks = queries.ask(NoGain(), "infogain", cand, answers, 1, targets, torch.Generator().manual_seed(0))
+    assert len(set(picks[:, 0].tolist())) > 5  # spread over the pool, not the first candidate every time
+
+
+def test_stochastic_beliefs_by_their_definitions():
+    """A stochastic NP-BTL: the look-ahead averages the predictions over draws of q(z | context + answer)
+    (checked against the deterministic look-ahead at scale -> 0), and EPIG from draws is epig() of the
+    draws' answer probabilities; a deterministic model has no draws to take EPIG from."""
+    torch.manual_seed(0)
+    model = NPBTL(1, hidden=8, latent_dim=2, encoder_hidden=8, stochastic=True).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    context, cand, targets = torch.rand(3, 2, 2, 1), torch.rand(3, 5, 2, 1), torch.rand(3, 4, 2, 1)
+    mask = torch.ones(3, 2, dtype=torch.bool)
+    with torch.no_grad():
+        gain = queries.ModelBelief(model, samples=8).infogain(context, mask, cand, targets)
+        assert gain.shape == (3, 5) and (gain >= -1e-6).all() and gain.max() > 1e-4
+        model.encoder.min_scale = 0.0  # draws collapse onto the mean: the deterministic look-ahead
+        torch.nn.init.constant_(model.encoder.head[-1].bias[2:], -30.0)  # softplus(-30) ~ 0
+        torch.nn.init.zeros_(model.encoder.head[-1].weight[2:])
+        collapsed = queries.ModelBelief(model, samples=8).infogain(context, mask, cand, targets)
+        deterministic = queries.ModelBelief(model, samples=8)
+        deterministic.samples = 1
+        assert collapsed == pytest.approx(deterministic.infogain(context, mask, cand, targets), abs=1e-5)
+        belief = queries.ModelBelief(NPBTL(1, hidden=8, latent_dim=2, encoder_hidden=8, stochastic=True), samples=4,
+                                     lookahead=False)
+        torch.manual_seed(1)
+        by_epig = belief.infogain(context, mask, cand, targets)
+        torch.manual_seed(1)
+        p_c, p_t = belief.answer_probs(context, mask, cand)[0], belief.answer_probs(context, mask, targets)[0]
+        assert by_epig == pytest.approx(queries.epig(p_c, p_t, torch.full((3, 4), 0.25)), abs=1e-6)
+    with pytest.raises(ValueError, match="needs a stochastic"):
+        queries.ModelBelief(NPBTL(1, hidden=8), lookahead=False).infogain(context, mask, cand, targets)
+
+
+def test_one_users_pruned_lookahead_picks_what_the_full_one_picks(np_btl_run):
+    """The dialogue's shortcut (skip candidates whose answer entropy cannot beat the best gain) is exact."""
+    model, _ = load_reward_model(np_btl_run[0], 1)
+    gen = torch.Generator().manual_seed(2)
+    for n in (0, 1, 5):
+        context, cand, targets = (torch.rand(1, k, 2, 1, generator=gen) for k in (n, 700, 16))
+        mask = torch.ones(1, n, dtype=torch.bool)
+        with torch.no_grad():
+            belief = queries.ModelBelief(model)
+            pruned = belief.infogain(context, mask, cand, targets)
+            belief.block = 10_000  # one block: every candidate looked at
+            full = belief.infogain(context, mask, cand, targets)
+        assert pruned.argmax() == full.argmax() and pruned.max() == pytest.approx(full.max().item(), abs=1e-6)
+        looked_at = pruned[0] >= 0
+        assert torch.allclose(pruned[0][looked_at], full[0][looked_at], atol=1e-6)

@@ -238,3 +238,35 @@ def test_bayes_reference_moves_from_the_majority_to_the_user(users):
     assert steer_eval.bayes_correct(users, others[:0], target, 0).tolist() == [0.0]
     assert steer_eval.bayes_correct(users, others, target, 0).tolist() == [1.0]
     assert steer_eval.bayes_correct(users, users.rows[2][1:], users.rows[2][:1], 2).tolist() == [1.0]
+
+
+def test_question_curves_by_hand(users, monkeypatch):
+    """Steering against questions asked: the stub policy reads each user's length off their answers,
+    so from one answer on every user gets their own length; with none, everyone gets 3.5 -> 4. The
+    evaluated prompt's pairs are never asked (a zeroed latent or a leaked prompt fails here)."""
+    monkeypatch.setattr(steer_eval, "sample_texts", stub_texts)
+    monkeypatch.setattr(steer_eval, "eval_prompts", lambda split, count: PROMPTS[:count])
+    policy = StubPolicy()
+    config = {"num_context": [0, 1, 3], "seed": 0, "policy_eval": {
+        "prompts": 2, "samples": 2, "reference_samples": 3, "temperature": 1.0, "max_new_tokens": 8}}
+    out = steer_eval.question_curves({"np": (policy, "np_dpo")}, None, users, None, ["random"], config, "cpu")
+    assert set(out) == {("np", "random", n) for n in (0, 1, 3)}
+    reference = [world.gold_reward(PROMPTS[0], "owls exist . drums exist .", p) for p in users.preferences.tolist()]
+    best = [world.best_reward(p) for p in users.preferences.tolist()]
+
+    def expected(lengths):
+        scores = []
+        for q in PROMPTS[:2]:
+            topic = world.prompt_topic(q)
+            for u, p in enumerate(users.preferences.tolist()):
+                reward = world.gold_reward(q, " ".join([f"{topic} exist ."] * lengths[u]), p)
+                scores.append((reward - reference[u]) / (best[u] - reference[u]))
+        return sum(scores) / len(scores)
+
+    assert out[("np", "random", 0)]["normalised"][0] == pytest.approx(expected([4, 4, 4]))
+    for n in (1, 3):
+        assert out[("np", "random", n)]["normalised"][0] == pytest.approx(expected([1, 4, 6]))
+    assert len(policy.contexts) == 3 * 2  # one latent per n and prompt, in that order
+    for i, context in enumerate(policy.contexts):
+        rows = context[:, :, 0, 0].floor().long().flatten().tolist()
+        assert all(users.prompt_of[r] != PROMPTS[i % 2] for r in rows)  # never a pair on the evaluated prompt
