@@ -25,8 +25,11 @@ CHOICES = {"1": 0, "2": 1}  # what the person types -> which option they chose (
 
 
 def wrap(text, indent="     "):
+    """Wrapped to the terminal; a lone '.' or '?' token is never carried to the start of a line."""
     width = max(40, min(100, shutil.get_terminal_size((80, 24)).columns))
-    return textwrap.fill(text, width=width, initial_indent=indent, subsequent_indent=indent)
+    glued = text.replace(" .", "\u00a0.").replace(" ?", "\u00a0?")  # no-break space: wrap keeps them joined
+    return textwrap.fill(glued, width=width, initial_indent=indent, subsequent_indent=indent,
+                         break_on_hyphens=False).replace("\u00a0", " ")
 
 
 def read_choice(stdin=None, out=None):
@@ -65,7 +68,11 @@ def converse(num_questions, pick, show, record, stdin=None, out=None):
         heading, first, second = show(question)
         out.write(f"\nQuestion {given + 1} of {num_questions}: {heading}\n")
         out.write(f"  1. {wrap(first)[5:]}\n  2. {wrap(second)[5:]}\n")
-        choice = read_choice(stdin, out)
+        try:
+            choice = read_choice(stdin, out)
+        except KeyboardInterrupt:  # stop asking, keep the answers given (Ctrl-C again quits)
+            out.write("\n(Ctrl-C: no more questions; the answers given are kept)\n")
+            break
         if choice == "stop":
             break
         record(question, None if choice == "skip" else choice)
@@ -155,7 +162,7 @@ def ask_person(cand_rows, cand_features, belief, strategy, num_questions, known,
             answered_rows.append({**{k: cand_rows[q][k] for k in ("prompt", "response_a", "response_b")},
                                   "choices": {label: choice}})
 
-    show = lambda q: (f"asked: {cand_rows[q]['prompt']!r} - which answer do you prefer?", cand_rows[q]["response_a"],
+    show = lambda q: (f"which answer to \"{cand_rows[q]['prompt']}\" do you prefer?", cand_rows[q]["response_a"],
                       cand_rows[q]["response_b"])
     converse(num_questions, pick, show, record, stdin, out)
     return answered_rows
@@ -167,7 +174,9 @@ def world_summary(rows, label):
 
     answers = [(r["prompt"], r["response_b"], r["response_a"]) if r["choices"][label] == 1 else
                (r["prompt"], r["response_a"], r["response_b"]) for r in rows]
+    if not rows:
+        return "no answers: nothing learned about you yet"
     post = world.preference_posterior(answers)
     (length, length_sd), (tone, tone_sd) = post["length"], post["tone"]
-    return (f"your {len(rows)} answers say (the world's exact posterior): about {length:.1f} ± {length_sd:.1f} "
+    return (f"your {len(rows)} answer{'s' if len(rows) != 1 else ''} say (the world's exact posterior): about {length:.1f} ± {length_sd:.1f} "
             f"sentences, tone {tone:+.2f} ± {tone_sd:.2f} (-1 harsh, +1 warm)")

@@ -5,6 +5,13 @@ reward models, side by side on identical episodes.
     python evaluate.py runs/synthetic_np_btl
     python evaluate.py runs/synthetic_np_btl runs/synthetic_btl runs/synthetic_dpl --plot
     python evaluate.py runs/synthetic_np_btl/ckpt_last.pt --split=val --num-context=[0,1,2,4]
+    python evaluate.py runs/synthetic_np_btl --queries=random,uncertainty,infogain --plot
+
+With --queries, accuracy is scored against the number of questions asked, each chosen by
+a strategy (queries.py) from a pool of the user's pairs, beside Bayes-random and
+Bayes-active; policies of the steering world are scored by normalised gold reward, their
+questions chosen by the reward run query.selector. It writes queries.json (and
+queries.png), never over eval.json.
 
 Each context size n gets `episodes` episodes (a count fixed in advance, so there is no
 stopping on a lucky batch) of one label each: n context pairs and num_targets target
@@ -666,15 +673,15 @@ def query_summary(rows):
         if "random" in by_strategy:
             level = by_strategy["random"][-1]["accuracy"]
             reach = ", ".join(f"{s} after {queries.questions_to_reach(torch.tensor([r['accuracy'] for r in c]), level)}"
-                              for s, c in by_strategy.items())
+                              for s, c in by_strategy.items() if s != "random") or "-"
             lines.append(f"  {name}: random's {len(by_strategy['random']) - 1}-question accuracy {100 * level:.2f} "
                          f"is reached by {reach}")
         for s, c in by_strategy.items():
             gaps = [(r["gap_to_bayes_active"], r["questions"], r["gap_sem"]) for r in c if "gap_to_bayes_active" in r]
             if gaps:
                 gap, k, error = min(gaps)
-                lines.append(f"  {name} ({s}): largest shortfall against Bayes-active {100 * gap:+.2f} ± "
-                             f"{100 * error:.2f} points (at {k} questions)")
+                lines.append(f"  {name} ({s}): furthest behind Bayes-active at k = {k}: {100 * gap:+.2f} ± "
+                             f"{100 * error:.2f} points (model minus limit, same episodes)")
     return "\n".join(lines)
 
 
@@ -716,7 +723,8 @@ def evaluate_queries(paths, strategies, config, device):
     q = config["query"]
     where = (f"split '{config['split']}' of {data.path}, {q['episodes']} episodes, pool {q['pool']}, "
              f"{config['num_targets']} targets")
-    print(f"{where}; accuracy ± SEM in points after k questions (the same episodes and random questions for all)\n")
+    print(f"{where}; accuracy ± SEM in points after k questions (the same episodes and random questions for all); "
+          f"(!) = SEM above {100 * config['max_sem']:.2f}\n")
     sizes = list(range(q["questions"] + 1))
     table = [{"model": f"{r['model']} ({r['strategy']})", "label": "all", "num_context": r["questions"], **{
         k: r[k] for k in ("accuracy", "sem")}} for r in rows]
@@ -770,6 +778,8 @@ def check_arguments(config, paths):
     check(config["episodes"] >= 2, "episodes", "must be at least 2 (a standard error needs two)")
     check(config["predict_samples"] >= 0, "predict_samples", "must be non-negative (0 = mean z only)")
     check(config["bayes_samples"] >= 4, "bayes_samples", "must be at least 4 (four Monte Carlo groups)")
+    check(config["query"]["questions"] <= config["query"]["pool"], "query.questions",
+          f"must be at most query.pool = {config['query']['pool']}: a question is asked once")
     check_positive(config, "num_targets", *(f"policy_eval.{k}" for k in config["policy_eval"]),
                    *(f"query.{k}" for k in config["query"] if k not in ("selector", "lookahead")))
 

@@ -618,7 +618,7 @@ def ask_and_save(checkpoint, config, context, device):
     strategy, belief = config["strategy"], None
     if config["selector"]:
         belief = dialogue.selector_belief(config["selector"], cand_features.shape[-1])
-    elif strategy != "random":
+    elif strategy != "random" and config["ask"] > len(rows):
         print("note: no --selector (a reward run on this policy's context features): random questions",
               file=sys.stderr)
         strategy = "random"
@@ -629,13 +629,15 @@ def ask_and_save(checkpoint, config, context, device):
                                known_features if known_features is not None else [], label, config["seed"])
     if checkpoint["config"]["data"].get("world") == "continuum":
         print("\n" + dialogue.world_summary(rows, label))
-    if config["save"]:
+    if config["save"] and rows:
         dialogue.save_rows(config["save"], rows)
-        print(f"wrote {len(rows)} answers to {config['save']}")
+        print(f"wrote {len(rows)} answer{'s' if len(rows) != 1 else ''} to {config['save']}")
+    elif config["save"]:
+        print(f"no answers: nothing written to {config['save']}")
     if not rows:
         print("no answers: the response is steered by no context (the policy's n = 0 behaviour)")
         return None
-    print(f"\nsteered by {len(rows)} answers; the response to {config['prompt']!r}:")
+    print(f"\nsteered by {len(rows)} answer{'s' if len(rows) != 1 else ''}; the response to {config['prompt']!r}:")
     return rows, label
 
 

@@ -207,6 +207,8 @@ def load_reward_model(path, input_dim, device="cpu", data_path="the data"):
     """A trained model from a run dir (its ckpt_best.pt) or a checkpoint file; returns (model, config).
     Options of another dimension than the run was trained on (from `data_path`) are a DataError."""
     checkpoint = load_checkpoint(path, map_location=device)
+    if "policy_config" in checkpoint:
+        raise CheckpointError(f"{path} is a policy run (made by train_policy.py), not a reward run")
     trained_dim = checkpoint.get("data_dim")  # older checkpoints lack it
     if trained_dim is not None and trained_dim != input_dim:
         raise DataError(f"{data_path} has options of dimension {input_dim}, but {path} was trained on "
@@ -241,7 +243,7 @@ def run_data_path(path):
 # command line: ask a person a few questions, then score pairs for them
 
 CLI_DEFAULTS = {
-    "ask": 3,  # answers to have: the questions asked are those --context does not already answer
+    "ask": 0,  # answers to have: the questions asked are those --context does not already answer
     "strategy": "infogain",  # random | uncertainty | infogain (queries.py)
     "pool": 1000,  # candidate questions: pairs of the run's test split
     "context": "",  # JSONL of answers already given (as --save writes them)
@@ -260,25 +262,42 @@ def read_feature_pairs(path, dim, need_choice):
     from data import DataError
 
     if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: no such file" + (" (a folder)" if os.path.isdir(path) else ""))
+    fields = '"option_a": [numbers], "option_b": [numbers]' + (', "choice": 0 or 1' if need_choice else "")
     out = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                pair = torch.tensor([row["option_a"], row["option_b"]], dtype=torch.float32).view(2, -1)
-                choice = row.get("choice")
-            except (ValueError, KeyError, TypeError) as e:
-                fields = '"option_a": [...], "option_b": [...]' + (', "choice": 0 | 1' if need_choice else "")
-                raise DataError(f"{path}:{number}: not a pair line {{{fields}}} ({e.__class__.__name__})") from None
-            if pair.shape[1] != dim:
-                raise DataError(f"{path}:{number}: options of {pair.shape[1]} features, the run's have {dim}")
-            if need_choice and choice not in (0, 1):
-                raise DataError(f"{path}:{number}: 'choice' must be 0 (option_a preferred) or 1, got {choice!r}")
-            out.append((pair, choice))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text: each line is a JSON object {{{fields}}}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            options = [row["option_a"], row["option_b"]]
+            if not all(isinstance(o, list) and o and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                         for v in o) for o in options):
+                raise TypeError
+            pair = torch.tensor(options, dtype=torch.float32)
+            choice = row.get("choice")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            hint = " (this looks like a text pair for policy.py)" if '"response_a"' in line else ""
+            raise DataError(f"{path}:{number}: each line is a JSON object {{{fields}}}{hint}") from None
+        if not torch.isfinite(pair).all():
+            raise DataError(f"{path}:{number}: option features must be finite numbers (NaN or infinity found)")
+        if pair.shape[1] != dim:
+            raise DataError(f"{path}:{number}: options of {pair.shape[1]} features, the run's have {dim}")
+        if need_choice and (choice not in (0, 1) or isinstance(choice, bool)):
+            raise DataError(f"{path}:{number}: 'choice' must be 0 (option_a preferred) or 1, got {choice!r}")
+        out.append((pair, choice))
+    if not out:
+        raise DataError(f"{path}: holds no pairs (an empty file)")
     return out
+
+
+def plural(count, word):
+    return f"{count} {word}" + ("" if count == 1 else "s")
 
 
 def option_text(x):
@@ -326,6 +345,9 @@ def cli(argv):
     if len(rest) != 1:
         raise ConfigError(USAGE if not rest else f"expected one RUN, got {len(rest)}: {' '.join(rest)} ({USAGE})")
     check(config["ask"] >= 0, "ask", "must be 0 or more questions")
+    check(config["ask"] > 0 or config["context"] or config["score"], "ask",
+          "give --ask=K to be asked K questions (and/or --context=FILE, --score=FILE)")
+    check(not config["save"] or config["ask"] > 0, "save", "saves the answers to --ask's questions: give --ask=K")
     check(config["pool"] >= 1, "pool", "must be at least 1")
     check(config["strategy"] in queries.STRATEGIES, "strategy", f"must be one of {', '.join(queries.STRATEGIES)}")
     dialogue.check_save_path(config["save"], config["context"])
@@ -344,7 +366,9 @@ def cli(argv):
     rows = rows[torch.randperm(len(rows), generator=gen)[:config["pool"]]]
     cand = data.pairs[rows]  # (C, 2, D) as stored: which option is first says nothing about anyone's answer
     answers = [queries.answered(pair, choice == 1) for pair, choice in given]
-    excluded = torch.zeros(1, len(cand), dtype=torch.bool)
+    excluded = torch.zeros(1, len(cand), dtype=torch.bool)  # asked, skipped, or answered in --context
+    for pair, _ in given:
+        excluded[0] |= ((cand == pair).flatten(1).all(1) | (cand == pair.flip(0)).flatten(1).all(1))
     belief = queries.ModelBelief(model)
     targets = data.pairs[rows[torch.randint(len(rows), (16,), generator=gen)]][None]
 
@@ -363,11 +387,11 @@ def cli(argv):
     shown = lambda q: (f"which do you prefer? (pair {int(rows[q])} of {data.path})", option_text(cand[q, 0]),
                        option_text(cand[q, 1]))
     if given:
-        print(f"starting from {len(given)} answers in {config['context']}")
+        print(f"starting from {plural(len(given), 'answer')} in {config['context']}")
     dialogue.converse(max(0, config["ask"] - len(given)), pick, shown, record)
     context = torch.stack(answers) if answers else cand.new_zeros(0, 2, data.dim)
-    print(f"\n{len(answers)} answers in all")
-    for line in learned_lines(model, data, context):
+    print(f"\n{plural(len(answers), 'answer')} in all")
+    for line in learned_lines(model, data, context) if answers else ["no answers: nothing learned about you yet"]:
         print(line)
     if scored:
         batch = {"context": context[None], "context_mask": torch.ones(1, len(context), dtype=torch.bool),
@@ -377,10 +401,12 @@ def cli(argv):
         print(f"P(option_a preferred) for the pairs in {config['score']}:")
         for (pair, _), p in zip(scored, probs.tolist()):
             print(f"  {p:.3f}  a: {option_text(pair[0])}  b: {option_text(pair[1])}")
-    if config["save"]:
+    if config["save"] and given:
         dialogue.save_rows(config["save"], [{"option_a": pair[0].tolist(), "option_b": pair[1].tolist(),
                                              "choice": choice} for pair, choice in given])
-        print(f"wrote {len(given)} answers to {config['save']}")
+        print(f"wrote {plural(len(given), 'answer')} to {config['save']}")
+    elif config["save"]:
+        print(f"no answers: nothing written to {config['save']}")
 
 
 if __name__ == "__main__":

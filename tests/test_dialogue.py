@@ -82,16 +82,29 @@ def test_reward_dialogue_scores_pairs(np_btl_run, monkeypatch, capsys, tmp_path)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--save={tmp}/old.jsonl"], "exists: give a new file"),
-    (["--save={tmp}/no/such.jsonl"], "no folder"),
-    (["--strategy=best"], "strategy"),
-    (["--context={tmp}/bad.jsonl"], "bad.jsonl:1: not a pair line"),
+    (["--ask=1", "--save={tmp}/old.jsonl"], "exists: give a new file"),
+    (["--ask=1", "--save={tmp}/no/such.jsonl"], "no folder"),
+    (["--save={tmp}/new.jsonl"], "give --ask=K"),
+    ([], "give --ask=K to be asked K questions"),
+    (["--ask=1", "--strategy=best"], "strategy"),
+    (["--context={tmp}/bad.jsonl"], "bad.jsonl:1: each line is a JSON object"),
+    (["--context={tmp}/text.jsonl"], "this looks like a text pair for policy.py"),
     (["--context={tmp}/wrong_dim.jsonl"], "options of 2 features, the run's have 1"),
+    (["--context={tmp}/nan.jsonl"], "must be finite numbers"),
+    (["--context={tmp}/bool.jsonl"], "'choice' must be 0 (option_a preferred) or 1, got True"),
+    (["--context={tmp}/binary.jsonl"], "not UTF-8 text"),
+    (["--score={tmp}/empty.jsonl"], "holds no pairs (an empty file)"),
+    (["--ask=1", "--context={tmp}"], "no such file (a folder)"),
 ])
 def test_reward_dialogue_mistakes_are_one_line_and_write_nothing(np_btl_run, tmp_path, args, message):
     (tmp_path / "old.jsonl").write_text("{}\n")
     (tmp_path / "bad.jsonl").write_text("[1, 2]\n")
     (tmp_path / "wrong_dim.jsonl").write_text('{"option_a": [0.1, 0.2], "option_b": [0.3, 0.4], "choice": 0}\n')
+    (tmp_path / "text.jsonl").write_text('{"prompt": "p", "response_a": "a", "response_b": "b", "choices": {"me": 0}}\n')
+    (tmp_path / "nan.jsonl").write_text('{"option_a": [NaN], "option_b": [0.3], "choice": 0}\n')
+    (tmp_path / "bool.jsonl").write_text('{"option_a": [0.1], "option_b": [0.3], "choice": true}\n')
+    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\n")
+    (tmp_path / "empty.jsonl").write_text("\n")
     before = folder_hashes(tmp_path)
     result = subprocess.run([sys.executable, os.path.join(REPO, "reward.py"), np_btl_run[0],
                              *(a.format(tmp=tmp_path) for a in args)], input="1\n", capture_output=True, text=True,
@@ -103,7 +116,35 @@ def test_reward_dialogue_mistakes_are_one_line_and_write_nothing(np_btl_run, tmp
 
 
 def test_reward_dialogue_refuses_a_btl(btl_run, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["reward.py", btl_run[0]])
+    monkeypatch.setattr(sys, "argv", ["reward.py", btl_run[0], "--ask=1"])
     with pytest.raises(SystemExit) as exit_info:
         run_script(reward.cli)
     assert exit_info.value.code == 2 and "nothing to ask" in capsys.readouterr().err
+
+
+def test_resuming_never_asks_an_answered_pair_again(np_btl_run, monkeypatch, capsys, tmp_path):
+    save = str(tmp_path / "me.jsonl")
+    reward_cli(monkeypatch, capsys, "1\n2\n", np_btl_run[0], "--ask=2", "--pool=50", f"--save={save}")
+    out = reward_cli(monkeypatch, capsys, "1\n1\n1\n", np_btl_run[0], "--ask=5", "--pool=50", f"--context={save}",
+                     f"--save={save}")
+    with open(save) as f:
+        pairs = [tuple(sorted(json.loads(line)["option_a"] + json.loads(line)["option_b"])) for line in f]
+    assert len(pairs) == 5 and len(set(pairs)) == 5 and "starting from 2 answers" in out
+
+
+def test_no_answers_write_no_file(np_btl_run, monkeypatch, capsys, tmp_path):
+    out = reward_cli(monkeypatch, capsys, "q\n", np_btl_run[0], "--ask=2", f"--save={tmp_path}/me.jsonl")
+    assert "nothing learned" in out and "nothing written" in out and os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_stops_asking_and_keeps_the_answers():
+    class Interrupting(io.StringIO):
+        def readline(self):
+            if self.tell() >= 2:
+                raise KeyboardInterrupt
+            return super().readline()
+
+    recorded, out = [], io.StringIO()
+    given = dialogue.converse(3, iter(range(9)).__next__, lambda q: ("q", "a", "b"),
+                              lambda q, c: recorded.append(c), Interrupting("2\n1\n"), out)
+    assert given == 1 and recorded == [1] and "Ctrl-C" in out.getvalue()

@@ -760,6 +760,7 @@ def test_dialogue_without_a_selector_asks_at_random_and_says_so(cli_runs, monkey
     (["{np}", "--save={tmp}/x.jsonl"], "saves the answers to --ask's questions: give --ask=K"),
     (["{np}", "--ask=2", "--save={tmp}/no/x.jsonl"], "no folder"),
     (["{np}", "--ask=2", "--selector={reward}"], "options of dimension"),
+    (["{np}", "--ask=2", "--selector={np}"], "is a policy run (made by train_policy.py), not a reward run"),
 ])
 def test_dialogue_mistakes_are_one_line_exit_2(cli_runs, tmp_path, monkeypatch, capsys, args, message):
     paths = {**cli_runs, "tmp": str(tmp_path)}
