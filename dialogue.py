@@ -178,5 +178,6 @@ def world_summary(rows, label):
         return "no answers: nothing learned about you yet"
     post = world.preference_posterior(answers)
     (length, length_sd), (tone, tone_sd) = post["length"], post["tone"]
-    return (f"your {len(rows)} answer{'s' if len(rows) != 1 else ''} say (the world's exact posterior): about {length:.1f} ± {length_sd:.1f} "
+    says = f"your {len(rows)} answer" + ("s say" if len(rows) != 1 else " says")
+    return (f"{says} (the world's exact posterior): about {length:.1f} ± {length_sd:.1f} "
             f"sentences, tone {tone:+.2f} ± {tone_sd:.2f} (-1 harsh, +1 warm)")
