@@ -749,9 +749,8 @@ def evaluate_policy_queries(paths, strategies, config, device):
     belief = None
     if selector:
         check_runs([selector])
-        model, _ = load_reward_model(selector, data.dim, device, data.path)
-        check(hasattr(model, "encoder"), "query.selector", f"{selector} reads no context: it cannot choose questions")
-        belief = queries.ModelBelief(model, config["query"]["samples"], lookahead=config["query"]["lookahead"])
+        q = config["query"]
+        belief = queries.run_belief(selector, data.dim, q["samples"], q["lookahead"], device, data.path)
     users = steer_eval.TestUsers(data, read_text_pairs(run_config["data"]["pairs"]), config["split"])
     curves = steer_eval.question_curves(policies, belief, users, tokenizer, strategies, config, device)
     check(len(curves) > 0, "run", "--queries scores NP-DPO policies (steered by answers): give at least one")

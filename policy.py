@@ -611,13 +611,15 @@ def ask_and_save(checkpoint, config, context, device):
     """The dialogue (dialogue.py): questions from the run's data, chosen by --selector's reward run
     (random without one); returns (rows, label) of every answer, which --save writes."""
     import dialogue
+    import queries
 
     rows, label = context or ([], "me")
     known_features = context_features(checkpoint, rows, config["context"], device)[0].cpu() if rows else None
     cand_rows, cand_features = dialogue.candidate_pool(checkpoint, config["pool"], config["seed"], rows)
     strategy, belief = config["strategy"], None
     if config["selector"]:
-        belief = dialogue.selector_belief(config["selector"], cand_features.shape[-1])
+        belief = queries.run_belief(config["selector"], cand_features.shape[-1],
+                                    where=checkpoint["config"]["data"]["features"])
     elif strategy != "random" and config["ask"] > len(rows):
         print("note: no --selector (a reward run on this policy's context features): random questions",
               file=sys.stderr)
@@ -625,7 +627,7 @@ def ask_and_save(checkpoint, config, context, device):
     if rows:
         print(f"starting from {len(rows)} answers of {label!r} in {config['context']}")
     remaining = max(0, config["ask"] - len(rows))  # --ask counts the answers from --context too
-    rows = dialogue.ask_person(cand_rows, cand_features, belief, strategy, remaining, rows,
+    rows = dialogue.ask_for_policy(cand_rows, cand_features, belief, strategy, remaining, rows,
                                known_features if known_features is not None else [], label, config["seed"])
     if checkpoint["config"]["data"].get("world") == "continuum":
         print("\n" + dialogue.world_summary(rows, label))

@@ -39,7 +39,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from data import pair_log_lik, sphere_samples, type_likelihood
+from data import DataError, pair_log_lik, sphere_samples, type_likelihood
+from reward import choice_correct, load_reward_model
 
 STRATEGIES = ("random", "uncertainty", "infogain")
 
@@ -144,6 +145,15 @@ class ModelBelief:
             p_t = p_t + torch.sigmoid(r[..., 0] - r[..., 1]).view(B, C, 2, T) / S  # given each answer
         p_bar = p_c[..., None] * p_t[:, :, 0] + (1 - p_c[..., None]) * p_t[:, :, 1]
         return mutual_information(p_c[..., None] * p_t[:, :, 0], p_c[..., None], p_bar).mean(-1)
+
+
+def run_belief(path, dim, samples=8, lookahead=True, device="cpu", where="the data"):
+    """The belief of a trained reward run (its NP-BTL) on options of dimension `dim` (from `where`)."""
+    model, _ = load_reward_model(path, dim, device, where)
+    if not hasattr(model, "encoder"):
+        raise DataError(f"{path} reads no context (a {type(model).__name__}): its rewards are the same for "
+                        "everyone, so there is nothing to ask")
+    return ModelBelief(model, samples, lookahead=lookahead)
 
 
 class BayesBelief:
@@ -255,8 +265,6 @@ def episode_chunks(data, split, config, seed):
 def accuracy_curves(predict, belief, strategy, chunk, questions, device):
     """Per-episode accuracy (E, questions + 1) on the chunk's targets after 0..K questions chosen
     by `strategy` under `belief`; `predict(batch)` gives log P(chosen) (E, T)."""
-    from reward import choice_correct
-
     on = {k: v.to(device) if torch.is_tensor(v) else v for k, v in chunk.items()}
     gen = torch.Generator().manual_seed(chunk["seed"])  # the same random questions for every belief
     context, _ = ask(belief, strategy, on["cand"], chunk["answers"], questions, on["target_inputs"], gen)

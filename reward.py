@@ -12,15 +12,8 @@ Every model takes an episode batch from data.EpisodeSampler (targets oriented as
 (chosen, rejected)) and returns the log-probability that the chosen option wins.
 
     python reward.py        # prints the three models for the synthetic task
-    python reward.py runs/synthetic_np_btl --ask=3    # asks you 3 questions, then shows what it learned
 
-The dialogue (`--ask=K`) shows K pairs of options, chosen by information gain (queries.py)
-from `--pool` pairs of the run's test split, one at a time; you answer 1, 2, s (skip) or
-q (stop). It then prints what your answers say (for a known generator, which of its
-users they fit) and, with `--score=FILE`, P(option_a preferred) for each pair in FILE.
-Answers are saved with `--save=FILE` and resumed with `--context=FILE`: JSONL lines
-{"option_a": [features], "option_b": [features], "choice": 0 | 1} (1 = option_b preferred);
-a --score file has the same lines without "choice".
+To be asked questions by a reward run: `python dialogue.py RUN --ask=3` (dialogue.py).
 
 Departures from the paper's code:
 1. The stochastic NP-BTL's posterior is q(z | context + targets), encoded with the
@@ -31,16 +24,14 @@ Departures from the paper's code:
    spreads over users who disagree, only the mixture can express their majority vote.
 """
 
-import json
 import math
 import os
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import CheckpointError, ConfigError, check, load_checkpoint, load_config, pick_device, resolve_path, run_script
+from common import CheckpointError, load_checkpoint, resolve_path
 from data import DataError
 from np_encoder import ContextEncoder, FiLM, gaussian_kl, mlp, modulate
 
@@ -239,180 +230,7 @@ def run_data_path(path):
     return resolved
 
 
-# -----------------------------------------------------------------------------
-# command line: ask a person a few questions, then score pairs for them
-
-CLI_DEFAULTS = {
-    "ask": 0,  # answers to have: the questions asked are those --context does not already answer
-    "strategy": "infogain",  # random | uncertainty | infogain (queries.py)
-    "pool": 1000,  # candidate questions: pairs of the run's test split
-    "context": "",  # JSONL of answers already given (as --save writes them)
-    "save": "",  # write every answer (from --context too) here
-    "score": "",  # JSONL of pairs to score: {"option_a": [...], "option_b": [...]}
-    "seed": 0,  # which pairs form the pool; ties between questions
-    "device": "cpu",
-}
-USAGE = ("usage: python reward.py RUN [--ask=K] [--strategy=infogain] [--pool=N] [--context=FILE] [--save=FILE] "
-         "[--score=FILE] [--seed=S]")
-MAX_SHOWN_DIM = 8  # options with more features than this (embeddings of text) cannot be shown to a person
-
-
-def read_feature_pairs(path, dim, need_choice):
-    """[(pair (2, D), choice or None)] from a JSONL of option feature pairs; every problem is one line."""
-    from data import DataError
-
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file" + (" (a folder)" if os.path.isdir(path) else ""))
-    fields = '"option_a": [numbers], "option_b": [numbers]' + (', "choice": 0 or 1' if need_choice else "")
-    out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text: each line is a JSON object {{{fields}}}") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            options = [row["option_a"], row["option_b"]]
-            if not all(isinstance(o, list) and o and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                         for v in o) for o in options):
-                raise TypeError
-            pair = torch.tensor(options, dtype=torch.float32)
-            choice = row.get("choice")
-        except (ValueError, KeyError, TypeError, AttributeError):
-            hint = " (this looks like a text pair for policy.py)" if '"response_a"' in line else ""
-            raise DataError(f"{path}:{number}: each line is a JSON object {{{fields}}}{hint}") from None
-        if not torch.isfinite(pair).all():
-            raise DataError(f"{path}:{number}: option features must be finite numbers (NaN or infinity found)")
-        if pair.shape[1] != dim:
-            raise DataError(f"{path}:{number}: options of {pair.shape[1]} features, the run's have {dim}")
-        if need_choice and (choice not in (0, 1) or isinstance(choice, bool)):
-            raise DataError(f"{path}:{number}: 'choice' must be 0 (option_a preferred) or 1, got {choice!r}")
-        out.append((pair, choice))
-    if not out:
-        raise DataError(f"{path}: holds no pairs (an empty file)")
-    return out
-
-
-def plural(count, word):
-    return f"{count} {word}" + ("" if count == 1 else "s")
-
-
-def option_text(x):
-    return f"y = {x[0]:.3f}" if len(x) == 1 else "x = [" + ", ".join(f"{v:.2f}" for v in x.tolist()) + "]"
-
-
-def learned_lines(model, data, context, labels_only=10):
-    """What the answers say: the exact posterior over a known generator's users, and how often the
-    model, given the answers, agrees with each of them on the test split's pairs."""
-    from data import true_rewards
-
-    lines, mask = [], torch.ones(1, len(context), dtype=torch.bool)
-    test = data.pairs[torch.from_numpy(data.split == "test")][:2000]
-    rewards = true_rewards(data.meta, test)  # (N, 2, K) or None
-    if rewards is not None and len(data.labels) <= labels_only:
-        from data import type_likelihood
-
-        likelihood = type_likelihood(data.meta, context).prod(0) if len(context) else torch.ones(len(data.labels))
-        if likelihood.sum() == 0:
-            lines.append("your answers fit none of the generator's user types exactly (each type would have "
-                         "answered at least one question the other way)")
-        else:
-            weights = (likelihood / likelihood.sum()).tolist()  # the exact posterior, uniform prior
-            best = max(range(len(weights)), key=weights.__getitem__)
-            lines.append(f"your answers fit user type {data.labels[best]} best (exact posterior "
-                         + ", ".join(f"{label} {w:.2f}" for label, w in zip(data.labels, weights)) + ")")
-        with torch.no_grad():
-            p = model.log_prob_chosen({"context": context[None], "context_mask": mask, "targets": test[None]})[0]
-        agree = [((p > math.log(0.5)) == (rewards[:, 0, k] > rewards[:, 1, k])).float().mean().item()
-                 for k in range(rewards.shape[-1])]
-        lines.append("given them, the model agrees with " + ", ".join(
-            f"{label} on {100 * a:.0f} %" for label, a in zip(data.labels, agree)) + f" of {len(test)} test pairs")
-    return lines
-
-
-def cli(argv):
-    import dialogue
-    import queries
-    from data import load_pairs
-
-    if {"-h", "--help"} & set(argv):
-        print(USAGE)
-        return
-    config, rest = load_config(CLI_DEFAULTS, argv)
-    if len(rest) != 1:
-        raise ConfigError(USAGE if not rest else f"expected one RUN, got {len(rest)}: {' '.join(rest)} ({USAGE})")
-    check(config["ask"] >= 0, "ask", "must be 0 or more questions")
-    check(config["ask"] > 0 or config["context"] or config["score"], "ask",
-          "give --ask=K to be asked K questions (and/or --context=FILE, --score=FILE)")
-    check(not config["save"] or config["ask"] > 0, "save", "saves the answers to --ask's questions: give --ask=K")
-    check(config["pool"] >= 1, "pool", "must be at least 1")
-    check(config["strategy"] in queries.STRATEGIES, "strategy", f"must be one of {', '.join(queries.STRATEGIES)}")
-    dialogue.check_save_path(config["save"], config["context"])
-    data = load_pairs(run_data_path(rest[0]))
-    model, _ = load_reward_model(rest[0], data.dim, pick_device(config["device"]), data.path)
-    model = model.cpu()
-    check(hasattr(model, "encoder"), "run", f"{rest[0]} reads no context (a {type(model).__name__}): its rewards are "
-          "the same for everyone, so there is nothing to ask")
-    given = read_feature_pairs(config["context"], data.dim, True) if config["context"] else []
-    scored = read_feature_pairs(config["score"], data.dim, False) if config["score"] else []
-    if config["ask"] and data.dim > MAX_SHOWN_DIM:
-        raise ConfigError(f"{data.path} has options of {data.dim} features (embeddings of text?), which cannot be "
-                          "shown to a person: ask with policy.py, which shows the text")
-    gen = torch.Generator().manual_seed(config["seed"])
-    rows = torch.from_numpy(data.split == "test").nonzero().squeeze(1)
-    rows = rows[torch.randperm(len(rows), generator=gen)[:config["pool"]]]
-    cand = data.pairs[rows]  # (C, 2, D) as stored: which option is first says nothing about anyone's answer
-    answers = [queries.answered(pair, choice == 1) for pair, choice in given]
-    excluded = torch.zeros(1, len(cand), dtype=torch.bool)  # asked, skipped, or answered in --context
-    for pair, _ in given:
-        excluded[0] |= ((cand == pair).flatten(1).all(1) | (cand == pair.flip(0)).flatten(1).all(1))
-    belief = queries.ModelBelief(model)
-    targets = data.pairs[rows[torch.randint(len(rows), (16,), generator=gen)]][None]
-
-    def pick():
-        if excluded.all():
-            return None
-        context = torch.stack(answers)[None] if answers else cand.new_zeros(1, 0, 2, data.dim)
-        return int(queries.next_question(belief, config["strategy"], context, cand[None], excluded, targets, gen))
-
-    def record(question, choice):
-        excluded[0, question] = True
-        if choice is not None:
-            answers.append(queries.answered(cand[question], choice == 1))
-            given.append((cand[question], choice))
-
-    shown = lambda q: (f"which do you prefer? (pair {int(rows[q])} of {data.path})", option_text(cand[q, 0]),
-                       option_text(cand[q, 1]))
-    if given:
-        print(f"starting from {plural(len(given), 'answer')} in {config['context']}")
-    dialogue.converse(max(0, config["ask"] - len(given)), pick, shown, record)
-    context = torch.stack(answers) if answers else cand.new_zeros(0, 2, data.dim)
-    print(f"\n{plural(len(answers), 'answer')} in all")
-    for line in learned_lines(model, data, context) if answers else ["no answers: nothing learned about you yet"]:
-        print(line)
-    if scored:
-        batch = {"context": context[None], "context_mask": torch.ones(1, len(context), dtype=torch.bool),
-                 "targets": torch.stack([pair for pair, _ in scored])[None]}
-        with torch.no_grad():
-            probs = model.log_prob_chosen(batch)[0].exp()
-        print(f"P(option_a preferred) for the pairs in {config['score']}:")
-        for (pair, _), p in zip(scored, probs.tolist()):
-            print(f"  {p:.3f}  a: {option_text(pair[0])}  b: {option_text(pair[1])}")
-    if config["save"] and given:
-        dialogue.save_rows(config["save"], [{"option_a": pair[0].tolist(), "option_b": pair[1].tolist(),
-                                             "choice": choice} for pair, choice in given])
-        print(f"wrote {plural(len(given), 'answer')} to {config['save']}")
-    elif config["save"]:
-        print(f"no answers: nothing written to {config['save']}")
-
-
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        run_script(cli)
-    else:
-        for kind in MODEL_KINDS:
-            model = build_model(dict(MODEL_DEFAULTS, kind=kind), input_dim=1)
-            print(kind, sum(p.numel() for p in model.parameters()), "parameters\n", model)
+    for kind in MODEL_KINDS:
+        model = build_model(dict(MODEL_DEFAULTS, kind=kind), input_dim=1)
+        print(kind, sum(p.numel() for p in model.parameters()), "parameters\n", model)

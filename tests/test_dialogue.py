@@ -1,4 +1,4 @@
-"""The terminal dialogue (dialogue.py) and reward.py's --ask, driven through stdin."""
+"""The terminal dialogue (dialogue.py): its loop, and a reward run's dialogue driven through stdin."""
 
 import io
 import json
@@ -9,7 +9,6 @@ import sys
 import pytest
 
 import dialogue
-import reward
 from common import run_script
 from conftest import REPO, folder_hashes
 
@@ -48,7 +47,7 @@ def test_save_path_is_checked_before_any_question(tmp_path):
 
 def reward_cli(monkeypatch, capsys, answers, *argv):
     monkeypatch.setattr(sys, "stdin", io.StringIO(answers))
-    reward.cli(list(argv))
+    dialogue.reward_cli(list(argv))
     return capsys.readouterr().out
 
 
@@ -106,7 +105,7 @@ def test_reward_dialogue_mistakes_are_one_line_and_write_nothing(np_btl_run, tmp
     (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\n")
     (tmp_path / "empty.jsonl").write_text("\n")
     before = folder_hashes(tmp_path)
-    result = subprocess.run([sys.executable, os.path.join(REPO, "reward.py"), np_btl_run[0],
+    result = subprocess.run([sys.executable, os.path.join(REPO, "dialogue.py"), np_btl_run[0],
                              *(a.format(tmp=tmp_path) for a in args)], input="1\n", capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
@@ -116,9 +115,9 @@ def test_reward_dialogue_mistakes_are_one_line_and_write_nothing(np_btl_run, tmp
 
 
 def test_reward_dialogue_refuses_a_btl(btl_run, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["reward.py", btl_run[0], "--ask=1"])
+    monkeypatch.setattr(sys, "argv", ["dialogue.py", btl_run[0], "--ask=1"])
     with pytest.raises(SystemExit) as exit_info:
-        run_script(reward.cli)
+        run_script(dialogue.reward_cli)
     assert exit_info.value.code == 2 and "nothing to ask" in capsys.readouterr().err
 
 
