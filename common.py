@@ -58,6 +58,8 @@ def run_script(main):
     cannot go on exits 1, Ctrl-C exits quietly with 130; nothing else is caught."""
     try:
         main(sys.argv[1:])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank done before any tears gloo down (a rare abort otherwise)
     except UserError as e:  # under torchrun every rank raises it: rank 0 alone says so
         sys.exit(_exit_line(e, 2) if os.environ.get("RANK", "0") == "0" else 2)
     except TrainingError as e:

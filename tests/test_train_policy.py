@@ -18,7 +18,7 @@ import evaluate
 import policy as policy_lib
 import train_policy
 from common import ConfigError, TrainingError, UserError, load_checkpoint
-from conftest import REPO, folder_hashes, small
+from conftest import REPO, folder_hashes, run_torchrun, small
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -203,11 +203,8 @@ def test_two_processes_equal_one_with_the_same_effective_batch(toy_root, tmp_pat
     """grad_accum = 2 micro-batches per step: one process runs both, or each of two runs one."""
     args = small(toy_root, "--train.steps=6", "--eval.interval=3", "--train.grad_accum=2", "--policy.lora.dropout=0.0")
     one = train_policy.main([*args, f"--out_dir={tmp_path}/one"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "train_policy.py", *args, f"--out_dir={tmp_path}/two",
-                             "--train.precompute_ref_logps"],  # ranks share that pass too
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    result = run_torchrun("train_policy.py", [*args, "--train.precompute_ref_logps"],  # ranks share that pass too
+                          tmp_path / "two", timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]  # also: the ranks' final weights agree exactly
     for name in ("ckpt_last.pt", "ckpt_best.pt"):
         a, b = (load_checkpoint(f"{tmp_path}/{run}/{name}") for run in ("one", "two"))

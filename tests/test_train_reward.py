@@ -15,7 +15,7 @@ import data
 import reward
 import train_reward
 from common import CheckpointError, ConfigError, TrainingError, load_checkpoint, load_config, lr_at
-from conftest import REPO, TINY, folder_hashes, train
+from conftest import REPO, TINY, folder_hashes, run_torchrun, train
 from data import DataError
 
 
@@ -216,10 +216,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, pape
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, paper_path):
     args = [*TINY, f"--data.path={paper_path}"]
     train(tmp_path / "one", paper_path, *TINY)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "train_reward.py", *args, f"--out_dir={tmp_path / 'two'}"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    result = run_torchrun("train_reward.py", args, tmp_path / "two", timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]  # also: the ranks' final weights agree exactly
     for name in ("ckpt_last.pt", "ckpt_best.pt"):
         a, b = (load_checkpoint(str(tmp_path / run / name)) for run in ("one", "two"))
