@@ -36,13 +36,13 @@ import time
 import numpy as np
 import torch
 
-from common import (CheckpointError, ConfigError, check, flatten, load_checkpoint, load_config, pick_device, run_script,
-                    seed_everything)
-from data import EpisodeSampler, PreferenceData
+from common import CheckpointError, ConfigError, check, flatten, load_config, pick_device, run_script, seed_everything
+from runs import load_checkpoint
+from data import EpisodeSampler, PreferenceData, load_training_data, to_device
+from defaults import POLICY_RUN, REWARD_RUN
 from reward import MODEL_DEFAULTS, build_model, load_reward_model
-from train_reward import DEFAULTS as TRAIN_DEFAULTS, prepare_data, to_device
 
-REWARD_DEFAULTS = dict(TRAIN_DEFAULTS, bench={
+REWARD_DEFAULTS = dict(REWARD_RUN, bench={
     "run": None,  # a run dir whose trained weights to time (speed does not depend on them)
     "train_steps": 200,  # timed optimizer steps (after 20 warm-up steps)
     "context_pairs": 10,  # a new user's context size
@@ -193,7 +193,7 @@ def bench_reward(argv, device_name=None):
     t, b = config["train"], config["bench"]
     if b["run"]:
         check_run_matches(b["run"], config["model"])
-    data = prepare_data(config["data"])
+    data = load_training_data(config["data"])
     if b["run"]:
         model, _ = load_reward_model(b["run"], data.dim, device, data.path)
         model.train()
@@ -221,7 +221,7 @@ def bench_reward(argv, device_name=None):
 def time_policy_training(policy, optimizer, sampler, token_pairs, pad_id, config, device, ref_logps):
     """(pairs/s, tokens/s) over bench.train_steps optimizer steps, after 3 warm-up steps."""
     import policy as policy_lib
-    import train_policy
+    from text import autocast, make_batch
 
     t, b = config["train"], config["bench"]
     for step in range(3 + b["train_steps"]):
@@ -229,8 +229,8 @@ def time_policy_training(policy, optimizer, sampler, token_pairs, pad_id, config
             sync(device)
             start_peak_memory(device)
             start, pairs, tokens = time.perf_counter(), 0, 0
-        batch = train_policy.make_batch(sampler, token_pairs, t["batch_size"], pad_id, device, ref_logps=ref_logps)
-        with train_policy.autocast(device, t["autocast"]):
+        batch = make_batch(sampler, token_pairs, t["batch_size"], pad_id, device, ref_logps=ref_logps)
+        with autocast(device, t["autocast"]):
             loss, _ = policy_lib.dpo_step(policy, batch, t["beta"], t["nll_weight"])
         loss.backward()
         optimizer.step()
@@ -265,9 +265,9 @@ def time_policy_adaptation(policy, sampler, prompt_ids, pad_id, config, device):
 def bench_policy(argv, device_name=None):
     """-> (description, rows of (measure, value))."""
     import policy as policy_lib
-    import train_policy
+    from text import load_inputs, reference_logprobs
 
-    config, rest = load_config(dict(train_policy.DEFAULTS, bench=POLICY_BENCH), argv or ["configs/steer_text.yaml"])
+    config, rest = load_config(dict(POLICY_RUN, bench=POLICY_BENCH), argv or ["configs/steer_text.yaml"])
     if rest:
         raise ConfigError(f"unexpected arguments {rest}")
     check_bench(config["bench"])
@@ -277,9 +277,9 @@ def bench_policy(argv, device_name=None):
     if b["random_weights"]:
         base, data, token_pairs, prompt_ids, pad_id = random_policy_inputs(config)
     else:
-        from data import tokenize_prompt
+        from text import tokenize_prompt
 
-        data, token_pairs, tokenizer = train_policy.load_inputs(config)
+        data, token_pairs, tokenizer = load_inputs(config)
         base = policy_lib.build_base_model(p["base"], p["dtype"], p["trust_remote_code"])
         prompt_ids, pad_id = tokenize_prompt(tokenizer, "tell me about cats ."), tokenizer.pad_token_id
     policy = policy_lib.SteerablePolicy(base, p, data.dim).to(device)
@@ -290,7 +290,7 @@ def bench_policy(argv, device_name=None):
     rows, ref_logps = [], None
     if t["precompute_ref_logps"]:
         start = time.perf_counter()
-        ref_logps = train_policy.reference_logprobs(policy, data, token_pairs, config, pad_id, device)
+        ref_logps = reference_logprobs(policy, data, token_pairs, config, pad_id, device)
         sync(device)
         pairs = int((~ref_logps[:, 0].isnan()).sum())
         pairs_per_s = pairs / (time.perf_counter() - start)

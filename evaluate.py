@@ -38,11 +38,14 @@ import os
 
 import torch
 
-from common import (CheckpointError, ConfigError, check, check_positive, load_checkpoint, load_config, pick_device,
-                    read_yaml, resolve_path, run_in_use, run_script)
-from data import (DataError, EpisodeSampler, bayes_log_prob_chosen, check_out_path, load_pairs,
-                  population_log_prob_chosen, true_rewards)
-from reward import choice_correct, load_reward_model, run_data_path
+from common import (CheckpointError, ConfigError, check, check_positive, load_config, pick_device, read_yaml,
+                    run_script)
+from runs import load_checkpoint, resolve_path, run_in_use
+from data import DataError, EpisodeSampler, chosen_first, load_pairs, true_rewards
+from runs import check_out_path
+from bayes import bayes_log_prob_chosen, population_log_prob_chosen
+from reward import load_reward_model, run_data_path
+from data import choice_correct
 
 DEFAULTS = {
     "split": "test",  # train | val | test
@@ -339,8 +342,8 @@ def policy_role(policy, run_config):
 
 def load_policies(paths, device):
     """{name: (policy, role)}, and the shared evaluation inputs of the first run."""
-    import train_policy
     from policy import load_policy
+    from text import load_inputs
 
     policies, first, configs = {}, None, {}
     for path in paths:
@@ -356,7 +359,7 @@ def load_policies(paths, device):
     first_config = dict(first["config"], data=dict(d, pairs=resolve_path(d["pairs"], first),
                                                    features=resolve_path(d["features"], first)))
     inputs_config = dict(first_config, data=dict(first_config["data"], labels=None, toy=False))
-    data, token_pairs, tokenizer = train_policy.load_inputs(inputs_config)
+    data, token_pairs, tokenizer = load_inputs(inputs_config)
     first_config["run_configs"] = configs
     return policies, data, token_pairs, tokenizer, first_config
 
@@ -373,7 +376,7 @@ def conflicting_only(data):
 def implicit_reward_rows(policies, data, token_pairs, pad_id, config, device):
     """DPO implicit-reward accuracy on held-out conflicting pairs, per label and n."""
     from policy import implicit_reward, policy_and_reference_logprobs
-    from train_policy import episode_batch
+    from text import episode_batch
 
     p = config["policy_eval"]
     conflicts = conflicting_only(data)
@@ -404,15 +407,13 @@ def user_contexts(data, candidates, exclude_prompt_rows, n, count, gen):
     allowed = rows[~torch.isin(rows, exclude_prompt_rows)]
     picks = torch.rand(count, len(allowed), generator=gen).argsort(1)[:, :n]  # (count, n)
     pair_idx = allowed[picks]
-    flipped = data.choices[pair_idx, column].bool()[..., None, None]
-    pairs = data.pairs[pair_idx]  # (count, n, 2, D)
-    return torch.where(flipped, pairs.flip(2), pairs)
+    return chosen_first(data.pairs[pair_idx], data.choices[pair_idx, column].bool())  # (count, n, 2, D)
 
 
 @torch.no_grad()
 def sample_responses(policy, tokenizer, prompt, count, samples, latent, config, device):
     """`count` * `samples` responses to one prompt (texts), row r*samples + s from latent row r."""
-    from data import tokenize_prompt
+    from text import tokenize_prompt
 
     p = config["policy_eval"]
     prompt_ids = torch.tensor([tokenize_prompt(tokenizer, prompt)] * count, device=device)
@@ -425,7 +426,7 @@ def sample_responses(policy, tokenizer, prompt, count, samples, latent, config, 
 
 def steering_rows(policies, data, tokenizer, text_rows, config, device):
     """Gold reward of generations for every label and n, and win-rate against plain DPO."""
-    from data import toy_gold_reward
+    from toy import toy_gold_reward
 
     p, split = config["policy_eval"], config["split"]
     torch.manual_seed(config["seed"])
@@ -569,7 +570,7 @@ def plot_world(results, groups, roles, sizes, out):
 
 def evaluate_policies(paths, config, device):
     """Rows for eval.json and the function that draws the plots into a folder (None: no plots)."""
-    from data import read_text_pairs
+    from text import read_text_pairs
 
     policies, data, token_pairs, tokenizer, run_config = load_policies(paths, device)
     sizes = sorted(config["num_context"])
@@ -593,7 +594,7 @@ def evaluate_policies(paths, config, device):
 def evaluate_world_policies(policies, data, token_pairs, tokenizer, run_config, config, device):
     """The steering world (steer_eval.py): rows for eval.json, the tables, and the plots."""
     import steer_eval
-    from data import read_text_pairs
+    from text import read_text_pairs
 
     text_rows = read_text_pairs(run_config["data"]["pairs"], run_config["data"]["skip_bad_lines"])
     if "preferences" not in data.meta:
@@ -738,7 +739,7 @@ def evaluate_policy_queries(paths, strategies, config, device):
     questions chosen by the reward run query.selector (steer_eval.question_curves)."""
     import queries
     import steer_eval
-    from data import read_text_pairs
+    from text import read_text_pairs
 
     policies, data, _, tokenizer, run_config = load_policies(paths, device)
     check(run_config["data"].get("world") == "continuum", "queries", "policies are scored against questions on "

@@ -11,11 +11,7 @@ The DPO reference is the same network with LoRA and FiLM switched off
 (`reference_mode()`), so the base weights are held once. With `film.latent_dim = 0`
 there is no FiLM and no encoder: the same code is plain DPO with LoRA.
 
-Steer a trained policy with a user's few choices (a JSONL of text pairs, data.py):
-
-    python policy.py runs/steer_world_np_dpo --context=examples/world_context.jsonl --prompt="Tell me about owls."
-    python policy.py runs/steer_world_dpo --prompt="Tell me about owls."   # plain DPO reads no context
-    python policy.py runs/steer_text_np_dpo --context=examples/context.jsonl --prompt="Tell me about bees."
+Steer a trained policy with a user's few choices: steer.py.
 
 Usage:
     policy = SteerablePolicy(build_base_model("Qwen/Qwen2-0.5B"), config, context_dim=D)
@@ -45,11 +41,9 @@ Departures from the paper's code:
 import contextlib
 import copy
 import functools
-import math
 import operator
 import os
 import shutil
-import sys
 import warnings
 
 import torch
@@ -58,8 +52,9 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from common import (REQUIRED, CheckpointError, ConfigError, check, load_checkpoint, load_config, pick_device,
-                    resolve_path, run_script, save_checkpoint)
+from common import REQUIRED, CheckpointError, ConfigError
+from runs import load_checkpoint, resolve_path, save_checkpoint
+from data import choice_correct
 from np_encoder import ContextEncoder, FiLM, modulate
 
 DEFAULTS = {
@@ -319,7 +314,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     rejected_rewards = implicit_reward(policy_rejected, ref_rejected, beta)
     loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
     values = torch.stack([loss, chosen_rewards.mean(), rejected_rewards.mean(),
-                          (chosen_rewards > rejected_rewards).float().mean(),
+                          choice_correct(F.logsigmoid(chosen_rewards - rejected_rewards)).mean(),
                           (chosen_rewards - rejected_rewards).mean(),
                           policy_chosen.mean(), policy_rejected.mean()]).tolist()  # one device sync
     names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -391,7 +386,7 @@ def dpo_step(policy, batch, beta, nll_weight=0.0):
 
 
 def save_policy(path, policy, config=None, step=0, **extra):
-    """One checkpoint dict (common.save_checkpoint, atomic): trained tensors only in
+    """One checkpoint dict (runs.save_checkpoint, atomic): trained tensors only in
     'model', the policy's own config in 'policy_config', the run's config in 'config',
     and 'cwd', from where its relative paths (policy.base, data.*) are read."""
     checkpoint = {"model": policy.trained_state_dict(), "policy_config": policy.config,
@@ -422,7 +417,7 @@ def policy_checkpoint(path, device="cpu"):
         run_config = checkpoint["config"]
         if run_config.get("stage") == "reward" or "model" in run_config:
             raise CheckpointError(f"{path} is a reward run, not a policy run (made by train_reward.py; "
-                                  "policy.py steers the runs of train_policy.py)")
+                                  "steer.py reads either kind)")
         raise CheckpointError(f"{path}: not a policy checkpoint (no policy_config)")
     return checkpoint
 
@@ -471,215 +466,3 @@ def save_adapter_folder(folder, policy):
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
-
-
-# -----------------------------------------------------------------------------
-# command line: steer the policy with a user's choices
-
-CLI_DEFAULTS = {
-    "context": "",  # JSONL of one user's choices (data.py's text pairs); '' = none (plain DPO takes none)
-    "prompt": "",  # what to answer
-    "ask": 0,  # first have this many answers: ask the person (one pair of responses at a time) all that
-    # --context does not already hold (dialogue.py)
-    "selector": "",  # the reward run that chooses the questions (NP-BTL on the policy's context features)
-    "strategy": "infogain",  # random | uncertainty | infogain; without --selector: random
-    "pool": 1000,  # candidate questions: pairs of the run's data (its test split)
-    "save": "",  # write the person's answers (with --context's) here, as a context file
-    "samples": 1,  # responses to print
-    "temperature": 1.0,  # 0 = greedy
-    "max_new_tokens": 128,  # response length cap
-    "seed": 0,  # sampling seed
-    "device": "auto",  # auto | cpu | cuda
-}
-USAGE = ("usage: python policy.py RUN --prompt=TEXT [--context=FILE.jsonl] [--ask=K [--selector=REWARD_RUN] "
-         "[--save=FILE.jsonl] [--pool=N]] [--samples=N] [--temperature=T] [--max_new_tokens=N] [--seed=S] "
-         "[--device=auto|cpu|cuda]")
-EXAMPLE_CONTEXT = "examples/context.jsonl"  # a user's choices in the toy world, in the repository
-
-
-def check_cli(config, rest):
-    """Usage and values, before anything is loaded."""
-    if len(rest) != 1:
-        raise ConfigError(USAGE if not rest else f"expected one RUN, got {len(rest)}: {' '.join(rest)} ({USAGE})")
-    check(config["prompt"] is not None and config["prompt"].strip() != "", "prompt",
-          'must not be empty: give the text to answer, e.g. --prompt="Tell me about bees."')
-    check(config["samples"] >= 1, "samples", "must be at least 1")
-    check(math.isfinite(config["temperature"]) and config["temperature"] >= 0, "temperature",
-          "must be 0 (greedy) or a positive number")
-    check(config["max_new_tokens"] >= 1, "max_new_tokens", "must be at least 1")
-    check(config["ask"] >= 0, "ask", "must be 0 or more questions")
-    check(config["pool"] >= 1, "pool", "must be at least 1")
-    check(config["strategy"] in ("random", "uncertainty", "infogain"), "strategy",
-          "must be random, uncertainty or infogain")
-    check(not config["save"] or config["ask"] > 0, "save", "saves the answers to --ask's questions: give --ask=K")
-
-
-def read_context(path):
-    """One user's choices from a text-pair JSONL: (the rows they answered, their label).
-    Every problem is a one-line DataError naming the file."""
-    from data import DataError, read_text_pairs
-
-    try:
-        rows = read_text_pairs(path)
-    except DataError as e:
-        if not getattr(e, "problems", None):
-            raise
-        more = f" (and {len(e.problems) - 1} more bad lines)" if len(e.problems) > 1 else ""
-        raise DataError(f"{e.problems[0]}{more}: each line is a JSON object with prompt, response_a, response_b "
-                        f"and choices {{label: 0, 1 or null}}, as in {EXAMPLE_CONTEXT}") from None
-    except OSError as e:  # a folder, no permission
-        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
-    labels = sorted({label for row in rows for label in row["choices"]})
-    if not rows:
-        raise DataError(f"{path}: holds no choices (an empty file); give one user's choices, as in {EXAMPLE_CONTEXT}")
-    if len(labels) > 1:
-        raise DataError(f"{path}: holds the choices of {len(labels)} users ({', '.join(map(repr, labels))}); "
-                        "the policy is steered by one user: keep one label in the file")
-    answered = [row for row in rows if row["choices"][labels[0]] is not None]
-    if not answered:
-        raise DataError(f"{path}: every choice of {labels[0]!r} is null: nothing to steer by "
-                        "(0 = the user chose response_a, 1 = response_b)")
-    return answered, labels[0]
-
-
-def steering_context(path, run, steered, asking=False):
-    """(rows, label) of the user's choices for a policy with a context encoder; None for plain DPO
-    (and for a dialogue that starts from no answers)."""
-    given = bool(path and path.strip())
-    if not steered:
-        check(not asking, "ask", f"{run} is plain DPO (no context encoder): no answer would change its responses")
-        if given:
-            print(f"note: {run} is plain DPO (no context encoder): --context is ignored", file=sys.stderr)
-        return None
-    if asking and not given:
-        return None
-    check(given, "context", "this policy is steered by a user's choices: give --context=FILE.jsonl, their "
-          f"choices between two responses (as in {EXAMPLE_CONTEXT})")
-    return read_context(path)
-
-
-@torch.no_grad()
-def context_features(checkpoint, rows, path, device):
-    """Both responses of each row embedded as the run's features were: (n, 2, D)."""
-    from transformers import AutoTokenizer
-
-    from data import DataError, check_known_words, last_token_embeddings, tokenize_pairs
-
-    data_config, trust = checkpoint["config"].get("data") or {}, checkpoint["policy_config"]["trust_remote_code"]
-    key = "data.embedder" if data_config.get("embedder") else "policy.base"
-    name = data_config.get("embedder") or checkpoint["policy_config"]["base"]
-    tokenizer = run_model(name, key, checkpoint, lambda p: AutoTokenizer.from_pretrained(p, trust_remote_code=trust))
-    for row in rows:
-        for field in ("prompt", "response_a", "response_b"):
-            check_known_words(tokenizer, row[field], f"{path}: {field} {row[field]!r}")
-    max_length = data_config.get("max_length", math.inf)
-    token_pairs, dropped = tokenize_pairs(rows, tokenizer, max_length)
-    if dropped:
-        raise DataError(f"{path}: {dropped} of {len(rows)} pairs are longer than data.max_length = {max_length} "
-                        "tokens (prompt + response), the longest the run was trained on: shorten them")
-    embedder = run_model(name, key, checkpoint, lambda p: build_base_model(p, trust_remote_code=trust))
-    sequences = [p + r for p, pair in token_pairs for r in pair]
-    features = last_token_embeddings(embedder.to(device).eval(), sequences, tokenizer.pad_token_id)
-    return features.view(len(rows), 2, -1), f"{key} = {name}"
-
-
-@torch.no_grad()
-def user_latent(policy, checkpoint, rows, label, path, device):
-    """Embed the user's context pairs as in training and encode them into z (1, latent_dim)."""
-    from data import DataError
-
-    features, embedder = context_features(checkpoint, rows, path, device)  # (n, 2, D)
-    if features.shape[-1] != policy.config["context_dim"]:
-        raise DataError(f"{path}: {embedder} embeds it in {features.shape[-1]} dimensions, but the policy's "
-                        f"encoder reads {policy.config['context_dim']} (its features came from another embedder)")
-    flipped = torch.tensor([row["choices"][label] == 1 for row in rows])[:, None, None]
-    context = torch.where(flipped, features.flip(1), features)[None].to(device)  # (1, n, 2, D), chosen first
-    return policy.infer_latent(context)
-
-
-def sample_responses(policy, tokenizer, prompt_ids, latent, config):
-    """config['samples'] decoded responses to the prompt (1, T), sampled, or greedy at temperature 0."""
-    t = config["temperature"]
-    sampling = {"do_sample": True, "temperature": t} if t > 0 else {"do_sample": False}
-    out = policy.generate(prompt_ids, torch.ones_like(prompt_ids), latent=latent,
-                          num_return_sequences=config["samples"], max_new_tokens=config["max_new_tokens"],
-                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
-    return tokenizer.batch_decode(out[:, prompt_ids.shape[1]:], skip_special_tokens=True)
-
-
-def ask_and_save(checkpoint, config, context, device):
-    """The dialogue (dialogue.py): questions from the run's data, chosen by --selector's reward run
-    (random without one); returns (rows, label) of every answer, which --save writes."""
-    import dialogue
-    import queries
-
-    rows, label = context or ([], "me")
-    known_features = context_features(checkpoint, rows, config["context"], device)[0].cpu() if rows else None
-    cand_rows, cand_features = dialogue.candidate_pool(checkpoint, config["pool"], config["seed"], rows)
-    strategy, belief = config["strategy"], None
-    if config["selector"]:
-        belief = queries.run_belief(config["selector"], cand_features.shape[-1],
-                                    where=checkpoint["config"]["data"]["features"])
-    elif strategy != "random" and config["ask"] > len(rows):
-        print("note: no --selector (a reward run on this policy's context features): random questions",
-              file=sys.stderr)
-        strategy = "random"
-    if rows:
-        print(f"starting from {len(rows)} answers of {label!r} in {config['context']}")
-    remaining = max(0, config["ask"] - len(rows))  # --ask counts the answers from --context too
-    rows = dialogue.ask_for_policy(cand_rows, cand_features, belief, strategy, remaining, rows,
-                               known_features if known_features is not None else [], label, config["seed"])
-    if checkpoint["config"]["data"].get("world") == "continuum":
-        print("\n" + dialogue.world_summary(rows, label))
-    if config["save"] and rows:
-        dialogue.save_rows(config["save"], rows)
-        print(f"wrote {len(rows)} answer{'s' if len(rows) != 1 else ''} to {config['save']}")
-    elif config["save"]:
-        print(f"no answers: nothing written to {config['save']}")
-    if not rows:
-        print("no answers: the response is steered by no context (the policy's n = 0 behaviour)")
-        return None
-    print(f"\nsteered by {len(rows)} answer{'s' if len(rows) != 1 else ''}; the response to {config['prompt']!r}:")
-    return rows, label
-
-
-def main(argv):
-    from transformers import AutoTokenizer
-    from transformers.utils.logging import disable_progress_bar
-
-    from data import check_known_words, tokenize_prompt
-
-    disable_progress_bar()  # stderr carries one line per note or error, not loading bars
-    if {"-h", "--help"} & set(argv):
-        print(USAGE)
-        return
-    config, rest = load_config(CLI_DEFAULTS, argv)
-    check_cli(config, rest)
-    device = pick_device(config["device"])
-    checkpoint = policy_checkpoint(rest[0], device)
-    steered = "encoder" in checkpoint["model"]  # it holds encoder weights iff the policy reads a context
-    if "film" in checkpoint["model"] and not steered:
-        raise ConfigError(f"{rest[0]} is a known-preference policy (train.condition_on = preferences): a ceiling "
-                          "conditioned on a user's true preference vector, not on choices; score it with evaluate.py")
-    import dialogue
-
-    dialogue.check_save_path(config["save"], config["context"])
-    context = steering_context(config["context"], rest[0], steered, asking=config["ask"] > 0)
-    p = checkpoint["policy_config"]
-    tokenizer = run_model(p["base"], "policy.base", checkpoint,
-                          lambda path: AutoTokenizer.from_pretrained(path, trust_remote_code=p["trust_remote_code"]))
-    check_known_words(tokenizer, config["prompt"], "--prompt")
-    prompt_ids = torch.tensor([tokenize_prompt(tokenizer, config["prompt"])], device=device)
-    policy = policy_from_checkpoint(checkpoint, device=device).eval()
-    if config["ask"]:
-        context = ask_and_save(checkpoint, config, context, device)
-    latent = user_latent(policy, checkpoint, *context, config["context"] or "your answers", device) if context else None
-    if context and not config["ask"]:
-        print(f"steered by {len(context[0])} choices of {context[1]!r} from {config['context']}", file=sys.stderr)
-    torch.manual_seed(config["seed"])
-    for text in sample_responses(policy, tokenizer, prompt_ids, latent, config):
-        print(text)
-
-
-if __name__ == "__main__":
-    run_script(main)

@@ -39,8 +39,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from data import DataError, pair_log_lik, sphere_samples, type_likelihood
-from reward import choice_correct, load_reward_model
+from data import DataError, chosen_first
+from bayes import pair_log_lik, sphere_samples, type_likelihood
+from reward import load_reward_model
+from data import choice_correct
 
 STRATEGIES = ("random", "uncertainty", "infogain")
 
@@ -204,11 +206,6 @@ def next_question(belief, strategy, context, cand, excluded, targets, gen):
     return worth.masked_fill(excluded, -math.inf).argmax(1)
 
 
-def answered(pair, second):
-    """A pair (..., 2, D) as context: the chosen option first (`second`: the user chose the second)."""
-    return torch.where(torch.as_tensor(second, device=pair.device)[..., None, None], pair.flip(-2), pair)
-
-
 @torch.no_grad()
 def ask(belief, strategy, cand, answers, num_questions, targets, gen, context=None):
     """Greedy sequential questions to a batch of simulated users.
@@ -225,7 +222,7 @@ def ask(belief, strategy, cand, answers, num_questions, targets, gen, context=No
     for _ in range(num_questions):
         pick = next_question(belief, strategy, context, cand, asked, targets, gen)
         asked[rows, pick] = True
-        context = torch.cat([context, answered(cand[rows, pick], answers[rows, pick])[:, None]], 1)
+        context = torch.cat([context, chosen_first(cand[rows, pick], answers[rows, pick])[:, None]], 1)
         picks.append(pick)
     return context, torch.stack(picks, 1) if picks else torch.zeros(B, 0, dtype=torch.long)
 
@@ -234,7 +231,7 @@ def shown(pairs, gen):
     """Chosen-first pairs (B, C, 2, D) in a random order of their options, as a user sees them,
     and the answers (B, C) bool: True where the second option shown is the chosen one."""
     second = torch.rand(pairs.shape[:2], generator=gen) < 0.5
-    return torch.where(second.to(pairs.device)[..., None, None], pairs.flip(2), pairs), second
+    return chosen_first(pairs, second), second
 
 
 # -----------------------------------------------------------------------------
@@ -308,7 +305,7 @@ if __name__ == "__main__":
     belief, users = BayesBelief(data.meta), torch.arange(400) % 2  # 200 users of each type
     rows = torch.rand(len(users), len(data.pairs), generator=gen).argsort(1)[:, :100]  # 100 candidates each
     chosen_second = data.choices[rows, users[:, None]].bool()  # (400, 100)
-    cand, answers = shown(torch.where(chosen_second[..., None, None], data.pairs[rows].flip(2), data.pairs[rows]), gen)
+    cand, answers = shown(chosen_first(data.pairs[rows], chosen_second), gen)
     targets = data.pairs[:64].expand(len(users), 64, 2, 1)
     print("the paper task's two user types: mean posterior of the user's true type after 1..5 answers")
     for strategy in STRATEGIES:

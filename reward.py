@@ -13,7 +13,7 @@ Every model takes an episode batch from data.EpisodeSampler (targets oriented as
 
     python reward.py        # prints the three models for the synthetic task
 
-To be asked questions by a reward run: `python dialogue.py RUN --ask=3` (dialogue.py).
+To be asked questions by a reward run: `python steer.py RUN --ask=3`.
 
 Departures from the paper's code:
 1. The stochastic NP-BTL's posterior is q(z | context + targets), encoded with the
@@ -31,8 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import CheckpointError, load_checkpoint, resolve_path
-from data import DataError
+from common import CheckpointError
+from runs import load_checkpoint, resolve_path
+from data import DataError, choice_correct
 from np_encoder import ContextEncoder, FiLM, gaussian_kl, mlp, modulate
 
 MODEL_KINDS = ("btl", "dpl", "np_btl")
@@ -46,12 +47,6 @@ def btl_log_prob(reward_a, reward_b):
 def dpl_log_prob(mean_a, mean_b, var_a, var_b):
     """log P(a preferred to b) when rewards are independent Gaussians."""
     return torch.special.log_ndtr((mean_a - mean_b) / torch.sqrt(var_a + var_b))
-
-
-def choice_correct(log_prob):
-    """1 where the chosen option is predicted, 0 where the rejected one is, 0.5 at a tie."""
-    half = torch.log(torch.tensor(0.5, dtype=log_prob.dtype))
-    return (log_prob > half).float() + 0.5 * (log_prob == half).float()
 
 
 def target_metrics(log_prob):

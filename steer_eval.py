@@ -25,14 +25,14 @@ For every test user (never seen in training) and context size n:
 import math
 import re
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import world
-from data import collate_pairs, tokenize_prompt
+from data import chosen_first
+from text import collate_pairs, tokenize_prompt
 from policy import implicit_reward, policy_and_reference_logprobs
-from reward import choice_correct
+from data import choice_correct
 
 
 # -----------------------------------------------------------------------------
@@ -129,9 +129,7 @@ class TestUsers:
         return self.oriented(picked, user), picked
 
     def oriented(self, rows, user):
-        flipped = self.data.choices[rows, self.columns[user]].bool()[:, None, None]
-        pairs = self.data.pairs[rows]  # (n, 2, D)
-        return torch.where(flipped, pairs.flip(1), pairs)
+        return chosen_first(self.data.pairs[rows], self.data.choices[rows, self.columns[user]].bool())  # (n, 2, D)
 
 
 def latents_for(policy, role, users, contexts, device):

@@ -10,7 +10,7 @@ Train a steerable policy with NP-DPO (or plain DPO, the baseline) on text pairs.
     torchrun --nproc_per_node=4 train_policy.py configs/uf_hh_dpo.yaml   # data-parallel
 
 Inputs (data.*): text pairs as JSONL (data.py's format) and, row-aligned with them,
-a feature-pair .npz of context embeddings (data.py embed). The context encoder reads
+a feature-pair .npz of context embeddings (prepare/embed.py). The context encoder reads
 the embeddings; the policy reads tokens. With data.toy (the default), a built-in
 world's missing inputs at their default paths (or anywhere, with data.generate) are
 built first: its text pairs (and, for the steering world of world.py, each user's
@@ -24,7 +24,7 @@ LoRA as a peft adapter folder (PeftModel.from_pretrained opens it) with FiLM and
 encoder weights in steering.safetensors. As in train_reward.py, nothing is written
 before the loop, and a run folder needs --resume or --overwrite. Then:
     python evaluate.py runs/steer_world_np_dpo runs/steer_world_dpo runs/steer_world_known
-    python policy.py runs/steer_world_np_dpo --context=examples/world_context.jsonl --prompt="Tell me about owls."
+    python steer.py runs/steer_world_np_dpo --context=examples/world_context.jsonl --prompt="Tell me about owls."
 
 An episode is one user: n context pairs (embeddings) and num_targets target pairs
 (tokens), disjoint; each target's DPO loss is conditioned on the episode's latent.
@@ -62,93 +62,22 @@ Departures from the paper's code:
    apart within the default budget (NP-DPO scored as plain DPO); see the README.
 """
 
-import contextlib
-import json
 import os
-import shutil
 import sys
 
 import torch
 from tqdm import tqdm
 
 import policy as policy_lib
-import world
-from common import (ConfigError, check, check_finite, check_positive, check_resume, check_run_folder, claimed_run_folder,
-                    graceful_stop, load_checkpoint, load_config, log, lr_at, print_config, run_script, save_config,
-                    seed_everything)
-from dist import (any_rank, average_gradients, barrier, check_replicas_agree, is_main,
-                  mean_over_ranks, restore_rng_states, rng_states, setup_distributed, start_replicas, sum_over_ranks)
-from data import (DataError, collate_pairs, file_sha256, last_token_embeddings, load_pairs, make_toy_text_pairs,
-                  prompt_response_batch, read_text_pairs, save_pairs, select_labels, text_pair_ids, text_pairs_to_data,
-                  tokenize_pairs, tokenize_prompt, tokenize_response, toy_tokenizer, train_val_samplers,
-                  write_text_pairs)
-
-DEFAULTS = {
-    "stage": "policy",  # which trainer a config is for; train_reward.py refuses this one
-    "out_dir": "runs/steer_world_np_dpo",  # checkpoints, config and logs go here
-    "seed": 0,  # seeds torch, numpy, python and the episode sampler
-    "device": "auto",  # auto = cuda if available, else cpu
-    "resume": False,  # continue the run in out_dir from its ckpt_last.pt
-    "overwrite": False,  # replace the run already in out_dir (without it, such a folder is refused)
-    "data": {
-        "pairs": "data/steer_world/pairs.jsonl",  # text pairs (JSONL, data.py)
-        "features": "data/steer_world/features.npz",  # context embeddings, row-aligned with pairs
-        "preferences": "data/steer_world/users.json",  # {user: true preference vector} (the steering world); null = none
-        "embedder": None,  # the model that embedded the features (used for new users); null = policy.base
-        "labels": None,  # train on these labels only (a label-specific oracle); null = all
-        "max_length": 64,  # prompt + response tokens; longer pairs are dropped and counted
-        "skip_bad_lines": False,  # drop malformed JSONL lines instead of stopping
-        "toy": True,  # a built-in world: build its missing pairs, base model and features at their default paths
-        "world": "continuum",  # continuum (world.py: users on a 2-D continuum) | two_types (concise vs detailed)
-        "generate": False,  # also build missing toy inputs away from their default paths
-        "world_users": [1000, 40, 100],  # continuum: train, val and test users
-        "world_pairs_per_user": 24,  # continuum: pairs each user answers
-        "world_answers_per_pair": 4,  # continuum: users who answer each pair
-        "world_corpus": 20000,  # continuum: (prompt, response) texts the base model is fine-tuned on
-        "toy_pairs": 6000,  # two_types: toy text pairs to generate
-        "toy_conflict_fraction": 0.8,  # two_types: share of toy pairs the two user types rank oppositely
-    },
-    "toy_model": {  # the tiny Llama-style base of the toy task, fine-tuned before DPO
-        "hidden_size": 64,  # model width
-        "layers": 2,  # decoder layers
-        "heads": 4,  # attention heads
-        "intermediate_size": 128,  # MLP width
-        "sft_steps": 800,  # fine-tuning steps on the mixed responses
-        "sft_batch_size": 64,  # sequences per fine-tuning step
-        "sft_lr": 3e-3,  # fine-tuning learning rate
-    },
-    "policy": dict(policy_lib.DEFAULTS, base="runs/steer_world_base"),  # see policy.DEFAULTS
-    "train": {
-        "steps": 3000,  # optimizer steps
-        "batch_size": 8,  # episodes per step (each num_targets pairs)
-        "grad_accum": 1,  # micro-batches per optimizer step
-        "num_targets": 4,  # target pairs per episode
-        "min_context": 0,  # fewest context pairs in an episode
-        "max_context": 10,  # most context pairs in an episode
-        "beta": 0.1,  # DPO temperature
-        "nll_weight": 0.3,  # weight of the chosen responses' NLL per token added to the DPO loss (RPO)
-        "lr": 1e-3,  # peak AdamW learning rate
-        "min_lr": 2e-5,  # cosine decay floor
-        "warmup_steps": 30,  # linear warmup
-        "weight_decay": 0.0,  # AdamW weight decay
-        "grad_clip": 1.0,  # max gradient norm (0 = off)
-        "autocast": "bf16",  # on GPU: bf16 | fp16 | none; CPU always runs fp32
-        "gradient_checkpointing": False,  # recompute decoder activations in backward (less memory, slower)
-        "precompute_ref_logps": False,  # reference log-probs once per pair before training, not every step
-        "encoder_warmup_steps": 5000,  # NP-DPO: first train the encoder by the NP-BTL loss on the context
-        # features (a throwaway reward head, batches of 64 episodes), then DPO; 0 = off
-        "steering_lr_scale": 1.0,  # FiLM and encoder learn at this multiple of train.lr (LoRA at train.lr)
-        "condition_on": "context",  # context: NP-DPO's encoder infers z | preferences: z = the user's true
-        # preference vector from data.preferences (the known-preference policy, a ceiling); plain DPO ignores it
-    },
-    "eval": {
-        "interval": 500,  # steps between validations and checkpoints
-        "context_sizes": [0, 1, 3, 5, 10],  # n at which validation is scored
-        "episodes": 32,  # val episodes per context size
-        "num_targets": 4,  # target pairs per val episode
-    },
-}
-
+from common import (ConfigError, check, check_finite, check_positive, graceful_stop, load_config, log, lr_at,
+                    print_config, run_script, save_config, seed_everything)
+from runs import check_resume, check_run_folder, claimed_run_folder, load_checkpoint
+from dist import (any_rank, average_gradients, check_replicas_agree, is_main,
+                  mean_over_ranks, restore_rng_states, rng_states, setup_distributed, start_replicas)
+from data import DataError, train_val_samplers
+from defaults import POLICY_RUN as DEFAULTS
+from text import autocast, episode_batch, known_latents, load_inputs, make_batch, micro_batches, reference_logprobs
+from toy import WORLD_PATHS, build_missing, toy_inputs_to_build
 
 def validate_config(config, world_size=1):
     t, p = config["train"], config["policy"]
@@ -185,257 +114,8 @@ def validate_config(config, world_size=1):
 # the toy task's inputs: text pairs, a fine-tuned base model, context embeddings
 
 
-def toy_base_config(m, vocab_size):
-    from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=m["hidden_size"], num_hidden_layers=m["layers"],
-                       num_attention_heads=m["heads"], num_key_value_heads=m["heads"],
-                       intermediate_size=m["intermediate_size"], max_position_embeddings=128,
-                       pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
-
-
-def finetune_base(model, sequences, m, seed):
-    """Supervised fine-tuning on (prompt ids, response ids) texts: mean negative
-    log-likelihood of the response tokens."""
-    gen = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=m["sft_lr"])
-    model.train()
-    for step in tqdm(range(m["sft_steps"]), desc="fine-tune base", mininterval=1.0):
-        rows = torch.randint(len(sequences), (m["sft_batch_size"],), generator=gen).tolist()
-        batch = prompt_response_batch([sequences[i][0] for i in rows], [sequences[i][1] for i in rows], pad_id=0)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps = policy_lib.sequence_logprob(logits, batch["input_ids"], batch["response_mask"])  # (b,)
-        loss = -logps.sum() / batch["response_mask"].sum()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, {"lr": m["sft_lr"], "min_lr": 0.0, "warmup_steps": 50, "steps": m["sft_steps"]})
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    print(f"fine-tuned base: last response NLL per token {loss.item():.3f}")
-    return model.eval()
-
-
-WORLD_PATHS = {  # where each built-in world's inputs are built without --data.generate
-    "continuum": {"data.pairs": "data/steer_world/pairs.jsonl", "data.features": "data/steer_world/features.npz",
-                  "data.preferences": "data/steer_world/users.json", "policy.base": "runs/steer_world_base"},
-    "two_types": {"data.pairs": "data/steer_text/pairs.jsonl", "data.features": "data/steer_text/features.npz",
-                  "policy.base": "runs/steer_text_base"},
-}
-
-
-def toy_inputs_to_build(config):
-    """The toy inputs that are missing and may be built: those at their world's default
-    paths, or any with data.generate. A missing input at another path is a mistyped path."""
-    d, p = config["data"], config["policy"]
-    wanted = {"data.pairs": (d["pairs"], d["pairs"]), "data.features": (d["features"], d["features"]),
-              "policy.base": (p["base"], os.path.join(p["base"], "config.json"))}
-    if d["world"] == "continuum":
-        wanted["data.preferences"] = (d["preferences"], d["preferences"])
-    defaults = WORLD_PATHS[d["world"]]
-    missing = [key for key, (_, marker) in wanted.items() if not os.path.exists(marker)]
-    for key in missing:
-        path = wanted[key][0]
-        if os.path.normpath(path) != defaults[key] and not d["generate"]:
-            hint = " (a hub model goes with your own data and --data.toy=false)" if key == "policy.base" else ""
-            raise DataError(f"{key}: {path} not found (to build the toy task's {key.split('.')[1]} there, "
-                            f"add --data.generate){hint}")
-    for where, settings in toy_settings(config).items():
-        check_toy_settings(where, settings)
-    return missing
-
-
-def toy_settings(config):
-    """{record file: the settings an existing toy input was built with}: the pairs' and the
-    base model's. The seed is left out: a second training seed reuses the same toy inputs."""
-    d = config["data"]
-    keys = (("world_users", "world_pairs_per_user", "world_answers_per_pair") if d["world"] == "continuum"
-            else ("toy_pairs", "toy_conflict_fraction"))
-    pairs = {"data.world": d["world"], **{f"data.{k}": d[k] for k in keys}}
-    base = {f"toy_model.{k}": v for k, v in config["toy_model"].items()}
-    if d["world"] == "continuum":
-        base.update({"data.world": d["world"], "data.world_corpus": d["world_corpus"]})
-    return {os.path.join(os.path.dirname(d["pairs"]) or ".", "toy_settings.json"): pairs,
-            os.path.join(config["policy"]["base"], "toy_settings.json"): base}
-
-
-def check_toy_settings(record, settings):
-    """Toy inputs built with other settings are never silently reused under new ones."""
-    if not os.path.isfile(record):
-        return
-    with open(record) as f:
-        built = json.load(f)
-    changed = [f"{k} = {settings[k]} (built with {built[k]})" for k in settings if k in built and built[k] != settings[k]]
-    if changed:
-        raise DataError(f"the toy inputs in {os.path.dirname(record)} were built with other settings: "
-                        f"{'; '.join(changed)}. Give new paths with --data.generate, or delete them to rebuild")
-
-
-def write_toy_settings(record, settings):
-    with open(record, "w") as f:
-        json.dump(settings, f, indent=1)
-
-
-def build_toy_inputs(config):
-    """Writes whichever of the world's pairs (and users' preferences), base model and features is missing."""
-    d, base_dir, continuum = config["data"], config["policy"]["base"], config["data"]["world"] == "continuum"
-    (pairs_record, pairs_settings), (base_record, base_settings) = toy_settings(config).items()
-    if not os.path.exists(d["pairs"]):
-        if continuum:
-            rows, preferences = world.make_pairs(d["world_users"], d["world_pairs_per_user"],
-                                                 d["world_answers_per_pair"], seed=config["seed"])
-            write_json_atomic(d["preferences"], preferences)
-        else:
-            rows = make_toy_text_pairs(d["toy_pairs"], d["toy_conflict_fraction"], config["seed"])
-        write_text_pairs(d["pairs"], rows)
-        write_toy_settings(pairs_record, pairs_settings)
-        print(f"wrote the toy text pairs to {d['pairs']}")
-    rows = read_text_pairs(d["pairs"])
-    tokenizer = world.tokenizer() if continuum else toy_tokenizer()
-    token_pairs, dropped = tokenize_pairs(rows, tokenizer, d["max_length"])
-    check(dropped == 0, "data.max_length", f"{dropped} toy pairs are longer; raise it")
-    if not os.path.exists(os.path.join(base_dir, "config.json")):
-        if continuum:  # the base knows every topic, as a pretrained model would
-            texts = [(tokenize_prompt(tokenizer, q), tokenize_response(tokenizer, r))
-                     for q, r in world.corpus(d["world_corpus"], seed=config["seed"])]
-        else:  # both responses of every training pair (the mixed distribution)
-            texts = [(q, r) for pair, row in zip(token_pairs, rows) if row["split"] == "train" for q, rs in [pair] for r in rs]
-        torch.manual_seed(config["seed"])
-        base = policy_lib.build_base_model(toy_base_config(config["toy_model"], len(tokenizer)))
-        finetune_base(base, texts, config["toy_model"], config["seed"])
-        tmp = f"{base_dir}.tmp{os.getpid()}"  # then renamed: an interrupted build leaves no half a model
-        base.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_toy_settings(os.path.join(tmp, "toy_settings.json"), base_settings)
-        shutil.rmtree(base_dir, ignore_errors=True)  # a folder without config.json: a build that was cut short
-        os.replace(tmp, base_dir)
-        print(f"wrote the fine-tuned base model to {base_dir}")
-    if not os.path.exists(d["features"]):
-        base = policy_lib.build_base_model(base_dir).eval()
-        sequences = [p + r for p, pair in token_pairs for r in pair]
-        features = last_token_embeddings(base, sequences, tokenizer.pad_token_id).view(len(rows), 2, -1)
-        save_pairs(d["features"], text_pairs_to_data(rows, features, d["features"]))
-        print(f"wrote context embeddings {tuple(features.shape)} to {d['features']}")
-
-
-def write_json_atomic(path, value):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f)
-    os.replace(tmp, path)
-
-
-def load_inputs(config, rank=0):
-    """Text pairs, their context features (labels, splits, choices) and tokens. Under
-    torchrun rank 0 alone builds missing toy inputs while the others wait."""
-    from transformers import AutoTokenizer
-
-    d, p = config["data"], config["policy"]
-    if d["toy"] and is_main(rank) and toy_inputs_to_build(config):
-        build_toy_inputs(config)
-    barrier()
-    for key, path in (("data.pairs", d["pairs"]), ("data.features", d["features"])):
-        if not os.path.exists(path):
-            raise DataError(f"{key}: {path} not found")
-    rows = read_text_pairs(d["pairs"], d["skip_bad_lines"])
-    data = load_pairs(d["features"])
-    data.meta["sha256"] = file_sha256(d["pairs"]) + file_sha256(d["features"])  # a resumed run checks its data
-    if len(rows) != len(data.pairs) or (data.ids is not None and data.ids.tolist() != text_pair_ids(rows)):
-        raise DataError(f"{d['features']}: its {len(data.pairs)} rows are not row-aligned with the {len(rows)} pairs "
-                        f"of {d['pairs']} (embed them again)")
-    tokenizer = AutoTokenizer.from_pretrained(p["base"], trust_remote_code=p["trust_remote_code"])
-    token_pairs, dropped = tokenize_pairs(rows, tokenizer, d["max_length"])
-    if dropped:
-        print(f"dropped {dropped} of {len(rows)} pairs longer than data.max_length = {d['max_length']} tokens")
-        data.choices[torch.tensor([t is None for t in token_pairs])] = -1
-    if d["labels"]:
-        data = select_labels(data, d["labels"])
-    if d["preferences"] and os.path.exists(d["preferences"]):
-        with open(d["preferences"]) as f:
-            data.meta["preferences"] = json.load(f)
-    return data, token_pairs, tokenizer
-
-
-def known_latents(data, config):
-    """The users' true preferences scaled to [-1, 1], (L, d) in data.labels' order, when the
-    policy is conditioned on them (train.condition_on = preferences); else None."""
-    if config["train"]["condition_on"] != "preferences" or config["policy"]["film"]["latent_dim"] == 0:
-        return None
-    preferences = data.meta.get("preferences")
-    if preferences is None:
-        raise DataError(f"train.condition_on = preferences needs the users' preferences: data.preferences = "
-                        f"{config['data']['preferences']} not found")
-    missing = [label for label in data.labels if label not in preferences]
-    if missing:
-        raise DataError(f"{config['data']['preferences']}: no preference for user {missing[0]!r} "
-                        f"(and {len(missing) - 1} more)")
-    latents = world.user_latents(data.labels, preferences)
-    check(config["policy"]["film"]["latent_dim"] == latents.shape[1], "policy.film.latent_dim",
-          f"must be {latents.shape[1]}, the size of a user's preference vector, with train.condition_on = preferences")
-    return latents
-
-
 # -----------------------------------------------------------------------------
 # batches, validation, checkpoints
-
-
-def make_batch(sampler, token_pairs, batch_size, pad_id, device, num_context=None, ref_logps=None, latents=None):
-    return episode_batch(sampler.sample(batch_size, num_context=num_context), token_pairs, pad_id, device, ref_logps,
-                         latents)
-
-
-def episode_batch(episodes, token_pairs, pad_id, device, ref_logps=None, latents=None):
-    """Episodes -> the context (B, n, 2, D) with its mask and the target pairs' tokens (B * T rows).
-    With ref_logps (N, 2), the reference log-probs of each pair's two responses, the batch
-    carries the targets' ref_{chosen,rejected}_logps (B * T,) too. With latents (L, d), one
-    row per label of the data (the users' known preferences), it carries each episode's
-    latent (B, d) for a policy conditioned on it."""
-    n = episodes["context"].shape[1]
-    targets, flipped = episodes["pair_idx"][:, n:].reshape(-1), episodes["flipped"][:, n:].reshape(-1)  # (B * T,)
-    batch = collate_pairs(token_pairs, targets, flipped, pad_id)
-    batch.update(context=episodes["context"], context_mask=episodes["context_mask"])
-    if ref_logps is not None:
-        batch.update(ref_chosen_logps=ref_logps[targets, flipped.long()],
-                     ref_rejected_logps=ref_logps[targets, (~flipped).long()])
-    if latents is not None:
-        batch["latent"] = latents[episodes["label_ids"]]
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def micro_batches(episodes, count):
-    """A global batch of episodes -> `count` equal micro-batches of consecutive episodes."""
-    size = len(episodes["label_rows"]) // count
-    return [{k: v[i * size:(i + 1) * size] for k, v in episodes.items()} for i in range(count)]
-
-
-def autocast(device, kind):
-    if device.type != "cuda" or kind == "none":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if kind == "bf16" else torch.float16)
-
-
-@torch.no_grad()
-def reference_logprobs(policy, data, token_pairs, config, pad_id, device, rank=0, world_size=1):
-    """The reference's log-probs of both responses of every train and val pair: (N, 2),
-    NaN for pairs no episode can draw. Ranks share the work, then exchange results."""
-    t = config["train"]
-    usable = torch.tensor([pair is not None for pair in token_pairs])
-    usable &= torch.from_numpy(data.split != "test") & (data.choices >= 0).any(1)
-    rows = torch.nonzero(usable).squeeze(1)
-    lengths = torch.tensor([len(token_pairs[i][0]) + max(map(len, token_pairs[i][1])) for i in rows.tolist()])
-    rows = rows[lengths.argsort(stable=True)][rank::world_size]  # similar lengths batch together
-    table = torch.zeros(len(token_pairs), 2, device=device)
-    chunk = t["batch_size"] * t["num_targets"]  # pairs per forward, as in a training step
-    with policy.reference_mode():
-        for start in tqdm(range(0, len(rows), chunk), desc="reference log-probs", disable=not is_main(rank)):
-            idx = rows[start:start + chunk]
-            as_given = torch.zeros_like(idx, dtype=torch.bool)  # "chosen" = response a, "rejected" = response b
-            batch = {k: v.to(device) for k, v in collate_pairs(token_pairs, idx, as_given, pad_id).items()}
-            with autocast(device, t["autocast"]):
-                logps_a, logps_b = policy_lib.pair_logprobs(policy, batch)  # (b,) each
-            table[idx.to(device)] = torch.stack([logps_a, logps_b], 1).float()
-    table = sum_over_ranks(table).cpu()  # each row was computed by exactly one rank
-    table[~usable] = float("nan")
-    return table
 
 
 @torch.no_grad()
@@ -605,7 +285,8 @@ def main(argv):
     # ---- seed
     seed_everything(config["seed"])
     # ---- data
-    data, token_pairs, tokenizer = load_inputs(config, rank)
+    build_missing(config, rank)  # a built-in world's inputs (toy.py); rank 0 builds, the others wait
+    data, token_pairs, tokenizer = load_inputs(config)
     t, p = config["train"], config["policy"]
     sampler, val_sampler = train_val_samplers(data, config)
     if main_process:

@@ -11,7 +11,7 @@ Train a reward model (NP-BTL, BTL or DPL) on feature pairs.
 Writes to out_dir: config.yaml, log.jsonl, ckpt_best.pt (lowest validation loss) and
 ckpt_last.pt. Then: python evaluate.py runs/synthetic_np_btl
 
-Nothing is written before the loop starts (common.claimed_run_folder): a folder that
+Nothing is written before the loop starts (runs.claimed_run_folder): a folder that
 holds a run needs --resume or --overwrite, a policy run or a folder in use by another
 process is refused, and --resume refuses changes to model.* or the data's dimension.
 A missing data.path is generated only at its generator's default path (or with
@@ -41,52 +41,15 @@ import sys
 import torch
 from tqdm import tqdm
 
-from common import (ConfigError, check, check_finite, check_positive, check_resume, check_run_folder,
-                    claimed_run_folder, cooldown_steps, graceful_stop, load_checkpoint, load_config, log, lr_at, print_config,
-                    resolve_path, run_script, save_checkpoint, save_config, seed_everything)
+from common import (ConfigError, check, check_finite, check_positive, cooldown_steps, graceful_stop, load_config,
+                    log, lr_at, print_config, run_script, save_config, seed_everything)
+from runs import check_resume, check_run_folder, claimed_run_folder, load_checkpoint, save_checkpoint
 from dist import (any_rank, average_gradients, barrier, check_replicas_agree, is_main,
                   mean_over_ranks, restore_rng_states, rng_states, setup_distributed, start_replicas)
-from data import (DataError, file_sha256, load_pairs, make_linear_synthetic, make_paper_synthetic, save_pairs, select_labels,
-                  train_val_samplers)
-from reward import MODEL_DEFAULTS, MODEL_KINDS, build_model, choice_correct
-
-DEFAULTS = {
-    "stage": "reward",  # which trainer a config is for; train_policy.py refuses this one
-    "out_dir": "runs/synthetic_np_btl",  # checkpoints, config and logs go here
-    "seed": 0,  # seeds torch, numpy, python and the episode sampler
-    "device": "auto",  # auto = cuda if available, else cpu
-    "resume": False,  # continue the run in out_dir from its ckpt_last.pt
-    "overwrite": False,  # replace the run already in out_dir (without it, such a folder is refused)
-    "data": {
-        "path": "data/paper_synthetic.npz",  # feature-pair .npz (format: data.py)
-        "synthetic": "paper",  # generator of a missing data.path at its default path: paper | linear | null
-        "generate": False,  # also generate a missing data.path that is not the generator's default path
-        "labels": None,  # train on these labels only (a label-specific BTL); null = all
-    },
-    "model": MODEL_DEFAULTS,  # reward.py: kind, sizes, encoder, kl_beta, predict_samples
-    "train": {
-        "steps": 30000,  # optimizer steps: the cap, as train.patience ends the run when val/loss plateaus
-        "epochs": 0.0,  # > 0: steps = epochs * answered train (pair, label) cells / (batch_size * num_targets)
-        "batch_size": 64,  # episodes per step
-        "num_targets": 20,  # target pairs per episode
-        "min_context": 0,  # fewest context pairs in a training episode
-        "max_context": 10,  # most context pairs in a training episode
-        "lr": 1e-3,  # peak AdamW learning rate
-        "min_lr": 1e-5,  # cosine decay floor
-        "warmup_steps": 100,  # linear warmup
-        "weight_decay": 0.0,  # AdamW weight decay
-        "grad_clip": 1.0,  # max gradient norm (0 = off)
-        "patience": 8,  # > 0: once val/loss has not improved for this many evals, cool down and stop; 0 = off
-        "cooldown": 0.25,  # with patience: cosine decay over this fraction of the steps trained so far
-    },
-    "eval": {
-        "interval": 250,  # steps between validations and checkpoints
-        "context_sizes": [0, 1, 3, 5, 10],  # n at which validation is scored
-        "episodes": 256,  # val episodes per context size
-        "num_targets": 20,  # target pairs per val episode
-    },
-}
-
+from data import DataError, load_training_data, to_device, train_val_samplers
+from defaults import REWARD_RUN as DEFAULTS
+from reward import MODEL_KINDS, build_model
+from data import choice_correct
 
 def validate_config(config, world_size=1):
     t, e, m = config["train"], config["eval"], config["model"]
@@ -114,31 +77,6 @@ def validate_config(config, world_size=1):
     check(len(e["context_sizes"]) > 0 and all(isinstance(n, int) and n >= 0 for n in e["context_sizes"]),
           "eval.context_sizes", "must be a non-empty list of non-negative integers")
     check(config["data"]["synthetic"] in ("paper", "linear", None), "data.synthetic", "must be paper, linear or null")
-
-
-GENERATED_PATHS = {"paper": "data/paper_synthetic.npz", "linear": "data/linear_synthetic.npz"}
-
-
-def prepare_data(data_config, checkpoint=None):
-    """Load data.path. A missing file is generated only at its generator's default path
-    (or with data.generate): a mistyped path is an error, never a new dataset. A resumed
-    run never generates: it finds its data from here or from where it was trained."""
-    path, generator = data_config["path"], data_config["synthetic"]
-    if checkpoint is not None:
-        path, generator = resolve_path(path, checkpoint), None
-    if not os.path.exists(path) and generator is not None:
-        if os.path.normpath(path) != GENERATED_PATHS[generator] and not data_config["generate"]:
-            raise DataError(f"data.path: {path} not found (to generate the '{generator}' task there, "
-                            "add --data.generate)")
-        print(f"{path} not found: generating the '{generator}' synthetic task there")
-        save_pairs(path, make_paper_synthetic() if generator == "paper" else make_linear_synthetic())
-    data = load_pairs(path)
-    data.meta["sha256"] = file_sha256(path)  # a resumed run checks that its data did not change
-    return select_labels(data, data_config["labels"]) if data_config["labels"] else data
-
-
-def to_device(batch, device):
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def rank_slice(batch, rank, world_size):
@@ -291,7 +229,7 @@ def main(argv):
     # ---- data
     if not main_process:
         barrier()  # wait while rank 0 generates a missing data.path
-    data = prepare_data(config["data"], checkpoint)
+    data = load_training_data(config["data"], checkpoint)
     if main_process:
         barrier()
     t = config["train"]

@@ -61,7 +61,7 @@ def vocabulary():
 
 def tokenizer():
     """The world's word-level tokenizer (lower-cases and splits off punctuation, as people type)."""
-    from data import toy_tokenizer
+    from toy import toy_tokenizer
     return toy_tokenizer(vocabulary())
 
 

@@ -2,6 +2,7 @@
 BTL) is trained once per session on a small copy of the paper's synthetic task."""
 
 import hashlib
+import importlib
 import os
 import shutil
 import subprocess
@@ -10,8 +11,10 @@ import sys
 import pytest
 
 import data
+import toy
 import train_policy
 import train_reward
+
 
 # A tiny model and a fixed schedule: a full run takes well under a second on 2 CPU cores.
 TINY = ["--model.hidden=16", "--model.encoder.hidden=16", "--model.encoder.latent_dim=4",
@@ -38,6 +41,11 @@ def run_torchrun(script, args, out_dir, timeout):
         shutil.rmtree(out_dir, ignore_errors=True)
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     return result
+
+
+def prepare_main(argv):
+    """prepare/<argv[0]>.py's main on the rest: prepare_main(["synthetic", "--out=x.npz"])."""
+    return importlib.import_module(f"prepare.{argv[0]}").main(argv[1:])
 
 
 def folder_hashes(folder):
@@ -108,5 +116,5 @@ def toy_root(tmp_path_factory):
     """Toy pairs, a fine-tuned tiny base and its embeddings, built once."""
     root = str(tmp_path_factory.mktemp("toy"))
     config, _ = train_policy.load_config(train_policy.DEFAULTS, small(root))
-    train_policy.build_toy_inputs(config)
+    toy.build_toy_inputs(config)
     return root

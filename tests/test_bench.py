@@ -10,7 +10,8 @@ import pytest
 
 import bench
 import reward
-from common import CheckpointError, ConfigError, save_checkpoint
+from common import CheckpointError, ConfigError
+from runs import save_checkpoint
 from conftest import REPO, small
 from data import DataError, make_linear_synthetic, save_pairs
 

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from common import (REQUIRED, CheckpointError, ConfigError, TrainingError, check, check_finite, check_resume, check_run_folder, claimed_run_folder,
-                    graceful_stop, load_checkpoint, load_config, log, lr_at, pick_device, resolve_path, run_script,
-                    save_checkpoint, save_config, seed_everything)
+from common import (REQUIRED, CheckpointError, ConfigError, TrainingError, check, check_finite, graceful_stop,
+                    load_config, log, lr_at, pick_device, run_script, save_config, seed_everything)
+from runs import check_resume, check_run_folder, claimed_run_folder, load_checkpoint, resolve_path, save_checkpoint
 
 DEFAULTS = {
     "name": "run",

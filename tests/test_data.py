@@ -9,12 +9,16 @@ import pytest
 import torch
 
 import data
+import text
+import toy
 from common import ConfigError
-from conftest import REPO
-from data import (DataError, EpisodeSampler, bayes_log_prob_chosen, load_pairs, make_linear_synthetic,
-                  population_log_prob_chosen,
-                  make_paper_synthetic, paper_rewards, save_pairs)
-from reward import choice_correct
+from conftest import REPO, prepare_main
+from data import (DataError, EpisodeSampler, load_pairs, make_linear_synthetic, make_paper_synthetic, paper_rewards,
+                  save_pairs)
+from bayes import bayes_log_prob_chosen, population_log_prob_chosen
+from prepare import embed as embed_script
+from prepare import ultrafeedback as uf
+from data import choice_correct
 
 
 @pytest.fixture(scope="module")
@@ -140,13 +144,13 @@ def test_save_load_round_trip(tmp_path, paper):
 
 def test_cli_writes_a_loadable_file(tmp_path):
     path = str(tmp_path / "lin.npz")
-    data.main(["synthetic", "--generator=linear", "--num_pairs=300", "--dim=3", f"--out={path}"])
+    prepare_main(["synthetic", "--generator=linear", "--num_pairs=300", "--dim=3", f"--out={path}"])
     assert load_pairs(path).pairs.shape == (300, 2, 3)
 
 
 def test_cli_requires_out():
     with pytest.raises(ConfigError, match="config key 'out': a value is required"):
-        data.main(["synthetic"])
+        prepare_main(["synthetic"])
 
 
 def valid_arrays():
@@ -420,7 +424,7 @@ GOOD_ROW = {"prompt": "p", "response_a": "a", "response_b": "b", "choices": {"u1
     (dict(GOOD_ROW, split="dev"), "split 'dev' is not one of"),
 ])
 def test_text_pair_problems(row, message):
-    assert message in data.text_pair_problem(row)
+    assert message in text.text_pair_problem(row)
 
 
 def test_read_text_pairs_reports_bad_lines(tmp_path, capsys):
@@ -428,17 +432,17 @@ def test_read_text_pairs_reports_bad_lines(tmp_path, capsys):
     with open(path, "w") as f:
         f.write(json.dumps(GOOD_ROW) + "\n{oops\n\n" + json.dumps(dict(GOOD_ROW, split="dev")) + "\n")
     with pytest.raises(DataError, match=f"{path}: 2 bad lines") as error:
-        data.read_text_pairs(path)
+        text.read_text_pairs(path)
     assert f"{path}:2: invalid JSON" in str(error.value) and f"{path}:4: split 'dev'" in str(error.value)
-    assert data.read_text_pairs(path, skip_bad=True) == [GOOD_ROW]
+    assert text.read_text_pairs(path, skip_bad=True) == [GOOD_ROW]
     assert "skipped 2 bad lines, kept 1" in capsys.readouterr().out
 
 
 def test_text_pairs_round_trip_to_data(tmp_path):
     rows = [GOOD_ROW, dict(GOOD_ROW, choices={"u2": 1}, split="val")]
     path = str(tmp_path / "pairs.jsonl")
-    data.write_text_pairs(path, rows)
-    d = data.text_pairs_to_data(data.read_text_pairs(path), torch.zeros(2, 2, 3))
+    text.write_text_pairs(path, rows)
+    d = text.text_pairs_to_data(text.read_text_pairs(path), torch.zeros(2, 2, 3))
     assert d.labels == ["u1", "u2"] and list(d.split) == ["train", "val"]
     assert d.choices.tolist() == [[0, -1], [-1, 1]]
 
@@ -488,10 +492,10 @@ BAD_LINES = [
 def test_read_text_pairs_names_file_line_and_problem(tmp_path, capsys, line, message):
     path = write_lines(str(tmp_path / "pairs.jsonl"), [GOOD_ROW, line, dict(GOOD_ROW, prompt="q")])
     with pytest.raises(DataError) as error:
-        data.read_text_pairs(path)
+        text.read_text_pairs(path)
     assert str(error.value).startswith(f"{path}: 1 bad lines (pass skip_bad to drop them):\n")
     assert f"{path}:2: {message}" in str(error.value)
-    assert data.read_text_pairs(path, skip_bad=True) == [GOOD_ROW, dict(GOOD_ROW, prompt="q")]
+    assert text.read_text_pairs(path, skip_bad=True) == [GOOD_ROW, dict(GOOD_ROW, prompt="q")]
     assert capsys.readouterr().out == f"{path}: skipped 1 bad lines, kept 2\n"
 
 
@@ -499,26 +503,26 @@ def test_read_text_pairs_valid_file_round_trips(tmp_path, capsys):
     rows = [GOOD_ROW, dict(GOOD_ROW, prompt="q ü \"x\"\nnew line", split="test", id=7),
             dict(GOOD_ROW, choices={"u1": 1, "u2": 0}, split="val")]
     path = str(tmp_path / "sub" / "pairs.jsonl")
-    data.write_text_pairs(path, rows)
+    text.write_text_pairs(path, rows)
     assert os.listdir(tmp_path / "sub") == ["pairs.jsonl"]  # no temp file left
-    assert data.read_text_pairs(path) == rows
+    assert text.read_text_pairs(path) == rows
     assert capsys.readouterr().out == ""  # nothing skipped, nothing said
 
 
 def test_read_text_pairs_skips_blank_lines_but_counts_them_in_line_numbers(tmp_path):
     path = write_lines(str(tmp_path / "pairs.jsonl"), [GOOD_ROW, "", "   ", without("prompt")])
     with pytest.raises(DataError, match=f"{path}:4: missing field 'prompt'"):
-        data.read_text_pairs(path)
+        text.read_text_pairs(path)
 
 
 def test_read_text_pairs_lists_at_most_ten_bad_lines(tmp_path, capsys):
     path = write_lines(str(tmp_path / "pairs.jsonl"), [GOOD_ROW] + ["{oops"] * 12)
     with pytest.raises(DataError) as error:
-        data.read_text_pairs(path)
+        text.read_text_pairs(path)
     message = str(error.value)
     assert message.startswith(f"{path}: 12 bad lines") and message.endswith("\n...")
     assert f"{path}:11: invalid JSON" in message and f"{path}:12:" not in message
-    assert data.read_text_pairs(path, skip_bad=True) == [GOOD_ROW]
+    assert text.read_text_pairs(path, skip_bad=True) == [GOOD_ROW]
     assert "skipped 12 bad lines, kept 1" in capsys.readouterr().out
 
 
@@ -527,14 +531,14 @@ def test_read_text_pairs_reports_a_line_that_is_not_utf8(tmp_path, capsys):
     with open(path, "wb") as f:
         f.write(json.dumps(GOOD_ROW).encode() + b"\n" + json.dumps(GOOD_ROW).encode()[:-1] + b'\xff"}\n')
     with pytest.raises(DataError, match=f"{path}:2: "):
-        data.read_text_pairs(path)
-    assert data.read_text_pairs(path, skip_bad=True) == [GOOD_ROW]
+        text.read_text_pairs(path)
+    assert text.read_text_pairs(path, skip_bad=True) == [GOOD_ROW]
 
 
 def test_read_text_pairs_missing_file(tmp_path):
     path = str(tmp_path / "nope.jsonl")
     with pytest.raises(DataError, match=f"^{path}: file not found$"):
-        data.read_text_pairs(path)
+        text.read_text_pairs(path)
 
 
 def test_text_pairs_to_data_sorts_labels_and_keeps_split_and_features():
@@ -542,7 +546,7 @@ def test_text_pairs_to_data_sorts_labels_and_keeps_split_and_features():
             {"prompt": "p", "response_a": "a", "response_b": "b", "choices": {"bob": 0, "zed": 0}},
             {"prompt": "p", "response_a": "a", "response_b": "b", "choices": {"amy": 1}, "split": "val"}]
     features = torch.randn(3, 2, 5, dtype=torch.float64)
-    d = data.text_pairs_to_data(rows, features, path="x.jsonl")
+    d = text.text_pairs_to_data(rows, features, path="x.jsonl")
     assert d.labels == ["amy", "bob", "zed"]
     assert d.choices.dtype == torch.int8
     assert d.choices.tolist() == [[-1, -1, 1], [-1, 0, 0], [1, -1, -1]]
@@ -567,36 +571,36 @@ def test_text_pairs_to_data_sorts_labels_and_keeps_split_and_features():
 ])
 def test_toy_gold_reward_by_hand(response, concise, detailed):
     prompt = "tell me about cats ."
-    assert data.toy_gold_reward(prompt, response, "concise") == pytest.approx(concise)
-    assert data.toy_gold_reward(prompt, response, "detailed") == pytest.approx(detailed)
+    assert toy.toy_gold_reward(prompt, response, "concise") == pytest.approx(concise)
+    assert toy.toy_gold_reward(prompt, response, "detailed") == pytest.approx(detailed)
 
 
 def test_toy_gold_reward_uses_the_prompts_topic():
     response = "bees help people . bees are nice ."
-    assert data.toy_gold_reward("what about bees ?", response, "concise") == pytest.approx(2.0 - 1.0)
-    assert data.toy_gold_reward("what about tea ?", response, "concise") == pytest.approx(-1.0)
+    assert toy.toy_gold_reward("what about bees ?", response, "concise") == pytest.approx(2.0 - 1.0)
+    assert toy.toy_gold_reward("what about tea ?", response, "concise") == pytest.approx(-1.0)
 
 
 @pytest.fixture(scope="module")
 def toy_rows():
-    return data.make_toy_text_pairs(num_pairs=600, conflict_fraction=0.75, seed=0)
+    return toy.make_toy_text_pairs(num_pairs=600, conflict_fraction=0.75, seed=0)
 
 
 def toy_margins(row):
     """Gold reward of response_b minus response_a, per toy label."""
-    return [data.toy_gold_reward(row["prompt"], row["response_b"], l)
-            - data.toy_gold_reward(row["prompt"], row["response_a"], l) for l in data.TOY_LABELS]
+    return [toy.toy_gold_reward(row["prompt"], row["response_b"], l)
+            - toy.toy_gold_reward(row["prompt"], row["response_a"], l) for l in toy.TOY_LABELS]
 
 
 def test_toy_pairs_follow_the_schema(toy_rows):
     assert len(toy_rows) == 600 and [r["id"] for r in toy_rows] == list(range(600))
-    assert all(data.text_pair_problem(r) is None for r in toy_rows)
-    assert all(set(r["choices"]) == set(data.TOY_LABELS) for r in toy_rows)
+    assert all(text.text_pair_problem(r) is None for r in toy_rows)
+    assert all(set(r["choices"]) == set(toy.TOY_LABELS) for r in toy_rows)
 
 
 @pytest.mark.parametrize("num_pairs, conflict_fraction", [(600, 0.75), (101, 0.3), (50, 0.0), (50, 1.0)])
 def test_toy_pairs_have_the_exact_conflict_fraction(num_pairs, conflict_fraction):
-    rows = data.make_toy_text_pairs(num_pairs=num_pairs, conflict_fraction=conflict_fraction, seed=1)
+    rows = toy.make_toy_text_pairs(num_pairs=num_pairs, conflict_fraction=conflict_fraction, seed=1)
     conflicts = sum(r["choices"]["concise"] != r["choices"]["detailed"] for r in rows)
     assert len(rows) == num_pairs and conflicts == round(num_pairs * conflict_fraction)
 
@@ -605,7 +609,7 @@ def test_toy_pairs_choices_follow_gold_rewards_without_ties(toy_rows):
     for row in toy_rows:
         margins = toy_margins(row)
         assert 0.0 not in margins, row  # ties are dropped
-        assert [row["choices"][l] for l in data.TOY_LABELS] == [int(m > 0) for m in margins], row
+        assert [row["choices"][l] for l in toy.TOY_LABELS] == [int(m > 0) for m in margins], row
 
 
 def test_toy_prompts_are_each_in_one_split(toy_rows):
@@ -614,25 +618,25 @@ def test_toy_prompts_are_each_in_one_split(toy_rows):
         splits.setdefault(row["prompt"], set()).add(row["split"])
     assert all(len(s) == 1 for s in splits.values())
     assert {s for (s,) in splits.values()} == set(data.SPLITS)
-    assert len(data.toy_prompts()) == len(set(data.toy_prompts())) == 60
+    assert len(toy.toy_prompts()) == len(set(toy.toy_prompts())) == 60
 
 
 def test_toy_pairs_are_seeded():
-    assert data.make_toy_text_pairs(num_pairs=50, seed=3) == data.make_toy_text_pairs(num_pairs=50, seed=3)
-    assert data.make_toy_text_pairs(num_pairs=50, seed=3) != data.make_toy_text_pairs(num_pairs=50, seed=4)
+    assert toy.make_toy_text_pairs(num_pairs=50, seed=3) == toy.make_toy_text_pairs(num_pairs=50, seed=3)
+    assert toy.make_toy_text_pairs(num_pairs=50, seed=3) != toy.make_toy_text_pairs(num_pairs=50, seed=4)
 
 
 def test_toy_tokenizer_round_trips_and_knows_every_word(toy_rows):
-    tok = data.toy_tokenizer()
+    tok = toy.toy_tokenizer()
     assert (tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2, 3)
-    assert len(tok) == len(data.toy_vocabulary())
+    assert len(tok) == len(toy.toy_vocabulary())
     texts = [t for r in toy_rows[:100] for t in (r["prompt"], r["response_a"], r["response_b"])]
-    texts += data.toy_prompts() + ["what about cats ?", "cats are nice . dogs can be loud ."]
-    for text in texts:
-        ids = tok.encode(text)
-        assert tok.unk_token_id not in ids and len(ids) == len(text.split()), text
-        assert tok.decode(ids) == text
-    vocabulary = set(data.toy_vocabulary())
+    texts += toy.toy_prompts() + ["what about cats ?", "cats are nice . dogs can be loud ."]
+    for sentence in texts:
+        ids = tok.encode(sentence)
+        assert tok.unk_token_id not in ids and len(ids) == len(sentence.split()), sentence
+        assert tok.decode(ids) == sentence
+    vocabulary = set(toy.toy_vocabulary())
     assert all(w in vocabulary for r in toy_rows for k in ("prompt", "response_a", "response_b") for w in r[k].split())
     assert tok.encode("zebras are nice") == [tok.unk_token_id] + tok.encode("are nice")
 
@@ -640,32 +644,32 @@ def test_toy_tokenizer_round_trips_and_knows_every_word(toy_rows):
 def test_toy_tokenizer_reads_natural_text_and_keeps_every_toy_id(toy_rows):
     """Capitals and punctuation attached to words read as the toy world writes them, and every
     toy text keeps the ids of a lookup of its space-separated words (the tokenizer before)."""
-    tok = data.toy_tokenizer()
+    tok = toy.toy_tokenizer()
     vocab = tok.get_vocab()
-    texts = {t for r in toy_rows for t in (r["prompt"], r["response_a"], r["response_b"])} | set(data.toy_prompts())
+    texts = {t for r in toy_rows for t in (r["prompt"], r["response_a"], r["response_b"])} | set(toy.toy_prompts())
     assert all(tok.encode(text) == [vocab[w] for w in text.split()] for text in texts)
     assert tok.encode("Tell me about BEES.") == tok.encode("tell me about bees .")
     assert tok.encode("What about cats?") == tok.encode("what about cats ?")
     assert tok.encode("Cats are nice.Dogs look old.") == tok.encode("cats are nice . dogs look old .")
 
 
-@pytest.mark.parametrize("text, unknown", [
+@pytest.mark.parametrize("sentence, unknown", [
     ("Tell me about bees.", []),
     ("tell me about zebras .", ["zebras"]),
     ("tell me about 🐝!", ["🐝", "!"]),
     ("расскажи о пчёлах", ["расскажи", "о", "пчёлах"]),
     ("Zebras, zebras and Zebras", ["Zebras", ",", "zebras", "and"]),
 ], ids=["known", "word", "emoji", "other-script", "each-once"])
-def test_unknown_words_are_the_pieces_read_as_unk(text, unknown):
-    assert data.unknown_words(data.toy_tokenizer(), text) == unknown
+def test_unknown_words_are_the_pieces_read_as_unk(sentence, unknown):
+    assert text.unknown_words(toy.toy_tokenizer(), sentence) == unknown
 
 
 def test_text_with_unknown_words_is_refused_naming_them():
-    tok = data.toy_tokenizer()
-    data.check_known_words(tok, "Tell me about bees.", "--prompt")
+    tok = toy.toy_tokenizer()
+    text.check_known_words(tok, "Tell me about bees.", "--prompt")
     with pytest.raises(DataError, match=r"^--prompt: the model's vocabulary has no '🐝', 'zebras' "
                                         r"\(it knows 41 words: \., \?, about, are, be, bees, .*, \.\.\.\)$"):
-        data.check_known_words(tok, "tell me about 🐝 zebras", "--prompt")
+        text.check_known_words(tok, "tell me about 🐝 zebras", "--prompt")
 
 
 # -----------------------------------------------------------------------------
@@ -677,12 +681,12 @@ CHAT_TEMPLATE = ("{% for m in messages %}<bos> {{ m['content'] }} {% endfor %}"
 
 @pytest.fixture(scope="module")
 def toy_tok():
-    return data.toy_tokenizer()
+    return toy.toy_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def chat_tok():
-    tok = data.toy_tokenizer()
+    tok = toy.toy_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -693,8 +697,8 @@ def response_positions(batch):
 
 
 def test_plain_prompt_starts_with_bos_and_prompt_plus_response_is_the_text(toy_tok):
-    prompt = data.tokenize_prompt(toy_tok, "tell me about cats .")
-    response = data.tokenize_response(toy_tok, "cats are nice .")
+    prompt = text.tokenize_prompt(toy_tok, "tell me about cats .")
+    response = text.tokenize_response(toy_tok, "cats are nice .")
     assert prompt == [toy_tok.bos_token_id] + toy_tok.encode("tell me about cats .")
     assert response == toy_tok.encode("cats are nice .") + [toy_tok.eos_token_id]
     assert prompt + response == toy_tok.encode("<bos> tell me about cats . cats are nice . <eos>")
@@ -703,17 +707,17 @@ def test_plain_prompt_starts_with_bos_and_prompt_plus_response_is_the_text(toy_t
 def test_bos_is_not_doubled_when_the_tokenizer_adds_it():
     from tokenizers.processors import TemplateProcessing
 
-    tok = data.toy_tokenizer()
+    tok = toy.toy_tokenizer()
     tok._tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     assert tok("cats")["input_ids"] == [2, tok.convert_tokens_to_ids("cats")]  # the tokenizer adds BOS
-    assert data.tokenize_prompt(tok, "what about cats ?") == [2] + tok.encode("what about cats ?", add_special_tokens=False)
-    assert data.tokenize_response(tok, "cats are nice .")[0] == tok.convert_tokens_to_ids("cats")  # no BOS
+    assert text.tokenize_prompt(tok, "what about cats ?") == [2] + tok.encode("what about cats ?", add_special_tokens=False)
+    assert text.tokenize_response(tok, "cats are nice .")[0] == tok.convert_tokens_to_ids("cats")  # no BOS
 
 
 def test_response_mask_covers_the_first_response_token_and_eos(toy_tok):
-    prompts = [data.tokenize_prompt(toy_tok, p) for p in ("what about cats ?", "i want to hear about tea .")]
-    responses = [data.tokenize_response(toy_tok, r) for r in ("dogs are nice . cats look old .", "tea .")]
-    batch = data.prompt_response_batch(prompts, responses, toy_tok.pad_token_id)
+    prompts = [text.tokenize_prompt(toy_tok, p) for p in ("what about cats ?", "i want to hear about tea .")]
+    responses = [text.tokenize_response(toy_tok, r) for r in ("dogs are nice . cats look old .", "tea .")]
+    batch = text.prompt_response_batch(prompts, responses, toy_tok.pad_token_id)
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     assert batch["input_ids"].shape == (2, max(lengths))
     assert response_positions(batch) == [list(range(len(p), len(p) + len(r))) for p, r in zip(prompts, responses)]
@@ -725,7 +729,7 @@ def test_response_mask_covers_the_first_response_token_and_eos(toy_tok):
 
 
 def test_chat_template_prompt_ends_with_the_generation_prompt(chat_tok):
-    prompt = data.tokenize_prompt(chat_tok, "tell me about cats .")
+    prompt = text.tokenize_prompt(chat_tok, "tell me about cats .")
     assert chat_tok.convert_ids_to_tokens(prompt) == ["<bos>", "tell", "me", "about", "cats", ".", "tell"]
     rendered = chat_tok.apply_chat_template([{"role": "user", "content": "tell me about cats ."}],
                                             add_generation_prompt=True, tokenize=False)
@@ -735,9 +739,9 @@ def test_chat_template_prompt_ends_with_the_generation_prompt(chat_tok):
 def test_chat_template_response_starts_right_after_the_generation_prompt(chat_tok):
     """The paper's code starts the response mask about two tokens late; here the first
     masked token is the response's first word, right after the generation prompt."""
-    prompt = data.tokenize_prompt(chat_tok, "what about bees ?")
-    response = data.tokenize_response(chat_tok, "bees are nice .")
-    batch = data.prompt_response_batch([prompt], [response], chat_tok.pad_token_id)
+    prompt = text.tokenize_prompt(chat_tok, "what about bees ?")
+    response = text.tokenize_response(chat_tok, "bees are nice .")
+    batch = text.prompt_response_batch([prompt], [response], chat_tok.pad_token_id)
     positions = response_positions(batch)[0]
     assert positions == list(range(len(prompt), len(prompt) + 5))  # 4 words and EOS
     tokens = chat_tok.convert_ids_to_tokens(batch["input_ids"][0].tolist())
@@ -751,23 +755,23 @@ def test_tokenize_pairs_drops_and_counts_long_pairs_without_truncating(toy_tok):
             dict(GOOD_ROW, prompt="what about cats ?", response_a="cats .", response_b="cats are nice . dogs ."),
             dict(GOOD_ROW, prompt="tell me about cats .", response_a="cats .", response_b="cats are nice ."),  # 6 + 5
             dict(GOOD_ROW, prompt="describe tea .", response_a="tea .", response_b="tea are nice .")]
-    token_pairs, dropped = data.tokenize_pairs(rows, toy_tok, max_length=10)
+    token_pairs, dropped = text.tokenize_pairs(rows, toy_tok, max_length=10)
     assert dropped == 2 and [p is None for p in token_pairs] == [False, True, True, False]
     for row, pair in zip(rows, token_pairs):
         if pair is not None:  # kept pairs are whole
-            assert pair == (data.tokenize_prompt(toy_tok, row["prompt"]),
-                            (data.tokenize_response(toy_tok, row["response_a"]),
-                             data.tokenize_response(toy_tok, row["response_b"])))
-    assert data.tokenize_pairs(rows, toy_tok, max_length=11)[1] == 1
-    assert data.tokenize_pairs(rows, toy_tok, max_length=4) == ([None] * 4, 4)
+            assert pair == (text.tokenize_prompt(toy_tok, row["prompt"]),
+                            (text.tokenize_response(toy_tok, row["response_a"]),
+                             text.tokenize_response(toy_tok, row["response_b"])))
+    assert text.tokenize_pairs(rows, toy_tok, max_length=11)[1] == 1
+    assert text.tokenize_pairs(rows, toy_tok, max_length=4) == ([None] * 4, 4)
 
 
 def test_collate_pairs_orients_pads_and_masks(toy_tok):
     rows = [dict(GOOD_ROW, prompt="what about cats ?", response_a="cats are nice .", response_b="dogs ."),
             dict(GOOD_ROW, prompt="i want to hear about tea .", response_a="tea .", response_b="tea look old . bees .")]
-    token_pairs, _ = data.tokenize_pairs(rows, toy_tok, max_length=100)
+    token_pairs, _ = text.tokenize_pairs(rows, toy_tok, max_length=100)
     pad = toy_tok.pad_token_id
-    batch = data.collate_pairs(token_pairs, torch.tensor([1, 0, 1]), torch.tensor([False, True, True]), pad)
+    batch = text.collate_pairs(token_pairs, torch.tensor([1, 0, 1]), torch.tensor([False, True, True]), pad)
     assert set(batch) == {f"{s}_{k}" for s in ("chosen", "rejected")
                           for k in ("input_ids", "attention_mask", "response_mask")}
     expected = {"chosen": [(1, 0), (0, 1), (1, 1)], "rejected": [(1, 1), (0, 0), (1, 0)]}  # (pair, response)
@@ -791,7 +795,7 @@ def tiny_llama():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(data.toy_vocabulary()), hidden_size=16, intermediate_size=32,
+    config = LlamaConfig(vocab_size=len(toy.toy_vocabulary()), hidden_size=16, intermediate_size=32,
                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                          max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3)
     return AutoModelForCausalLM.from_config(config).eval()
@@ -805,7 +809,7 @@ def test_last_token_embeddings_match_each_sequence_alone(tiny_llama):
         alone = torch.stack([tiny_llama(input_ids=torch.tensor([s]), output_hidden_states=True)
                              .hidden_states[-1][0, -1] for s in sequences])  # (N, H)
     for batch_size in (1, 3, 64):
-        embeddings = data.last_token_embeddings(tiny_llama, sequences, pad_id=0, batch_size=batch_size)
+        embeddings = text.sequence_embeddings(tiny_llama, sequences, pad_id=0, batch_size=batch_size, pooling="last")
         assert embeddings.shape == (len(sequences), 16) and embeddings.dtype == torch.float32
         torch.testing.assert_close(embeddings, alone, atol=1e-5, rtol=0)
     assert not torch.allclose(alone[3], alone[4])  # distinct sequences, distinct embeddings
@@ -816,7 +820,7 @@ def test_last_token_embeddings_match_each_sequence_alone(tiny_llama):
 
 
 def test_flipped_is_true_exactly_where_the_label_chose_the_second_response(toy_rows):
-    d = data.text_pairs_to_data(toy_rows, torch.randn(len(toy_rows), 2, 3))
+    d = text.text_pairs_to_data(toy_rows, torch.randn(len(toy_rows), 2, 3))
     for labels in (["detailed"], ["concise"], ["detailed", "concise"]):
         selected = data.select_labels(d, labels)
         assert selected.labels == labels
@@ -867,8 +871,8 @@ def write_jsonl(path, records):
 
 def prepare_uf(source, out, *overrides):
     """data.py ultrafeedback; returns the rows it wrote."""
-    data.main(["ultrafeedback", f"--source={source}", f"--out={out}", *overrides])
-    return data.read_text_pairs(os.path.join(out, "pairs.jsonl"))
+    prepare_main(["ultrafeedback", f"--source={source}", f"--out={out}", *overrides])
+    return text.read_text_pairs(os.path.join(out, "pairs.jsonl"))
 
 
 def by_id(rows, labels=("helpfulness", "honesty")):
@@ -888,7 +892,7 @@ def test_uf_hand_example_keeps_exactly_the_conflicting_pairs(uf_hand_path, tmp_p
         record, i, j = map(int, row["id"].split("-"))
         assert (row["prompt"], row["response_a"], row["response_b"]) == (
             UF_HAND[record]["instruction"], completions[record][i], completions[record][j])
-        assert data.text_pair_problem(row) is None
+        assert text.text_pair_problem(row) is None
 
 
 def test_uf_hht_adds_truthfulness_and_its_ties(uf_hand_path, tmp_path):
@@ -922,7 +926,7 @@ def test_uf_conflict_fraction_subsamples_conflicts_by_seed(uf_hand_path, tmp_pat
     (98, 88, 0.5, (88, 88)), (5, 3, 0.0, (0, 3)),
 ])
 def test_conflict_mix_by_hand(conflicting, agreeing, fraction, expected):
-    assert data.conflict_mix(conflicting, agreeing, fraction) == expected
+    assert uf.conflict_mix(conflicting, agreeing, fraction) == expected
 
 
 def test_uf_prints_counts(uf_hand_path, tmp_path, capsys):
@@ -937,8 +941,8 @@ def random_uf_records(num_prompts=60, seed=0):
     """Toy prompts with four completions each, ratings uniform in 1..5 (so with ties), 5% N/A."""
     rng = np.random.default_rng(seed)
     records = []
-    for prompt in data.toy_prompts()[:num_prompts]:
-        completions = [uf_completion(data.toy_response(data.prompt_topic(prompt), rng),
+    for prompt in toy.toy_prompts()[:num_prompts]:
+        completions = [uf_completion(toy.toy_response(toy.prompt_topic(prompt), rng),
                                      *["N/A" if rng.random() < 0.05 else int(rng.integers(1, 6)) for _ in UF_ASPECTS])
                        for _ in range(4)]
         records.append({"instruction": prompt, "completions": completions, "source": "toy"})
@@ -1151,12 +1155,12 @@ def embed_in(tmp_path_factory):
     rows = [dict(row, choices={"u1": i % 2, "u2": None if i == 2 else 1 - i % 2}, split="train")
             for i, row in enumerate(EMBED_ROWS)]
     path = str(tmp_path_factory.mktemp("embed") / "pairs.jsonl")
-    data.write_text_pairs(path, rows)
+    text.write_text_pairs(path, rows)
     return path
 
 
 def save_model(folder, model, padding_side="right", chat_template=None):
-    tok = data.toy_tokenizer()
+    tok = toy.toy_tokenizer()
     tok.padding_side, tok.chat_template = padding_side, chat_template
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -1170,7 +1174,7 @@ def embedders(tmp_path_factory):
     from transformers import AutoModel, AutoModelForCausalLM, BertConfig, LlamaConfig
 
     torch.manual_seed(0)
-    vocab = len(data.toy_vocabulary())
+    vocab = len(toy.toy_vocabulary())
     llama = AutoModelForCausalLM.from_config(LlamaConfig(
         vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3))
@@ -1183,7 +1187,7 @@ def embedders(tmp_path_factory):
 
 
 def embed(model, in_path, out_path, *overrides):
-    return data.main(["embed", f"--model={model}", f"--in={in_path}", f"--out={out_path}", *overrides])
+    return prepare_main(["embed", f"--model={model}", f"--in={in_path}", f"--out={out_path}", *overrides])
 
 
 @torch.no_grad()
@@ -1198,7 +1202,7 @@ def test_embed_decoder_is_each_sequence_alone_at_its_last_token_whatever_the_pad
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(embedders["llama_left"]).eval()  # as the policy loads it
-    tok = data.toy_tokenizer()
+    tok = toy.toy_tokenizer()
     texts = [f"<bos> {r['prompt']} tell {r[k]} <eos>" for r in EMBED_ROWS for k in ("response_a", "response_b")]
     expected = torch.stack([alone(model, tok.encode(t), "last") for t in texts]).view(len(EMBED_ROWS), 2, -1)
     for side in ("left", "right"):
@@ -1212,7 +1216,7 @@ def test_embed_encoder_is_the_mean_over_each_sequence_alone(embedders, embed_in,
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(embedders["bert"]).eval()
-    tok = data.toy_tokenizer()
+    tok = toy.toy_tokenizer()
     texts = [f"{r['prompt']} {r[k]}" for r in EMBED_ROWS for k in ("response_a", "response_b")]  # no special tokens
     expected = torch.stack([alone(model, tok.encode(t), "mean") for t in texts]).view(len(EMBED_ROWS), 2, -1)
     d = embed(embedders["bert"], embed_in, tmp_path / "bert.npz", "--batch_size=3")
@@ -1223,18 +1227,18 @@ def test_embed_encoder_is_the_mean_over_each_sequence_alone(embedders, embed_in,
 def test_mean_pool_and_last_token_by_hand():
     hidden = torch.arange(12.0).view(2, 3, 2)  # (b=2, T=3, H=2)
     mask = torch.tensor([[True, True, False], [True, True, True]])
-    assert data.mean_pool(hidden, mask).tolist() == [[1.0, 2.0], [8.0, 9.0]]
-    assert data.last_token(hidden, mask).tolist() == [[2.0, 3.0], [10.0, 11.0]]
+    assert text.mean_pool(hidden, mask).tolist() == [[1.0, 2.0], [8.0, 9.0]]
+    assert text.last_token(hidden, mask).tolist() == [[2.0, 3.0], [10.0, 11.0]]
 
 
 def test_is_causal_lm():
     from transformers import BertConfig, GPT2Config, LlamaConfig
 
-    assert data.is_causal_lm(LlamaConfig()) and data.is_causal_lm(GPT2Config())  # by model type
-    assert not data.is_causal_lm(BertConfig())
-    assert data.is_causal_lm(BertConfig(is_decoder=True))
-    assert data.is_causal_lm(BertConfig(architectures=["BertLMHeadModel"]))
-    assert not data.is_causal_lm(LlamaConfig(architectures=["LlamaForSequenceClassification"]))
+    assert text.is_causal_lm(LlamaConfig()) and text.is_causal_lm(GPT2Config())  # by model type
+    assert not text.is_causal_lm(BertConfig())
+    assert text.is_causal_lm(BertConfig(is_decoder=True))
+    assert text.is_causal_lm(BertConfig(architectures=["BertLMHeadModel"]))
+    assert not text.is_causal_lm(LlamaConfig(architectures=["LlamaForSequenceClassification"]))
 
 
 def test_embed_writes_row_aligned_ids_choices_and_splits(embedders, embed_in, tmp_path):
@@ -1246,14 +1250,14 @@ def test_embed_writes_row_aligned_ids_choices_and_splits(embedders, embed_in, tm
 
 
 def interrupt_after_chunks(monkeypatch, count):
-    """Make data.write_atomic raise KeyboardInterrupt once `count` chunks are written."""
-    real, written = data.write_atomic, []
+    """Make embed_script.write_atomic raise KeyboardInterrupt once `count` chunks are written."""
+    real, written = embed_script.write_atomic, []
     def write_then_maybe_stop(path, write):
         real(path, write)
         written.append(path)
         if path.endswith(".npy") and sum(p.endswith(".npy") for p in written) == count:
             raise KeyboardInterrupt
-    monkeypatch.setattr(data, "write_atomic", write_then_maybe_stop)
+    monkeypatch.setattr(embed_script, "write_atomic", write_then_maybe_stop)
 
 
 def test_embed_resumes_after_an_interruption_with_identical_arrays(embedders, embed_in, tmp_path, monkeypatch):
@@ -1266,11 +1270,11 @@ def test_embed_resumes_after_an_interruption_with_identical_arrays(embedders, em
             embed(embedders["llama_right"], embed_in, out, *settings)
     assert sorted(os.listdir(f"{out}.partial")) == ["chunk000000.npy", "fingerprint.json"] and not out.exists()
     computed = []
-    real = data.sequence_embeddings
+    real = embed_script.sequence_embeddings
     def counted(model, sequences, *args):
         computed.append(len(sequences))
         return real(model, sequences, *args)
-    monkeypatch.setattr(data, "sequence_embeddings", counted)
+    monkeypatch.setattr(embed_script, "sequence_embeddings", counted)
     embed(embedders["llama_right"], embed_in, out, *settings)
     assert computed == [4, 2]  # the first chunk came from disk
     resumed = load_pairs(str(out))
@@ -1361,28 +1365,31 @@ def test_ultrafeedback_to_embed_to_train_reward_to_evaluate(uf_random, embedders
 # the command line: every user error is one line, exit 2, nothing written
 
 
-def test_cli_without_a_command_is_one_line_exit_2(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(REPO, "data.py")], cwd=tmp_path, capture_output=True,
-                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["synthetic", "ultrafeedback", "embed"])
+def test_a_prepare_script_without_its_required_out_is_one_line_exit_2(tmp_path, script):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "prepare", f"{script}.py")], cwd=tmp_path,
+                            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: usage: python data.py synthetic|ultrafeedback|embed")
+    assert len(lines) == 1 and lines[0].startswith("error: config key") and "required" in lines[0], lines
     assert os.listdir(tmp_path) == []
 
 
-def test_cli_unknown_command_is_named():
-    with pytest.raises(ConfigError, match=r"^usage: python data.py .*; unknown command 'synthtic'$"):
-        data.main(["synthtic", "--out=x.npz"])
+def test_a_prepare_script_refuses_a_stray_argument(tmp_path):
+    with pytest.raises(ConfigError, match=r"^unexpected arguments \['synthtic'\]"):
+        prepare_main(["synthetic", "synthtic", "--out=x.npz"])
+    assert os.listdir(tmp_path) == []
 
 
-def test_cli_help_prints_the_examples(capsys):
-    data.main(["--help"])
-    assert "python data.py synthetic --out=data/paper_synthetic.npz" in capsys.readouterr().out
+def test_prepare_help_prints_the_examples(capsys):
+    prepare_main(["synthetic", "--help"])
+    assert "python prepare/synthetic.py --out=data/paper_synthetic.npz" in capsys.readouterr().out
 
 
 def test_cli_unknown_generator_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"config key 'generator': unknown generator 'gauss' \(paper \| waves \| linear\)"):
-        data.main(["synthetic", "--generator=gauss", "--out=x.npz"])
+        prepare_main(["synthetic", "--generator=gauss", "--out=x.npz"])
     assert os.listdir(tmp_path) == []
 
 
@@ -1398,7 +1405,7 @@ def test_cli_bad_out_is_refused_before_any_work(tmp_path, command, out, message)
     (tmp_path / "uf.jsonl").write_text("")  # a local source: nothing is looked up on the hub
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(ConfigError, match=f"config key 'out': {message}"):
-        data.main([*command, f"--out={out}"])
+        prepare_main([*command, f"--out={out}"])
     assert sorted(os.listdir(tmp_path)) == before and os.listdir(tmp_path / "folder") == []
 
 
@@ -1406,29 +1413,29 @@ def test_cli_bad_out_is_refused_before_any_work(tmp_path, command, out, message)
 def test_cli_out_without_permission_is_refused(tmp_path):
     (tmp_path / "locked").mkdir(mode=0o500)
     with pytest.raises(ConfigError, match="config key 'out': cannot write to locked/x.npz"):
-        data.main(["synthetic", "--out=locked/x.npz"])
+        prepare_main(["synthetic", "--out=locked/x.npz"])
 
 
 @pytest.mark.parametrize("args, key", [(["--num_pairs=-5"], "num_pairs"), (["--num_pairs=0"], "num_pairs"),
                                        (["--generator=linear", "--dim=0"], "dim"), (["--waves=0"], "waves")])
 def test_cli_sizes_must_be_positive(tmp_path, args, key):
     with pytest.raises(ConfigError, match=f"config key '{key}': must be a positive number"):
-        data.main(["synthetic", "--out=x.npz", *args])
+        prepare_main(["synthetic", "--out=x.npz", *args])
     assert os.listdir(tmp_path) == []
 
 
 def test_cli_never_replaces_a_dataset_by_accident(tmp_path):
-    data.main(["synthetic", "--out=x.npz", "--num_pairs=100"])
+    prepare_main(["synthetic", "--out=x.npz", "--num_pairs=100"])
     before = open("x.npz", "rb").read()
     with pytest.raises(ConfigError, match="config key 'out': x.npz exists .*replace it with --overwrite"):
-        data.main(["synthetic", "--out=x.npz", "--num_pairs=100", "--seed=7"])
+        prepare_main(["synthetic", "--out=x.npz", "--num_pairs=100", "--seed=7"])
     assert open("x.npz", "rb").read() == before
-    data.main(["synthetic", "--out=x.npz", "--num_pairs=100", "--seed=7", "--overwrite"])
+    prepare_main(["synthetic", "--out=x.npz", "--num_pairs=100", "--seed=7", "--overwrite"])
     assert open("x.npz", "rb").read() != before
 
 
 def test_cli_writes_the_benchmarks_as_the_readme_says(tmp_path):
-    data.main(["synthetic", "--generator=waves", "--num_types=3", "--num_pairs=300", "--out=w.npz"])
+    prepare_main(["synthetic", "--generator=waves", "--num_types=3", "--num_pairs=300", "--out=w.npz"])
     generated = data.load_pairs("w.npz")
     assert generated.labels == ["type0", "type1", "type2"] and generated.meta["generator"] == "waves"
     assert torch.equal(generated.pairs, data.make_waves_synthetic(num_pairs=300, num_types=3).pairs)

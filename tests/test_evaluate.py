@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import evaluate
-from common import CheckpointError, ConfigError, load_checkpoint, run_script, save_checkpoint
+from common import CheckpointError, ConfigError, run_script
+from runs import load_checkpoint, save_checkpoint
 from conftest import REPO, TINY, folder_hashes, train
 from data import DataError, load_pairs, make_linear_synthetic, save_pairs
 
@@ -373,7 +374,7 @@ def test_policy_evaluation_settings_must_be_positive(np_btl_run, arg, key):
 
 
 def test_a_run_still_training_is_scored_with_a_note(np_btl_run, tmp_path, capsys):
-    from common import claimed_run_folder
+    from runs import claimed_run_folder
     config = {"out_dir": np_btl_run[0], "resume": True, "overwrite": False}
     with claimed_run_folder(config, "reward"):  # as a training does
         evaluate.main([np_btl_run[0], *FAST, "--num-context=[0]", f"--out={tmp_path}"])

@@ -12,7 +12,7 @@ import evaluate
 import queries
 from common import ConfigError
 from data import load_pairs, make_paper_synthetic
-from reward import BTL, NPBTL, load_reward_model
+from reward import NPBTL, load_reward_model
 
 LN2 = math.log(2)
 

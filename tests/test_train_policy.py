@@ -16,8 +16,11 @@ import torch
 import data
 import evaluate
 import policy as policy_lib
+import steer
+import text
 import train_policy
-from common import ConfigError, TrainingError, UserError, load_checkpoint
+from common import ConfigError, TrainingError, UserError
+from runs import load_checkpoint
 from conftest import REPO, folder_hashes, run_torchrun, small
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -32,7 +35,7 @@ def np_dpo_run(toy_root, tmp_path_factory):
 
 
 def test_toy_inputs_are_aligned(toy_root):
-    rows = data.read_text_pairs(f"{toy_root}/pairs.jsonl")
+    rows = text.read_text_pairs(f"{toy_root}/pairs.jsonl")
     features = data.load_pairs(f"{toy_root}/features.npz")
     assert len(rows) == len(features.pairs) == 800 and features.labels == ["concise", "detailed"]
     assert features.pairs.shape[1:] == (2, 32)
@@ -111,8 +114,8 @@ def test_eval_settings_larger_than_the_val_split_stop_before_training(toy_root, 
 
 
 def test_features_must_align_with_pairs(toy_root, tmp_path):
-    rows = data.read_text_pairs(f"{toy_root}/pairs.jsonl")
-    data.write_text_pairs(f"{tmp_path}/fewer.jsonl", rows[:-1])
+    rows = text.read_text_pairs(f"{toy_root}/pairs.jsonl")
+    text.write_text_pairs(f"{tmp_path}/fewer.jsonl", rows[:-1])
     with pytest.raises(data.DataError, match="row-aligned"):
         train_policy.main(small(toy_root, f"--out_dir={tmp_path}", f"--data.pairs={tmp_path}/fewer.jsonl",
                                 "--data.toy=false"))
@@ -133,9 +136,9 @@ def test_evaluate_policy_mode(np_dpo_run, tmp_path):
 def test_policy_cli_steers_from_a_context_file(np_dpo_run, tmp_path, capsys):
     rows = [{"prompt": "tell me about cats .", "response_a": "cats are nice .",
              "response_b": "cats are nice . cats look old .", "choices": {"me": 0}}]
-    data.write_text_pairs(f"{tmp_path}/me.jsonl", rows)
-    policy_lib.main([np_dpo_run[0], f"--context={tmp_path}/me.jsonl", "--prompt=describe tea .", "--samples=2",
-                     "--max_new_tokens=12"])
+    text.write_text_pairs(f"{tmp_path}/me.jsonl", rows)
+    steer.main([np_dpo_run[0], f"--context={tmp_path}/me.jsonl", "--prompt=describe tea .", "--samples=2",
+                "--max_new_tokens=12"])
     lines = capsys.readouterr().out.strip().splitlines()[-2:]
     assert len(lines) == 2 and all(lines)
 
@@ -162,10 +165,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(toy_root, tmp_
 
 def test_precomputed_reference_logps_equal_the_reference(toy_root):
     config, _ = train_policy.load_config(train_policy.DEFAULTS, small(toy_root))
-    features, token_pairs, tokenizer = train_policy.load_inputs(config)
+    features, token_pairs, tokenizer = text.load_inputs(config)
     base = policy_lib.build_base_model(config["policy"]["base"])
     policy = policy_lib.SteerablePolicy(base, config["policy"], features.dim)
-    table = train_policy.reference_logprobs(policy, features, token_pairs, config, tokenizer.pad_token_id,
+    table = text.reference_logprobs(policy, features, token_pairs, config, tokenizer.pad_token_id,
                                             torch.device("cpu"))
     test_rows = torch.from_numpy(features.split == "test")
     assert table[test_rows].isnan().all() and not table[~test_rows].isnan().any()
@@ -369,7 +372,7 @@ def world_runs(tmp_path_factory):
 def test_world_inputs_hold_users_on_disjoint_topics(world_runs):
     import world
     root, _ = world_runs
-    rows = data.read_text_pairs(f"{root}/pairs.jsonl")
+    rows = text.read_text_pairs(f"{root}/pairs.jsonl")
     preferences = json.load(open(f"{root}/users.json"))
     answered = {}
     for row in rows:
