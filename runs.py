@@ -244,3 +244,26 @@ def check_not_there(path, overwrite):
     if os.path.exists(path) and not overwrite:
         raise ConfigError(f"config key 'out': {path} exists (a run may have been trained on it): "
                           "replace it with --overwrite, or write elsewhere")
+
+
+# -----------------------------------------------------------------------------
+# runs to evaluate
+
+
+def run_dir_of(path):
+    return path if os.path.isdir(path) else os.path.dirname(path) or "."
+
+
+def check_runs(paths):
+    """Every run dir or checkpoint exists; a run dir holds the ckpt_best.pt we evaluate. A
+    run still training is scored as its ckpt_best.pt stands now, with a note."""
+    for path in paths:
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: no such run dir or checkpoint file")
+        holder = run_in_use(run_dir_of(path))
+        if holder:
+            print(f"note: {run_dir_of(path)} is still training ({holder}): scoring its best checkpoint so far")
+        best, last = os.path.join(path, "ckpt_best.pt"), os.path.join(path, "ckpt_last.pt")
+        if os.path.isdir(path) and not os.path.isfile(best):
+            hint = f" (evaluate {last} instead?)" if os.path.isfile(last) else " (not a run dir?)"
+            raise CheckpointError(f"{path} holds no ckpt_best.pt{hint}")

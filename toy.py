@@ -58,19 +58,9 @@ def toy_vocabulary():
     return ["<pad>", "<unk>", "<bos>", "<eos>"] + sorted(words - {"{}"})
 
 
-def toy_tokenizer(vocabulary=None):
-    """A word-level Hugging Face tokenizer over a word list (default: the two-type toy
-    vocabulary), built in code."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(vocabulary or toy_vocabulary())}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    # people type "Tell me about bees." for "tell me about bees ."; the toy texts tokenize as before
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                   bos_token="<bos>", unk_token="<unk>")
+def toy_tokenizer():
+    """The two-type toy world's word-level tokenizer."""
+    return world.word_tokenizer(toy_vocabulary())
 
 
 def prompt_topic(prompt):

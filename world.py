@@ -61,8 +61,22 @@ def vocabulary():
 
 def tokenizer():
     """The world's word-level tokenizer (lower-cases and splits off punctuation, as people type)."""
-    from toy import toy_tokenizer
-    return toy_tokenizer(vocabulary())
+    return word_tokenizer(vocabulary())
+
+
+def word_tokenizer(words):
+    """A word-level Hugging Face tokenizer over a word list, built in code: it lower-cases
+    and splits off punctuation, as people type."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    # people type "Tell me about bees." for "tell me about bees ."; the toy texts tokenize as before
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>", unk_token="<unk>")
 
 
 def prompts(split):

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import evaluate
+import policy_eval
+import report
 from common import CheckpointError, ConfigError, run_script
 from runs import load_checkpoint, save_checkpoint
 from conftest import REPO, TINY, folder_hashes, train
@@ -51,7 +53,7 @@ def test_the_episode_count_is_fixed_in_advance(evaluation):
     for r in rows:
         assert r["episodes"] == (EPISODES if r["label"] == "all" else EPISODES // 2)  # two labels, balanced
         assert r.get("mc_error", 0.0) == 0.0  # the paper task's reference is exact
-    table = evaluate.markdown(rows, [0, 1, 10], MAX_SEM)
+    table = report.markdown(rows, [0, 1, 10], MAX_SEM)
     assert table.count("(!)") == sum(r["sem"] > MAX_SEM for r in rows)
 
 
@@ -130,7 +132,7 @@ def no_work(monkeypatch):
     def work_started(*args, **kwargs):
         raise AssertionError("evaluation started")
     monkeypatch.setattr(evaluate, "load_models", work_started)
-    monkeypatch.setattr(evaluate, "load_policies", work_started)
+    monkeypatch.setattr(policy_eval, "load_policies", work_started)
 
 
 def evaluate_cli(*args, cwd=REPO):
@@ -170,7 +172,7 @@ def test_cli_run_dir_without_ckpt_best_is_one_line_and_writes_nothing(run_copy):
 def test_bad_device_is_refused_before_the_checkpoints_are_read(run_copy, no_work, monkeypatch, device, message):
     if device.startswith("cuda") and torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
-    monkeypatch.setattr(evaluate, "load_checkpoint", None)  # reading a checkpoint would fail differently
+    monkeypatch.setattr(policy_eval, "load_checkpoint", None)  # reading a checkpoint would fail differently
     with pytest.raises(ConfigError, match=f"config key 'device': .*{message}"):
         evaluate.main([run_copy[0], f"--device={device}"])
 
@@ -272,7 +274,7 @@ def test_eval_json_is_written_before_the_plots(run_copy, monkeypatch):
     pytest.importorskip("matplotlib")
     def broken_plot(*args):
         raise RuntimeError("a bug in plotting")
-    monkeypatch.setattr(evaluate, "plot_accuracy", broken_plot)
+    monkeypatch.setattr(report, "plot_accuracy", broken_plot)
     with pytest.raises(RuntimeError, match="a bug in plotting"):  # a real bug keeps its traceback
         evaluate.main([run_copy[0], *FAST, "--num-context=[0]", "--plot"])
     assert json.load(open(os.path.join(run_copy[0], "eval.json")))
@@ -325,7 +327,7 @@ def test_steering_plot_has_a_legend_per_panel_and_one_colour_per_model(tmp_path,
     rows += [{"model": "dpo", "label": label, "num_context": None, "gold_reward": 0.3, "sem": 0.02}
              for label in ("concise", "detailed")]
     rows += [{"model": "oracle_detailed", "label": "detailed", "num_context": None, "gold_reward": 0.9, "sem": 0.02}]
-    assert evaluate.plot_steering(rows, ["concise", "detailed"], [0, 5], "split 'test'", str(tmp_path)) == \
+    assert report.plot_steering(rows, ["concise", "detailed"], [0, 5], "split 'test'", str(tmp_path)) == \
         ["steering.png"]
     (fig,) = figures
     colours = {}

@@ -8,7 +8,7 @@ import os
 from conftest import REPO
 
 LIBRARY = {"common", "dist", "runs", "defaults", "np_encoder", "data", "bayes", "text", "world", "toy", "reward",
-           "policy", "queries", "dialogue", "steer_eval", "policy_eval", "plots"}
+           "policy", "queries", "dialogue", "steer_eval", "policy_eval", "report"}
 SCRIPTS = {"train_reward", "train_policy", "evaluate", "bench", "steer",
            "prepare.synthetic", "prepare.ultrafeedback", "prepare.embed"}
 METHOD_PATH = ("np_encoder.py", "reward.py", "policy.py", "train_reward.py", "train_policy.py")
@@ -90,3 +90,22 @@ def test_files_stay_short_and_the_method_path_reads_in_an_afternoon():
     long_files = {name: line_count(path) for name, path in module_files().items() if line_count(path) > 500}
     assert long_files == {}
     assert sum(line_count(os.path.join(REPO, name)) for name in METHOD_PATH) <= 1500
+
+
+def test_configs_hold_only_what_differs_from_the_defaults():
+    import glob
+
+    import yaml
+
+    from common import flatten, load_config
+    from defaults import POLICY_RUN, REWARD_RUN
+
+    bench_keys = ("bench.",)  # bench.py's own section, beside a policy config
+    for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml"))):
+        written = flatten(yaml.safe_load(open(path)))
+        defaults = POLICY_RUN if written.get("stage") == "policy" else REWARD_RUN
+        if not any(k.startswith(bench_keys) for k in written):
+            load_config(defaults, [path])  # every key is known and well typed
+        flat = flatten(defaults)
+        repeated = [k for k, v in written.items() if k != "stage" and k in flat and flat[k] == v]
+        assert repeated == [], f"{os.path.basename(path)} repeats defaults: {repeated}"

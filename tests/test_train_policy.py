@@ -15,6 +15,7 @@ import torch
 
 import data
 import evaluate
+import policy_eval
 import policy as policy_lib
 import steer
 import text
@@ -390,7 +391,7 @@ def test_known_preference_policy_reads_the_true_preferences(world_runs):
     assert "film" in checkpoint["model"] and "encoder" not in checkpoint["model"]
     assert checkpoint["policy_config"]["context_dim"] == 0
     policy, _ = policy_lib.load_policy(world_runs[1]["known"])
-    assert evaluate.policy_role(policy, checkpoint["config"]) == "known"
+    assert policy_eval.policy_role(policy, checkpoint["config"]) == "known"
 
 
 def test_known_preferences_must_match_the_latent_size(world_runs, tmp_path):

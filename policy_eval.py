@@ -1,0 +1,270 @@
+"""
+Evaluating policies (evaluate.py POLICY_RUN...): the implicit-reward accuracy of DPO on a
+user's unseen pairs as the context grows, and generations scored by the world's gold
+reward, on conflicting and agreeing pairs, beside plain DPO, per-label oracles and the
+known-preference ceiling. The steering world's own protocol is steer_eval.py.
+"""
+
+import functools
+import os
+
+import torch
+
+from common import ConfigError, check
+from data import DataError, EpisodeSampler, chosen_first
+from report import markdown, plot_steering, plot_world, sem, table_rows
+from runs import check_runs, load_checkpoint, resolve_path, run_dir_of
+
+
+def is_policy_checkpoint(path):
+    return "policy_config" in load_checkpoint(path)
+
+
+def policy_role(policy, run_config):
+    """'np_dpo', 'known' (FiLM on the users' true preferences), 'dpo', or 'oracle:<label>'
+    for a DPO policy trained on one label only."""
+    if policy.encoder is not None:
+        return "np_dpo"
+    if policy.film is not None:
+        return "known"
+    labels = run_config["data"]["labels"]
+    return f"oracle:{labels[0]}" if labels and len(labels) == 1 else "dpo"
+
+
+def load_policies(paths, device):
+    """{name: (policy, role)}, and the shared evaluation inputs of the first run."""
+    from policy import load_policy
+    from text import load_inputs
+
+    policies, first, configs = {}, None, {}
+    for path in paths:
+        policy, checkpoint = load_policy(path if not os.path.isdir(path) else os.path.join(path, "ckpt_best.pt"),
+                                         device=device)
+        first = first or checkpoint
+        name = os.path.basename(os.path.normpath(run_dir_of(path)))
+        if name in policies:
+            raise ConfigError(f"two runs are named {name}: give runs in folders of different names")
+        policies[name] = (policy.eval(), policy_role(policy, checkpoint["config"]))
+        configs[name] = checkpoint["config"]
+    d = first["config"]["data"]
+    first_config = dict(first["config"], data=dict(d, pairs=resolve_path(d["pairs"], first),
+                                                   features=resolve_path(d["features"], first)))
+    inputs_config = dict(first_config, data=dict(first_config["data"], labels=None, toy=False))
+    data, token_pairs, tokenizer = load_inputs(inputs_config)
+    first_config["run_configs"] = configs
+    return policies, data, token_pairs, tokenizer, first_config
+
+
+def conflicting_only(data):
+    """The same pairs, with choices kept only where every label answered and not all agree."""
+    answered = (data.choices >= 0).all(1)
+    conflict = answered & (data.choices.min(1).values != data.choices.max(1).values)
+    choices = torch.where(conflict[:, None], data.choices, torch.full_like(data.choices, -1))
+    return type(data)(data.pairs, choices, data.labels, data.split, data.meta, data.path)
+
+
+@torch.no_grad()
+def implicit_reward_rows(policies, data, token_pairs, pad_id, config, device):
+    """DPO implicit-reward accuracy on held-out conflicting pairs, per label and n."""
+    from policy import implicit_reward, policy_and_reference_logprobs
+    from text import episode_batch
+
+    p = config["policy_eval"]
+    conflicts = conflicting_only(data)
+    sampler = EpisodeSampler(conflicts, config["split"], p["num_targets"], max(config["num_context"]), seed=config["seed"])
+    rows = []
+    for n in sorted(config["num_context"]):
+        sampler.gen.manual_seed(config["seed"] + n)
+        label_rows = torch.arange(p["episodes"]) % len(sampler.labels)
+        per_model = {name: [] for name in policies}
+        for start in range(0, p["episodes"], p["batch_episodes"]):
+            chunk = label_rows[start:start + p["batch_episodes"]]
+            episodes = sampler.sample(len(chunk), num_context=n, label_rows=chunk)
+            batch = episode_batch(episodes, token_pairs, pad_id, device)
+            for name, (policy, _) in policies.items():
+                chosen, rejected, ref_chosen, ref_rejected = policy_and_reference_logprobs(policy, batch)
+                margin = implicit_reward(chosen, ref_chosen) - implicit_reward(rejected, ref_rejected)  # (E * T,)
+                correct = (margin > 0).float() + 0.5 * (margin == 0).float()
+                per_model[name].append(correct.view(len(chunk), -1).mean(1).cpu())
+        accs = {name: torch.cat(v) for name, v in per_model.items()}
+        rows += table_rows(accs, label_rows, sampler.labels, n, config["max_label_rows"])
+    return rows
+
+
+def user_contexts(data, candidates, exclude_prompt_rows, n, count, gen):
+    """`count` contexts of n pairs (count, n, 2, D), chosen first, drawn from `candidates`
+    (rows, label column) minus the rows of the evaluated prompt."""
+    rows, column = candidates
+    allowed = rows[~torch.isin(rows, exclude_prompt_rows)]
+    picks = torch.rand(count, len(allowed), generator=gen).argsort(1)[:, :n]  # (count, n)
+    pair_idx = allowed[picks]
+    return chosen_first(data.pairs[pair_idx], data.choices[pair_idx, column].bool())  # (count, n, 2, D)
+
+
+@torch.no_grad()
+def sample_responses(policy, tokenizer, prompt, count, samples, latent, config, device):
+    """`count` * `samples` responses to one prompt (texts), row r*samples + s from latent row r."""
+    from text import tokenize_prompt
+
+    p = config["policy_eval"]
+    prompt_ids = torch.tensor([tokenize_prompt(tokenizer, prompt)] * count, device=device)
+    out = policy.generate(prompt_ids, torch.ones_like(prompt_ids), latent=latent, do_sample=True,
+                          temperature=p["temperature"], num_return_sequences=samples,
+                          max_new_tokens=p["max_new_tokens"], pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.batch_decode(out[:, prompt_ids.shape[1]:], skip_special_tokens=True)
+
+
+def steering_rows(policies, data, tokenizer, text_rows, config, device):
+    """Gold reward of generations for every label and n, and win-rate against plain DPO."""
+    from toy import toy_gold_reward
+
+    p, split = config["policy_eval"], config["split"]
+    torch.manual_seed(config["seed"])
+    gen = torch.Generator().manual_seed(config["seed"])
+    in_split = torch.from_numpy(data.split == split)
+    prompts = sorted({row["prompt"] for row, keep in zip(text_rows, in_split.tolist()) if keep})
+    prompt_rows = {q: torch.tensor([i for i, row in enumerate(text_rows) if row["prompt"] == q]) for q in prompts}
+    count, samples = p["contexts_per_prompt"], p["samples_per_context"]
+    scores = {}  # (model, label, n) -> (prompts * count, samples) gold rewards
+    for name, (policy, role) in policies.items():
+        for j, label in enumerate(data.labels):
+            candidates = (torch.nonzero(in_split & (data.choices[:, j] >= 0)).squeeze(1), j)
+            if role.startswith("oracle:") and role != f"oracle:{label}":
+                continue
+            for n in sorted(config["num_context"]) if role == "np_dpo" else [None]:
+                per_prompt = []
+                for q in prompts:
+                    latent = None
+                    if role == "np_dpo":
+                        context = user_contexts(data, candidates, prompt_rows[q], n, count, gen).to(device)
+                        latent = policy.infer_latent(context)
+                    texts = sample_responses(policy, tokenizer, q, count, samples, latent, config, device)
+                    per_prompt.append(torch.tensor([toy_gold_reward(q, t, label) for t in texts]).view(count, samples))
+                scores[(name, label, n)] = torch.cat(per_prompt)
+    return scores
+
+
+def steering_table(scores, policies, labels, sizes):
+    """Rows of gold reward (and win-rate against plain DPO) and their Markdown table.
+    A policy without a context encoder has one row per label (num_context None),
+    repeated in every column of the table."""
+    dpo = next((name for name, (_, role) in policies.items() if role == "dpo"), None)
+    rows, lines = [], ["| model | label | " + " | ".join(f"n={n}" for n in sizes) + " |",
+                       "|---|---|" + "---|" * len(sizes)]
+    for (name, label, n), s in scores.items():
+        row = {"model": name, "num_context": n, "label": label, "gold_reward": s.mean().item(),
+               "sem": sem(s.mean(1)), "samples": s.numel()}
+        if dpo is not None and name != dpo:
+            wins = (s > scores[(dpo, label, None)]).float() + 0.5 * (s == scores[(dpo, label, None)]).float()
+            row.update(win_rate=wins.mean().item(), win_rate_sem=sem(wins.mean(1)))
+        rows.append(row)
+    cell = {(r["model"], r["label"], r["num_context"]): r for r in rows}
+    for name, label in dict.fromkeys((r["model"], r["label"]) for r in rows):
+        cells = []
+        for n in sizes:
+            r = cell.get((name, label, n)) or cell[(name, label, None)]
+            cells.append(f"{r['gold_reward']:.3f} ± {r['sem']:.3f}" + (f" (win {r['win_rate']:.2f})" if "win_rate" in r else ""))
+        lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return rows, "\n".join(lines)
+
+
+def closure_lines(rows, policies, labels, sizes):
+    """Share of the gap from plain DPO to each label's oracle that NP-DPO closes at each n."""
+    gold = {(r["model"], r["label"], r["num_context"]): r["gold_reward"] for r in rows}
+    roles = {role: name for name, (_, role) in policies.items()}
+    if "dpo" not in roles or "np_dpo" not in roles:
+        return "Gap closure needs a plain DPO run and an NP-DPO run."
+    lines = ["Gap closure (NP-DPO - DPO) / (oracle - DPO), gold reward:"]
+    for label in labels:
+        oracle = roles.get(f"oracle:{label}")
+        if oracle is None:
+            lines.append(f"  {label}: no oracle run given")
+            continue
+        base, top = gold[(roles["dpo"], label, None)], gold[(oracle, label, None)]
+        curve = [gold[(roles["np_dpo"], label, n)] for n in sizes]
+        rising = all(b >= a for a, b in zip(curve, curve[1:]))
+        lines.append(f"  {label}: " + ", ".join(f"n={n} {100 * (g - base) / (top - base):.1f}%" for n, g in zip(sizes, curve))
+                     + f"; gold reward {'rises' if rising else 'does not rise'} monotonically with n")
+    return "\n".join(lines)
+
+
+def evaluate_policies(paths, config, device):
+    """Rows for eval.json and the function that draws the plots into a folder (None: no plots)."""
+    from text import read_text_pairs
+
+    policies, data, token_pairs, tokenizer, run_config = load_policies(paths, device)
+    sizes = sorted(config["num_context"])
+    if run_config["data"].get("world") == "continuum":
+        return evaluate_world_policies(policies, data, token_pairs, tokenizer, run_config, config, device)
+    rows = implicit_reward_rows(policies, data, token_pairs, tokenizer.pad_token_id, config, device)
+    print(f"DPO implicit-reward accuracy (points ± SEM) on held-out conflicting pairs, split '{config['split']}'\n")
+    print(markdown(rows, sizes, float("inf")))
+    if not run_config["data"]["toy"]:
+        print("\nSteering by generation needs gold rewards: only the toy task has them.")
+        return rows, None
+    text_rows = read_text_pairs(run_config["data"]["pairs"], run_config["data"]["skip_bad_lines"])
+    scores = steering_rows(policies, data, tokenizer, text_rows, config, device)
+    steer_rows, table = steering_table(scores, policies, data.labels, sizes)
+    print("\nGold reward of sampled responses (± SEM over prompt x context; win = win-rate against plain DPO)\n")
+    print(table + "\n\n" + closure_lines(steer_rows, policies, data.labels, sizes))
+    where = f"split '{config['split']}' of {run_config['data']['pairs']}"
+    return rows + steer_rows, functools.partial(plot_steering, steer_rows, data.labels, sizes, where)
+
+
+def evaluate_world_policies(policies, data, token_pairs, tokenizer, run_config, config, device):
+    """The steering world (steer_eval.py): rows for eval.json, the tables, and the plots."""
+    import steer_eval
+    from text import read_text_pairs
+
+    text_rows = read_text_pairs(run_config["data"]["pairs"], run_config["data"]["skip_bad_lines"])
+    if "preferences" not in data.meta:
+        raise DataError(f"{run_config['data']['preferences']}: the users' preferences are needed to score steering")
+    users = steer_eval.TestUsers(data, text_rows, config["split"])
+    results = steer_eval.evaluate_world(policies, users, token_pairs, tokenizer, config, device)
+    groups = steer_eval.seed_groups(run_config["run_configs"])
+    roles = {name: role for name, (_, role) in policies.items()}
+    sizes = sorted(config["num_context"])
+    print(f"Steering world, split '{config['split']}': {len(users.labels)} users never seen in training, "
+          f"prompts {steer_eval.eval_prompts(users.split, config['policy_eval']['prompts'])}; "
+          "mean ± sd over training seeds (one seed: ± SEM over users)\n")
+    print(steer_eval.world_tables(results, groups, roles, sizes))
+    ref = results["reference"]
+    print(f"\nreference (the fine-tuned base): gold reward {ref['reference_reward']:.3f}, relevance "
+          f"{100 * ref['relevance']:.1f} %; users' optimum (exact) {ref['best_reward']:.3f} on average")
+    rows = [{"model": name, "role": roles.get(name, name), **res} for name, res in results.items()]
+    return rows, functools.partial(plot_world, results, groups, roles, sizes)
+
+
+def evaluate_policy_queries(paths, strategies, config, device):
+    """--queries on steering-world policies: normalised gold reward against questions asked, the
+    questions chosen by the reward run query.selector (steer_eval.question_curves)."""
+    import queries
+    import steer_eval
+    from text import read_text_pairs
+
+    policies, data, _, tokenizer, run_config = load_policies(paths, device)
+    check(run_config["data"].get("world") == "continuum", "queries", "policies are scored against questions on "
+          "the steering world only (data.world: continuum), where gold rewards are known")
+    selector = config["query"]["selector"]
+    check(bool(selector) or strategies == ["random"], "query.selector", "give the reward run that chooses the "
+          "questions (an NP-BTL trained on the policy's context features, e.g. runs/steer_world_reward)")
+    belief = None
+    if selector:
+        check_runs([selector])
+        q = config["query"]
+        belief = queries.run_belief(selector, data.dim, q["samples"], q["lookahead"], device, data.path)
+    users = steer_eval.TestUsers(data, read_text_pairs(run_config["data"]["pairs"]), config["split"])
+    curves = steer_eval.question_curves(policies, belief, users, tokenizer, strategies, config, device)
+    check(len(curves) > 0, "run", "--queries scores NP-DPO policies (steered by answers): give at least one")
+    sizes = sorted(config["num_context"])
+    rows = [{"model": name, "strategy": s, "questions": n, **{k: v[0] for k, v in res.items()},
+             **{f"{k}_sem": v[1] for k, v in res.items()}} for (name, s, n), res in curves.items()]
+    print(f"Steering world, split '{config['split']}', {len(users.labels)} users; questions chosen by {selector or '-'}"
+          f"\n\nNormalised gold reward (%) ± SEM over users, against the number of questions answered:\n")
+    print("| model | strategy | " + " | ".join(f"n={n}" for n in sizes) + " |\n|---|---|" + "---|" * len(sizes))
+    for key in dict.fromkeys((r["model"], r["strategy"]) for r in rows):
+        cells = [f"{100 * r['normalised']:.1f} ± {100 * r['normalised_sem']:.1f} (rel {100 * r['relevance']:.0f})"
+                 for r in rows if (r["model"], r["strategy"]) == key]
+        print(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    return rows, None
