@@ -49,8 +49,6 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from common import REQUIRED, CheckpointError, ConfigError
 from runs import load_checkpoint, resolve_path, save_checkpoint
@@ -98,6 +96,8 @@ DECODER_LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "mode
 
 def build_base_model(name_or_config, dtype=None, trust_remote_code=False):
     """A causal LM from a hub name or local path, or a random one from a transformers config."""
+    from transformers import AutoModelForCausalLM, PretrainedConfig  # here: importing this module stays light
+
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if isinstance(name_or_config, PretrainedConfig):
         return AutoModelForCausalLM.from_config(name_or_config, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -122,6 +122,8 @@ def add_lora(model, lora_config):
     if not targets:
         raise ConfigError(f"config key 'policy.lora.targets': no default targets for model type "
                           f"'{model_type}' (known: {', '.join(LORA_TARGETS)}); list the module names")
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(r=lora_config["r"], lora_alpha=lora_config["alpha"], lora_dropout=lora_config["dropout"],
                         target_modules=list(targets), fan_in_fan_out=model_type == "gpt2", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
@@ -260,6 +262,8 @@ class SteerablePolicy(nn.Module):
 
     def trained_state_dict(self):
         """Only what is trained: LoRA (peft's keys), FiLM and encoder. Never base weights."""
+        from peft import get_peft_model_state_dict
+
         state = {"lora": get_peft_model_state_dict(self.lm)}
         if self.film is not None:
             state["film"] = self.film.state_dict()
@@ -268,6 +272,8 @@ class SteerablePolicy(nn.Module):
         return state
 
     def load_trained_state_dict(self, state):
+        from peft import set_peft_model_state_dict
+
         result = set_peft_model_state_dict(self.lm, state["lora"])
         missing = [k for k in result.missing_keys if "lora_" in k]
         if result.unexpected_keys or missing:

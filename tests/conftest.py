@@ -3,6 +3,7 @@ BTL) is trained once per session on a small copy of the paper's synthetic task."
 
 import hashlib
 import importlib
+import json
 import os
 import shutil
 import subprocess
@@ -41,6 +42,11 @@ def run_torchrun(script, args, out_dir, timeout):
         shutil.rmtree(out_dir, ignore_errors=True)
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     return result
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs scripts in processes of their own (torchrun included); "
+                                       "CI runs them, `-m 'not slow'` skips them locally")
 
 
 def prepare_main(argv):
@@ -118,3 +124,25 @@ def toy_root(tmp_path_factory):
     config, _ = train_policy.load_config(train_policy.DEFAULTS, small(root))
     toy.build_toy_inputs(config)
     return root
+
+
+# -----------------------------------------------------------------------------
+# text pairs, shared by test_text.py and test_prepare.py
+
+GOOD_ROW = {"prompt": "p", "response_a": "a", "response_b": "b", "choices": {"u1": 0, "u2": None}}
+
+
+def write_lines(path, lines):
+    """A JSONL file of raw lines (dicts are dumped, strings written as they are)."""
+    with open(path, "w") as f:
+        f.write("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<bos> {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}tell {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def toy_rows():
+    return toy.make_toy_text_pairs(num_pairs=600, conflict_fraction=0.75, seed=0)

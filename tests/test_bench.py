@@ -138,6 +138,7 @@ def test_a_run_on_data_of_another_dimension_is_refused(np_btl_run, tmp_path, no_
         bench.main(["reward", f"--data.path={tmp_path}/d3.npz", f"--run={np_btl_run[0]}"])
 
 
+@pytest.mark.slow
 def test_cli_user_error_is_one_line_exit_2(btl_run, paper_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "reward", f"--data.path={paper_path}",
                              f"--run={btl_run[0]}"], cwd=REPO, capture_output=True, text=True,

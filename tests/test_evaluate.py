@@ -151,6 +151,7 @@ def tiny_run(folder, data_path, *overrides):
     return str(folder)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cli_unavailable_device_is_one_line_and_writes_nothing(run_copy):
     run, hashes = run_copy
@@ -159,6 +160,7 @@ def test_cli_unavailable_device_is_one_line_and_writes_nothing(run_copy):
     assert folder_hashes(run) == hashes
 
 
+@pytest.mark.slow
 def test_cli_run_dir_without_ckpt_best_is_one_line_and_writes_nothing(run_copy):
     run, _ = run_copy
     os.remove(os.path.join(run, "ckpt_best.pt"))

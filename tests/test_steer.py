@@ -232,6 +232,7 @@ def run_cli(*argv, cwd=REPO):
                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["no-run", "context-unknown-words"])
 def test_cli_bad_input_in_a_process_of_its_own(cli_runs, toy_root, tmp_path, case):
     """The same contract from the shell (a subprocess costs seconds): before anything loads, and
@@ -244,6 +245,7 @@ def test_cli_bad_input_in_a_process_of_its_own(cli_runs, toy_root, tmp_path, cas
     assert tree_hashes(cli_runs["root"], toy_root, tmp_path) == before
 
 
+@pytest.mark.slow
 def test_cli_runs_from_another_folder_with_the_example_context_and_a_natural_prompt(cli_runs, toy_root, tmp_path):
     """The run's relative paths resolve from where it was trained; capitals and attached punctuation read."""
     before = tree_hashes(cli_runs["root"], toy_root)
@@ -306,6 +308,7 @@ common.run_script(steer.main)
 """
 
 
+@pytest.mark.slow
 def test_cli_ctrl_c_during_generation_exits_130_quietly(cli_runs):
     process = subprocess.Popen([sys.executable, "-c", INTERRUPT_DURING_GENERATION, cli_runs["np"],
                                 f"--context={EXAMPLE_CONTEXT}", "--prompt=describe tea .", "--samples=4"],
@@ -461,6 +464,7 @@ def test_reward_dialogue_scores_pairs(np_btl_run, monkeypatch, capsys, tmp_path)
     (["--score={tmp}/empty.jsonl"], "holds no pairs (an empty file)"),
     (["--ask=1", "--context={tmp}"], "no such file (a folder)"),
 ])
+@pytest.mark.slow
 def test_reward_dialogue_mistakes_are_one_line_and_write_nothing(np_btl_run, tmp_path, args, message):
     (tmp_path / "old.jsonl").write_text("{}\n")
     (tmp_path / "bad.jsonl").write_text("[1, 2]\n")

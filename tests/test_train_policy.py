@@ -203,6 +203,7 @@ def test_precomputed_reference_runs_the_reference_once_and_changes_nothing(toy_r
 # -----------------------------------------------------------------------------
 # data-parallel (torchrun)
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_effective_batch(toy_root, tmp_path):
     """grad_accum = 2 micro-batches per step: one process runs both, or each of two runs one."""
     args = small(toy_root, "--train.steps=6", "--eval.interval=3", "--train.grad_accum=2", "--policy.lora.dropout=0.0")
@@ -237,6 +238,7 @@ def torchrun(args, log):
                             stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_then_resume_ends_like_an_uninterrupted_run(toy_root, tmp_path):
     """torchrun forwards SIGTERM to both ranks; they stop after the same step, rank 0 saves,
     and a resumed 2-process run ends bit for bit where an uninterrupted one does."""

@@ -214,6 +214,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, pape
 # -----------------------------------------------------------------------------
 # data-parallel (torchrun)
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, paper_path):
     args = [*TINY, f"--data.path={paper_path}"]
     train(tmp_path / "one", paper_path, *TINY)
@@ -236,6 +237,7 @@ def test_global_batch_must_divide_among_processes():
         train_reward.validate_config(config, world_size=3)
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_ends_like_an_uninterrupted_run(tmp_path, paper_path):
     """SIGKILL gives no chance to save: the run resumes from the last interval checkpoint."""
     args = [*TINY, "--train.steps=1500", "--eval.interval=50", f"--data.path={paper_path}"]
@@ -342,6 +344,7 @@ def run_script_file(args, cwd):
     (["broken.yaml"], r"broken.yaml, line \d+: not valid YAML"),
     (["--resume"], "--resume: no runs/synthetic_np_btl/ckpt_last.pt to continue"),
 ])
+@pytest.mark.slow
 def test_user_errors_exit_2_with_one_line_and_write_nothing(tmp_path, args, message):
     (tmp_path / "taken_by_a_file").write_text("x")
     (tmp_path / "broken.yaml").write_text("train:\n  steps: [1\n")
@@ -353,6 +356,7 @@ def test_user_errors_exit_2_with_one_line_and_write_nothing(tmp_path, args, mess
     assert folder_hashes(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_two_trainings_into_one_folder_the_second_is_refused(tmp_path, paper_path):
     args = [f"--data.path={paper_path}", "--out_dir=run", *TINY, "--train.steps=100000", "--eval.interval=50"]
     first = subprocess.Popen([sys.executable, os.path.join(REPO, "train_reward.py"), *args], cwd=tmp_path,
