@@ -2,9 +2,8 @@
 The built-in worlds' inputs, built when a policy config asks for them and they are
 missing: the text pairs (and, for the steering world, each user's true preference),
 a tiny Llama-style base model fine-tuned on the world's responses (the reference
-policy), and the pairs' context features from text.embed_pairs.
-
-    python toy.py configs/steer_world.yaml      # build them without training
+policy), and the pairs' context features from text.embed_pairs. train_policy.py calls
+build_missing before it reads its inputs.
 
 Also the two-type toy text world (configs/steer_text*.yaml): prompts ask about a topic;
 a response is 1-5 short sentences, each about the prompt's topic (relevant) or another

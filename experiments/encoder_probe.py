@@ -17,6 +17,7 @@ import torch
 import data
 import policy as policy_lib
 import steer_eval
+import text
 import train_policy
 from common import load_config, seed_everything
 
@@ -36,12 +37,12 @@ def main(counts):
     for steps in counts:
         config, _ = load_config(train_policy.DEFAULTS, [f"--train.encoder_warmup_steps={steps}"])
         seed_everything(0)
-        d, _, _ = train_policy.load_inputs(config)
+        d, _, _ = text.load_inputs(config)
         sampler, _ = data.train_val_samplers(d, config)
         policy = policy_lib.SteerablePolicy(policy_lib.build_base_model(config["policy"]["base"]), config["policy"],
                                             context_dim=d.dim)
         train_policy.warm_up_encoder(policy, sampler, config, torch.device("cpu"))
-        r2 = read_out_r2(policy, d, data.read_text_pairs(config["data"]["pairs"]), torch.Generator().manual_seed(0))
+        r2 = read_out_r2(policy, d, text.read_text_pairs(config["data"]["pairs"]), torch.Generator().manual_seed(0))
         print(f"{steps} warm-up steps: validation R^2 of a linear read-out, length {r2[0]:.2f}, tone {r2[1]:.2f}")
 
 

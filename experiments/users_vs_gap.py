@@ -7,7 +7,7 @@ trained by the given recipe and scored by evaluate.py on its own test users.
     python experiments/users_vs_gap.py                       # writes experiments/users_vs_gap.{json,md,png}
     python experiments/users_vs_gap.py --recipe="--train.steps=3000"   # another training recipe
 
-It only runs the project's commands (data.py, train_reward.py, evaluate.py) and collects
+It only runs the project's commands (prepare/synthetic.py, train_reward.py, evaluate.py) and collects
 their eval.json; runs and data go under runs/users_vs_gap/ and data/users_vs_gap/.
 """
 
@@ -35,7 +35,7 @@ def point(users, pairs_per_user, recipe):
     name = f"u{users}_p{pairs_per_user}"
     data, out = f"data/users_vs_gap/{name}.npz", f"runs/users_vs_gap/{name}"
     if not os.path.exists(os.path.join(REPO, data)):
-        run("data.py", "synthetic", "--generator=linear", f"--num_users={users}", f"--pairs_per_user={pairs_per_user}",
+        run("prepare/synthetic.py", "--generator=linear", f"--num_users={users}", f"--pairs_per_user={pairs_per_user}",
             "--dim=4", "--temperature=0.1", f"--out={data}")
     targets = min(20, pairs_per_user - 10)  # every user answers context + targets
     if not os.path.exists(os.path.join(REPO, out, "ckpt_best.pt")):
