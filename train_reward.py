@@ -168,8 +168,7 @@ def train(model, optimizer, sampler, val_sampler, config, device, step, best, ra
             # every rank draws the same global batch (same seed), then keeps its slice
             batch = to_device(rank_slice(sampler.sample(t["batch_size"]), rank, world_size), device)
             loss, train_metrics = model.loss(batch)
-            check_finite(mean_over_ranks(loss.detach()), step + 1, out_dir)  # all ranks raise together
-            optimizer.zero_grad(set_to_none=True)
+            check_finite(mean_over_ranks(loss.detach()), step + 1, out_dir)  # before the update, on all ranks
             loss.backward()
             average_gradients(model.parameters())
             if world_size > 1:  # log the global batch's figures
@@ -178,6 +177,7 @@ def train(model, optimizer, sampler, val_sampler, config, device, step, best, ra
             if t["grad_clip"] > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             progress.set_postfix(loss=f"{train_metrics['loss']:.4f}", acc=f"{train_metrics['acc']:.3f}", refresh=False)
             done = step + 1
             at_interval = done % config["eval"]["interval"] == 0 or done == last_step(best, t)
