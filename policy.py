@@ -8,7 +8,7 @@ user's context pairs, and the DPO loss.
     so a fresh policy computes exactly the base model.
 
 The DPO reference is the same network with LoRA and FiLM switched off
-(`reference_mode()`), so the base weights are held once. With `film.latent_dim = 0`
+(`reference_mode()`), so the base weights are held once. With `encoder.latent_dim = 0`
 there is no FiLM and no encoder: the same code is plain DPO with LoRA.
 
 Steer a trained policy with a user's few choices: steer.py.
@@ -66,13 +66,13 @@ DEFAULTS = {
         "targets": None,  # module names; None = LORA_TARGETS[model_type]
     },
     "film": {
-        "latent_dim": 16,  # size of z; 0 = no FiLM and no encoder (plain DPO)
         "hidden": 64,  # width of the FiLM generator's hidden layer
         "layers": None,  # indices of conditioned decoder layers; None = all
     },
-    "encoder": {
+    "encoder": {  # the layout of reward.MODEL_DEFAULTS["encoder"]
         "hidden": 256,  # width of the context encoder
         "layers": 2,  # depth of its pair MLP
+        "latent_dim": 16,  # size of z; 0 = no z: no FiLM and no encoder (plain DPO)
         "aggregator": "attention",  # mean, sum or attention
         "stochastic": False,  # Gaussian q(z | context); the policy uses its mean
     },
@@ -159,14 +159,14 @@ class SteerablePolicy(nn.Module):
         self.film = self.encoder = None
         self._film_state = None  # (gamma, beta, expand) inside conditioned(), else None
         self._in_reference = False
-        if f["latent_dim"] > 0:
+        if e["latent_dim"] > 0:
             indices = film_layer_indices(f["layers"], len(layers))
             hidden_size = base_model.config.get_text_config().hidden_size
-            self.film = FiLM(f["latent_dim"], hidden_size, len(indices), f["hidden"])
+            self.film = FiLM(e["latent_dim"], hidden_size, len(indices), f["hidden"])
             for slot, index in enumerate(indices):
                 layers[index].register_forward_hook(functools.partial(self._film_hook, slot))
-        if f["latent_dim"] > 0 and context_dim > 0:
-            self.encoder = ContextEncoder(context_dim, e["hidden"], f["latent_dim"], e["layers"],
+        if e["latent_dim"] > 0 and context_dim > 0:
+            self.encoder = ContextEncoder(context_dim, e["hidden"], e["latent_dim"], e["layers"],
                                           e["aggregator"], e["stochastic"])
 
     def forward(self, input_ids, attention_mask=None, latent=None):
@@ -187,7 +187,7 @@ class SteerablePolicy(nn.Module):
     def infer_latent(self, context, context_mask=None):
         """context (B, n, 2, context_dim) -> z (B, latent_dim), or the mean of q(z | context)."""
         if self.encoder is None:
-            raise ValueError("this policy has no context encoder (film.latent_dim = 0 or context_dim = 0)")
+            raise ValueError("this policy has no context encoder (encoder.latent_dim = 0 or context_dim = 0)")
         out = self.encoder(context, context_mask)
         return out[0] if self.encoder.stochastic else out
 
@@ -199,11 +199,11 @@ class SteerablePolicy(nn.Module):
         as generate() lays out num_return_sequences and beams.
         """
         if self.film is None:
-            raise ValueError("this policy has no FiLM (film.latent_dim = 0): it takes no latent")
+            raise ValueError("this policy has no FiLM (encoder.latent_dim = 0): it takes no latent")
         if self._in_reference:
             raise RuntimeError("conditioned() inside reference_mode(): the reference has no FiLM")
-        if latent.dim() != 2 or latent.shape[1] != self.config["film"]["latent_dim"]:
-            raise ValueError(f"latent must be (batch, {self.config['film']['latent_dim']}), "
+        if latent.dim() != 2 or latent.shape[1] != self.config["encoder"]["latent_dim"]:
+            raise ValueError(f"latent must be (batch, {self.config['encoder']['latent_dim']}), "
                              f"got {tuple(latent.shape)}")
         gamma, beta = self.film(latent)  # (L, B, H) each
         with self._film_state_set((gamma, beta, expand)):
@@ -425,7 +425,19 @@ def policy_checkpoint(path, device="cpu"):
             raise CheckpointError(f"{path} is a reward run, not a policy run (made by train_reward.py; "
                                   "steer.py reads either kind)")
         raise CheckpointError(f"{path}: not a policy checkpoint (no policy_config)")
+    checkpoint["policy_config"] = current_layout(checkpoint["policy_config"])
+    if "policy" in checkpoint["config"]:
+        checkpoint["config"]["policy"] = current_layout(checkpoint["config"]["policy"])
     return checkpoint
+
+
+def current_layout(policy_config):
+    """A policy config as this code lays it out: runs saved before latent_dim moved from
+    film to encoder (the reward model's layout) still load."""
+    config = copy.deepcopy(policy_config)
+    if "latent_dim" in config.get("film", {}):
+        config["encoder"] = dict(config["encoder"], latent_dim=config["film"].pop("latent_dim"))
+    return config
 
 
 def policy_from_checkpoint(checkpoint, base_model=None, device="cpu"):

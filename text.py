@@ -327,7 +327,7 @@ def load_inputs(config):
 def known_latents(data, config):
     """The users' true preferences scaled to [-1, 1], (L, d) in data.labels' order, when the
     policy is conditioned on them (train.condition_on = preferences); else None."""
-    if config["train"]["condition_on"] != "preferences" or config["policy"]["film"]["latent_dim"] == 0:
+    if config["train"]["condition_on"] != "preferences" or config["policy"]["encoder"]["latent_dim"] == 0:
         return None
     preferences = data.meta.get("preferences")
     if preferences is None:
@@ -338,7 +338,7 @@ def known_latents(data, config):
         raise DataError(f"{config['data']['preferences']}: no preference for user {missing[0]!r} "
                         f"(and {len(missing) - 1} more)")
     latents = world.user_latents(data.labels, preferences)
-    check(config["policy"]["film"]["latent_dim"] == latents.shape[1], "policy.film.latent_dim",
+    check(config["policy"]["encoder"]["latent_dim"] == latents.shape[1], "policy.encoder.latent_dim",
           f"must be {latents.shape[1]}, the size of a user's preference vector, with train.condition_on = preferences")
     return latents
 

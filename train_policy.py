@@ -85,7 +85,7 @@ def validate_config(config, world_size=1):
                    "policy.encoder.layers", "policy.film.hidden", "data.max_length", "data.toy_pairs",
                    "toy_model.hidden_size", "toy_model.layers", "toy_model.heads", "toy_model.intermediate_size",
                    "toy_model.sft_steps", "toy_model.sft_batch_size", "toy_model.sft_lr")
-    check(p["film"]["latent_dim"] >= 0, "policy.film.latent_dim", "must be non-negative (0 = plain DPO)")
+    check(p["encoder"]["latent_dim"] >= 0, "policy.encoder.latent_dim", "must be non-negative (0 = plain DPO)")
     check(0 <= p["lora"]["dropout"] < 1, "policy.lora.dropout", "must lie in [0, 1)")
     labels = config["data"]["labels"]
     check(labels is None or isinstance(labels, list), "data.labels", f"must be a list of labels, e.g. [{labels}]")
@@ -233,7 +233,7 @@ def warm_up_encoder(policy, sampler, config, device):
     import reward as reward_lib
 
     e, steps = config["policy"]["encoder"], config["train"]["encoder_warmup_steps"]
-    model = reward_lib.NPBTL(sampler.data.dim, latent_dim=config["policy"]["film"]["latent_dim"],
+    model = reward_lib.NPBTL(sampler.data.dim, latent_dim=config["policy"]["encoder"]["latent_dim"],
                              encoder_hidden=e["hidden"], encoder_layers=e["layers"], aggregator=e["aggregator"],
                              stochastic=e["stochastic"]).to(device)
     model.encoder = policy.encoder  # shared: the NP-BTL loss trains the policy's encoder
@@ -275,6 +275,8 @@ def main(argv):
     validate_config(config, world_size)
     check_run_folder(config, "policy")  # read-only: nothing is written to out_dir before the loop
     checkpoint = load_checkpoint(os.path.join(config["out_dir"], "ckpt_last.pt")) if config["resume"] else None
+    if checkpoint:
+        checkpoint["config"]["policy"] = policy_lib.current_layout(checkpoint["config"]["policy"])
     changed = check_resume(checkpoint["config"], config, ("stage", "policy.", "data.max_length")) if checkpoint else {}
     missing = toy_inputs_to_build(config) if config["data"]["toy"] else []  # a mistyped path stops here
     if checkpoint and missing:  # a resumed run never builds new inputs

@@ -112,7 +112,7 @@ def small(root, *overrides):
     return [f"--data.pairs={root}/pairs.jsonl", f"--data.features={root}/features.npz", "--data.generate",
             f"--policy.base={root}/base", "--data.world=two_types", "--data.preferences=null", "--data.toy_pairs=800", "--toy_model.hidden_size=32",
             "--toy_model.intermediate_size=64", "--toy_model.sft_steps=150", "--toy_model.sft_batch_size=32",
-            "--policy.lora.r=4", "--policy.film.hidden=32", "--policy.encoder.hidden=32", "--policy.film.latent_dim=8",
+            "--policy.lora.r=4", "--policy.film.hidden=32", "--policy.encoder.hidden=32", "--policy.encoder.latent_dim=8",
             "--train.steps=60", "--train.warmup_steps=5", "--train.encoder_warmup_steps=0", "--train.batch_size=4", "--train.num_targets=4",
             "--eval.interval=30", "--eval.episodes=16", "--eval.context_sizes=[0,5]", *overrides]
 

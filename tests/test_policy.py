@@ -32,8 +32,8 @@ def policy_config(latent_dim=LATENT_DIM, **film):
     config = copy.deepcopy(DEFAULTS)
     config["base"] = "<memory>"
     config["lora"].update(r=4, alpha=8, dropout=0.0)
-    config["film"].update(latent_dim=latent_dim, hidden=16, **film)
-    config["encoder"].update(hidden=16)
+    config["film"].update(hidden=16, **film)
+    config["encoder"].update(hidden=16, latent_dim=latent_dim)
     return config
 
 
@@ -327,6 +327,29 @@ def test_save_load_reproduces_logprobs_and_saves_only_trained(arch, tmp_path):
     assert saved_bytes == sum(p.numel() * p.element_size() for p in trained)
     assert (tmp_path / "ckpt.pt").stat().st_size < saved_bytes + 64_000  # tensors plus pickle overhead
     assert all("lora_" in key for key in checkpoint["model"]["lora"])
+
+
+def test_a_run_saved_with_latent_dim_under_film_still_loads(tmp_path):
+    """Runs saved before latent_dim moved from policy.film to policy.encoder (the reward
+    model's layout) load as they were: the same log-probs."""
+    tiny_base("gpt2").save_pretrained(tmp_path / "base")
+    config = policy_config()
+    config["base"] = str(tmp_path / "base")
+    policy = SteerablePolicy(build_base_model(config["base"]), config, CONTEXT_DIM).eval()
+    perturb(policy)
+    batch, _ = pair_batch()
+    with torch.no_grad():
+        expected = pair_logprobs(policy, batch, latents(2))
+    save_policy(tmp_path / "ckpt.pt", policy, config={"policy": config})
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    for old in (checkpoint["policy_config"], checkpoint["config"]["policy"]):
+        old["film"]["latent_dim"] = old["encoder"].pop("latent_dim")
+    save_checkpoint(str(tmp_path / "old.pt"), checkpoint)
+    loaded, loaded_checkpoint = load_policy(tmp_path / "old.pt")
+    assert loaded_checkpoint["config"]["policy"]["encoder"]["latent_dim"] == LATENT_DIM
+    with torch.no_grad():
+        got = pair_logprobs(loaded.eval(), batch, latents(2))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 def test_load_policy_rejects_other_checkpoints(tmp_path):

@@ -85,7 +85,7 @@ def cli_runs(toy_root, tmp_path_factory):
         train_policy.main([*small(os.path.basename(toy_root), *STEERABLE), f"--out_dir={root}/np_dpo"])
     finally:
         os.chdir(here)
-    train_policy.main([*small(toy_root, "--policy.film.latent_dim=0", "--train.steps=10", "--eval.interval=10"),
+    train_policy.main([*small(toy_root, "--policy.encoder.latent_dim=0", "--train.steps=10", "--eval.interval=10"),
                        f"--out_dir={root}/dpo"])
     data.save_pairs(f"{root}/paper.npz", data.make_paper_synthetic(num_pairs=1000, seed=0))
     train_reward.main([f"--out_dir={root}/reward", f"--data.path={root}/paper.npz", *TINY])

@@ -166,7 +166,7 @@ def test_sampled_texts_are_the_generated_responses_not_the_prompt():
     base = policy_lib.build_base_model(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
                                                    num_attention_heads=2, num_key_value_heads=2,
                                                    intermediate_size=32, max_position_embeddings=64))
-    config = dict(policy_lib.DEFAULTS, base="tiny", film=dict(policy_lib.DEFAULTS["film"], latent_dim=2))
+    config = dict(policy_lib.DEFAULTS, base="tiny", encoder=dict(policy_lib.DEFAULTS["encoder"], latent_dim=2))
     policy = policy_lib.SteerablePolicy(base, config).eval()
     texts = steer_eval.sample_texts(policy, tokenizer, "Describe owls.", torch.zeros(3, 2), 3, 2,
                                     {"temperature": 1.0, "max_new_tokens": 6}, "cpu")

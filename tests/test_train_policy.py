@@ -65,7 +65,7 @@ def test_gradient_checkpointing_gives_the_same_run(toy_root, tmp_path):
 
 
 def test_plain_dpo_run_has_no_encoder(toy_root, tmp_path):
-    train_policy.main(small(toy_root, f"--out_dir={tmp_path}", "--policy.film.latent_dim=0", "--train.steps=4",
+    train_policy.main(small(toy_root, f"--out_dir={tmp_path}", "--policy.encoder.latent_dim=0", "--train.steps=4",
                             "--eval.interval=2"))
     assert set(load_checkpoint(os.path.join(tmp_path, "ckpt_best.pt"))["model"]) == {"lora"}
 
@@ -275,7 +275,7 @@ def short_run(toy_root, tmp_path_factory):
 @pytest.mark.parametrize("args, message", [
     ([], "already holds a run .*: continue it with --resume, or replace it with --overwrite"),
     (["--resume", "--policy.lora.r=8"], r"policy.lora.r = 4 \(given 8\): these shape the model"),
-    (["--resume", "--policy.film.latent_dim=0"], r"policy.film.latent_dim = 8 \(given 0\)"),
+    (["--resume", "--policy.encoder.latent_dim=0"], r"policy.encoder.latent_dim = 8 \(given 0\)"),
     (["--resume", "--train.steps=3"], "is at step 4 and train.steps = 3: raise train.steps"),
     (["--data.pairs=typo.jsonl", "--overwrite"], "data.pairs: typo.jsonl not found"),
 ])
@@ -365,9 +365,9 @@ def world_args(root, *overrides):
 def world_runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("world"))
     runs = {name: os.path.join(root, name) for name in ("np", "dpo", "known")}
-    train_policy.main(world_args(root, f"--out_dir={runs['np']}", "--policy.film.latent_dim=4"))
-    train_policy.main(world_args(root, f"--out_dir={runs['dpo']}", "--policy.film.latent_dim=0"))
-    train_policy.main(world_args(root, f"--out_dir={runs['known']}", "--policy.film.latent_dim=2",
+    train_policy.main(world_args(root, f"--out_dir={runs['np']}", "--policy.encoder.latent_dim=4"))
+    train_policy.main(world_args(root, f"--out_dir={runs['dpo']}", "--policy.encoder.latent_dim=0"))
+    train_policy.main(world_args(root, f"--out_dir={runs['known']}", "--policy.encoder.latent_dim=2",
                                  "--train.condition_on=preferences"))
     return root, runs
 
@@ -398,7 +398,7 @@ def test_known_preference_policy_reads_the_true_preferences(world_runs):
 
 def test_known_preferences_must_match_the_latent_size(world_runs, tmp_path):
     root, _ = world_runs
-    with pytest.raises(ConfigError, match="policy.film.latent_dim"):
+    with pytest.raises(ConfigError, match="policy.encoder.latent_dim"):
         train_policy.main(world_args(root, f"--out_dir={tmp_path}/x", "--train.condition_on=preferences"))
     assert not os.path.exists(f"{tmp_path}/x")
 
@@ -406,7 +406,7 @@ def test_known_preferences_must_match_the_latent_size(world_runs, tmp_path):
 def test_condition_on_preferences_needs_a_preference_file(toy_root, tmp_path):
     with pytest.raises(data.DataError, match="data.preferences"):
         train_policy.main(small(toy_root, f"--out_dir={tmp_path}/x", "--train.condition_on=preferences",
-                                "--policy.film.latent_dim=2"))
+                                "--policy.encoder.latent_dim=2"))
 
 
 def test_encoder_warm_up_trains_the_encoder_only_on_a_fresh_run(world_runs, tmp_path, monkeypatch):
@@ -414,7 +414,7 @@ def test_encoder_warm_up_trains_the_encoder_only_on_a_fresh_run(world_runs, tmp_
     calls = []
     real = train_policy.warm_up_encoder
     monkeypatch.setattr(train_policy, "warm_up_encoder", lambda *a: calls.append(1) or real(*a))
-    args = ["--policy.film.latent_dim=4", "--train.steps=2", "--eval.interval=1"]
+    args = ["--policy.encoder.latent_dim=4", "--train.steps=2", "--eval.interval=1"]
     train_policy.main(world_args(root, f"--out_dir={tmp_path}/cold", *args))
     train_policy.main(world_args(root, f"--out_dir={tmp_path}/warm", *args, "--train.encoder_warmup_steps=30"))
     cold, warm = (load_checkpoint(f"{tmp_path}/{n}/ckpt_last.pt")["model"]["encoder"] for n in ("cold", "warm"))
