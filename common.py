@@ -52,6 +52,9 @@ def check_finite(loss, step, out_dir):
 def run_script(main):
     """Every script's entry point. A user error prints one line and exits 2, a run that
     cannot go on exits 1, Ctrl-C exits quietly with 130; nothing else is caught."""
+    if {"-h", "--help"} & set(sys.argv[1:]) and main.__module__ == "__main__":
+        print((sys.modules["__main__"].__doc__ or "").strip())  # a script's docstring is its help
+        return
     try:
         main(sys.argv[1:])
         if torch.distributed.is_available() and torch.distributed.is_initialized():

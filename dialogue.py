@@ -99,6 +99,8 @@ def check_save_path(path, context_path=""):
     if not path:
         return
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f"--save={path}: {folder} is a file, not a folder")
     if not os.path.isdir(folder):
         raise ConfigError(f"--save={path}: no folder {folder} to write it in")
     same = context_path and os.path.exists(context_path) and os.path.abspath(path) == os.path.abspath(context_path)

@@ -63,7 +63,7 @@ def report_problems(source, problems, kept, skip_bad, unit, how_to_skip):
         print(f"{source}: skipped {len(problems)} bad {unit}, kept {kept}")
 
 
-def read_text_pairs(path, skip_bad=False):
+def read_text_pairs(path, skip_bad=False, how_to_skip="set data.skip_bad_lines=true"):
     """Rows of a text-pair JSONL file. Bad lines are reported by file and line number;
     the file is refused unless skip_bad, and then the skipped count is printed."""
     if not os.path.exists(path):
@@ -86,7 +86,7 @@ def read_text_pairs(path, skip_bad=False):
                 problems.append(f"{path}:{number}: {problem}")
             else:
                 rows.append(row)
-    report_problems(path, problems, len(rows), skip_bad, "lines", "pass skip_bad")
+    report_problems(path, problems, len(rows), skip_bad, "lines", how_to_skip)
     return rows
 
 

@@ -86,11 +86,15 @@ def embed_text_pairs(model_name, in_path, out_path, batch_size=16, max_length=10
                      save_every=20, trust_remote_code=False):
     """Writes the feature-pair .npz of a text-pair JSONL, row-aligned with it (ids from
     its 'id' fields); progress lives in OUT.partial/ until the file is written."""
-    rows = read_text_pairs(in_path)
+    rows = read_text_pairs(in_path, how_to_skip="fix or remove them in the file; then embed again")
     if not rows:
         raise DataError(f"{in_path}: no pairs")
     device = pick_device(device)
-    tokenizer, model, pooling = load_embedder(model_name, device, trust_remote_code)
+    try:
+        tokenizer, model, pooling = load_embedder(model_name, device, trust_remote_code)
+    except OSError as e:  # no such folder, or a hub name that cannot be fetched
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"config key 'model': {model_name} cannot be loaded ({reason})") from None
     sequences = embedding_sequences(rows, tokenizer, pooling)
     check_lengths(in_path, sequences, max_length)
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)  # masked anyway

@@ -3,12 +3,15 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from common import (REQUIRED, ConfigError, check, graceful_stop, load_config, log, pick_device, save_config,
                     seed_everything)
+from conftest import REPO
 
 DEFAULTS = {
     "name": "run",
@@ -276,3 +279,15 @@ def test_config_flag_gets_a_hint():
 def test_a_list_split_by_the_shell_gets_a_hint():
     with pytest.raises(ConfigError, match="the shell split the list at a space"):
         load_config(dict(TEXT_DEFAULTS, sizes=[0]), ["--name=x", "--sizes=[0,", "1]"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, first_words", [("train_reward.py", "Train a reward model"),
+                                                 ("train_policy.py", "Train a steerable policy"),
+                                                 ("evaluate.py", "Accuracy on a user's unseen pairs"),
+                                                 ("bench.py", "Speed and memory figures")])
+def test_help_prints_the_scripts_docstring_and_exits_0(tmp_path, script, first_words):
+    result = subprocess.run([sys.executable, os.path.join(REPO, script), "--help"], cwd=tmp_path,
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith(first_words) and result.stderr == ""
+    assert os.listdir(tmp_path) == []

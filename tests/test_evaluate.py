@@ -365,7 +365,7 @@ def test_a_population_gets_a_monte_carlo_reference_with_its_error(tmp_path):
 
 
 def test_a_runs_training_config_is_not_an_evaluation_config(np_btl_run):
-    with pytest.raises(ConfigError, match=r"config.yaml is a run's training config: give the run's folder"):
+    with pytest.raises(ConfigError, match=r"config.yaml is a training config, not a run: give the run's folder"):
         evaluate.main([os.path.join(np_btl_run[0], "config.yaml")])
 
 

@@ -616,3 +616,9 @@ def test_cli_writes_the_benchmarks_as_the_readme_says(tmp_path):
     generated = data.load_pairs("w.npz")
     assert generated.labels == ["type0", "type1", "type2"] and generated.meta["generator"] == "waves"
     assert torch.equal(generated.pairs, data.make_waves_synthetic(num_pairs=300, num_types=3).pairs)
+
+
+def test_embed_a_model_that_cannot_be_loaded_is_one_config_error(tmp_path, embed_in):
+    with pytest.raises(ConfigError, match=r"^config key 'model': .*no_such_model cannot be loaded \("):
+        embed(str(tmp_path / "no_such_model"), embed_in, str(tmp_path / "f.npz"))
+    assert not (tmp_path / "f.npz").exists() and not (tmp_path / "f.npz.partial").exists()

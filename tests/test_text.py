@@ -93,7 +93,7 @@ def test_read_text_pairs_names_file_line_and_problem(tmp_path, capsys, line, mes
     path = write_lines(str(tmp_path / "pairs.jsonl"), [GOOD_ROW, line, dict(GOOD_ROW, prompt="q")])
     with pytest.raises(DataError) as error:
         text.read_text_pairs(path)
-    assert str(error.value).startswith(f"{path}: 1 bad lines (pass skip_bad to drop them):\n")
+    assert str(error.value).startswith(f"{path}: 1 bad lines (set data.skip_bad_lines=true to drop them):\n")
     assert f"{path}:2: {message}" in str(error.value)
     assert text.read_text_pairs(path, skip_bad=True) == [GOOD_ROW, dict(GOOD_ROW, prompt="q")]
     assert capsys.readouterr().out == f"{path}: skipped 1 bad lines, kept 2\n"
