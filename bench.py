@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from common import CheckpointError, ConfigError, check, flatten, load_config, pick_device, run_script, seed_everything
-from runs import load_checkpoint
 from data import EpisodeSampler, PreferenceData, load_training_data, to_device
 from defaults import POLICY_RUN, REWARD_RUN
 from reward import MODEL_DEFAULTS, build_model, load_reward_model
+from runs import load_checkpoint
 
 REWARD_DEFAULTS = dict(REWARD_RUN, bench={
     "run": None,  # a run dir whose trained weights to time (speed does not depend on them)

@@ -429,22 +429,7 @@ def train_val_samplers(data, config):
 
 
 # -----------------------------------------------------------------------------
-# text pairs (JSONL): prompt, response_a, response_b, choices {label: 0 | 1 | null},
-# optional split and id
-
-
-# -----------------------------------------------------------------------------
-# tokens and embeddings for text pairs
-
-
-# -----------------------------------------------------------------------------
-# the toy steerable text task (the policy's CPU-sized default)
-#
-# Prompts ask about a topic; a response is 1-5 short sentences, each about the
-# prompt's topic (relevant) or another one. Two user types share a taste for
-# relevance and conflict on length: 'concise' loses LENGTH_WEIGHT per sentence,
-# 'detailed' gains it. Gold rewards are computed from the words alone, so generated
-# text can be scored the same way.
+# summaries and file fingerprints
 
 
 def describe(data):

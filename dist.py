@@ -10,6 +10,7 @@ import torch
 
 from common import TrainingError, pick_device
 
+
 def rng_state():
     """torch's CPU (and CUDA) generator states, for exact resumption."""
     state = {"cpu": torch.get_rng_state()}

@@ -86,6 +86,8 @@ DEFAULTS = {
     },
 }
 ALIASES = {"num-context": "num_context", "max-sem": "max_sem"}
+
+
 def load_models(paths, device):
     """{name: model} for run dirs or checkpoint files that share one data file."""
     data_paths = [run_data_path(p) for p in paths]
@@ -150,10 +152,8 @@ def score_context_size(predict, data, sampler, n, config, device):
     return {k: torch.cat(v) for k, v in accs.items() if v}, torch.cat(label_rows), mc_error(group_accs)
 
 
-
-
 # -----------------------------------------------------------------------------
-# policies: implicit-reward accuracy and steering by generation
+# reward runs: accuracy against context size, and against questions asked
 
 
 def evaluate_rewards(paths, config, device):

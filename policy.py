@@ -51,9 +51,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import REQUIRED, CheckpointError, ConfigError
-from runs import load_checkpoint, resolve_path, save_checkpoint
 from data import choice_correct
 from np_encoder import ContextEncoder, FiLM, modulate
+from runs import load_checkpoint, resolve_path, save_checkpoint
 
 DEFAULTS = {
     "base": REQUIRED,  # hub name or local path of the causal LM
@@ -354,7 +354,7 @@ def policy_and_reference_logprobs(policy, batch):
 
     The latent comes from batch['context'] (or batch['latent']) when the policy has
     FiLM. With E contexts and E * T pairs, episode e's latent conditions pairs
-    e*T .. e*T + T-1 (its targets, as train_policy.episode_batch lays them out).
+    e*T .. e*T + T-1 (its targets, as text.episode_batch lays them out).
     Reference log-probs given in the batch (ref_{chosen,rejected}_logps, (B,)) are
     used as they are; otherwise the reference runs here."""
     latent = None

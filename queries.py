@@ -39,10 +39,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from data import DataError, chosen_first
 from bayes import pair_log_lik, sphere_samples, type_likelihood
+from data import DataError, choice_correct, chosen_first
 from reward import load_reward_model
-from data import choice_correct
 
 STRATEGIES = ("random", "uncertainty", "infogain")
 

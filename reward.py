@@ -32,9 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import CheckpointError
-from runs import load_checkpoint, resolve_path
 from data import DataError, choice_correct
 from np_encoder import ContextEncoder, FiLM, gaussian_kl, mlp, modulate
+from runs import load_checkpoint, resolve_path
 
 MODEL_KINDS = ("btl", "dpl", "np_btl")
 

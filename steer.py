@@ -20,15 +20,14 @@ import sys
 import torch
 
 import queries
-from dialogue import ask_for_policy, ask_person, candidate_pool, check_save_path, save_rows, world_summary
+from bayes import type_likelihood
 from common import ConfigError, check, load_config, pick_device, run_script
 from data import DataError, chosen_first, load_pairs, true_rewards
-from bayes import type_likelihood
+from dialogue import ask_for_policy, ask_person, candidate_pool, check_save_path, save_rows, world_summary
 from policy import policy_checkpoint, policy_from_checkpoint, run_model
 from reward import run_data_path
 from runs import load_checkpoint
-from text import (check_known_words, embed_pairs, load_embedder, read_text_pairs, tokenize_pairs, tokenize_prompt)
-
+from text import check_known_words, embed_pairs, load_embedder, read_text_pairs, tokenize_pairs, tokenize_prompt
 
 
 # -----------------------------------------------------------------------------
@@ -36,7 +35,7 @@ from text import (check_known_words, embed_pairs, load_embedder, read_text_pairs
 
 
 POLICY_CLI = {
-    "context": "",  # JSONL of one user's choices (data.py's text pairs); '' = none (plain DPO takes none)
+    "context": "",  # JSONL of one user's choices (text pairs, text.py); '' = none (plain DPO takes none)
     "prompt": "",  # what to answer
     "ask": 0,  # first have this many answers: ask the person (one pair of responses at a time) all that
     # --context does not already hold (dialogue.py)

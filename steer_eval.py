@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 
 import world
-from data import chosen_first
-from text import collate_pairs, tokenize_prompt
+from data import choice_correct, chosen_first
 from policy import implicit_reward, policy_and_reference_logprobs
-from data import choice_correct
+from text import collate_pairs, tokenize_prompt
 
 
 # -----------------------------------------------------------------------------
@@ -473,4 +472,3 @@ def world_tables(results, groups, roles, sizes):
 
 def gold_cell(results, metric, n, name="gold"):
     return cell(results, [name], f"{metric}@{n}", 100) if name in results else "-"
-

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import ConfigError, check
-from data import SPLITS, DataError, PreferenceData, file_sha256, load_pairs, select_labels
 import policy as policy_lib
 import world
+from common import ConfigError, check
+from data import SPLITS, DataError, PreferenceData, file_sha256, load_pairs, select_labels
 from dist import is_main, sum_over_ranks
 
 
@@ -283,6 +283,7 @@ def embedding_sequences(rows, tokenizer, pooling):
         else:
             sequences += [tokenizer(row["prompt"], row[k])["input_ids"] for k in ("response_a", "response_b")]
     return sequences
+
 
 def embed_pairs(rows, tokenizer, model, pooling, batch_size=64):
     """Context features of text pairs: both responses of every row embedded by

@@ -9,7 +9,7 @@ Train a steerable policy with NP-DPO (or plain DPO, the baseline) on text pairs.
     python train_policy.py --train.steps=100 --resume          # dotted overrides, continue a run
     torchrun --nproc_per_node=4 train_policy.py configs/uf_hh_dpo.yaml   # data-parallel
 
-Inputs (data.*): text pairs as JSONL (data.py's format) and, row-aligned with them,
+Inputs (data.*): text pairs as JSONL (text.py's format) and, row-aligned with them,
 a feature-pair .npz of context embeddings (prepare/embed.py). The context encoder reads
 the embeddings; the policy reads tokens. With data.toy (the default), a built-in
 world's missing inputs at their default paths (or anywhere, with data.generate) are
@@ -71,13 +71,14 @@ from tqdm import tqdm
 import policy as policy_lib
 from common import (ConfigError, check, check_finite, check_positive, graceful_stop, load_config, log, lr_at,
                     print_config, run_script, save_config, seed_everything)
-from runs import check_resume, check_run_folder, claimed_run_folder, load_checkpoint
-from dist import (any_rank, average_gradients, check_replicas_agree, is_main,
-                  mean_over_ranks, restore_rng_states, rng_states, setup_distributed, start_replicas)
 from data import DataError, train_val_samplers
 from defaults import POLICY_RUN as DEFAULTS
+from dist import (any_rank, average_gradients, check_replicas_agree, is_main, mean_over_ranks, restore_rng_states,
+                  rng_states, setup_distributed, start_replicas)
+from runs import check_resume, check_run_folder, claimed_run_folder, load_checkpoint
 from text import autocast, episode_batch, known_latents, load_inputs, make_batch, micro_batches, reference_logprobs
 from toy import WORLD_PATHS, build_missing, toy_inputs_to_build
+
 
 def validate_config(config, world_size=1):
     t, p = config["train"], config["policy"]
@@ -163,7 +164,6 @@ def save(name, policy, optimizer, sampler, config, step, best_val_loss, metrics,
                            data_sha256=sampler.data.meta["sha256"])
     if name == "ckpt_best.pt":  # the best weights also as a peft adapter folder (+ FiLM and encoder)
         policy_lib.save_adapter_folder(os.path.join(config["out_dir"], "adapter"), policy)
-
 
 
 # -----------------------------------------------------------------------------

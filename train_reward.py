@@ -41,15 +41,15 @@ import sys
 import torch
 from tqdm import tqdm
 
-from common import (ConfigError, check, check_finite, check_positive, cooldown_steps, graceful_stop, load_config,
-                    log, lr_at, print_config, run_script, save_config, seed_everything)
-from runs import check_resume, check_run_folder, claimed_run_folder, load_checkpoint, save_checkpoint
-from dist import (any_rank, average_gradients, barrier, check_replicas_agree, is_main,
-                  mean_over_ranks, restore_rng_states, rng_states, setup_distributed, start_replicas)
-from data import DataError, load_training_data, to_device, train_val_samplers
+from common import (ConfigError, check, check_finite, check_positive, cooldown_steps, graceful_stop, load_config, log,
+                    lr_at, print_config, run_script, save_config, seed_everything)
+from data import DataError, choice_correct, load_training_data, to_device, train_val_samplers
 from defaults import REWARD_RUN as DEFAULTS
+from dist import (any_rank, average_gradients, barrier, check_replicas_agree, is_main, mean_over_ranks,
+                  restore_rng_states, rng_states, setup_distributed, start_replicas)
 from reward import MODEL_KINDS, build_model
-from data import choice_correct
+from runs import check_resume, check_run_folder, claimed_run_folder, load_checkpoint, save_checkpoint
+
 
 def validate_config(config, world_size=1):
     t, e, m = config["train"], config["eval"], config["model"]

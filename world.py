@@ -214,7 +214,7 @@ def corpus(num, seed=0):
 
 
 def make_pairs(users=(1000, 40, 100), pairs_per_user=24, answers_per_pair=4, temperature=1.0, seed=0):
-    """Text pairs in data.py's JSONL schema and {user: [length, tone]}.
+    """Text pairs in text.py's JSONL schema and {user: [length, tone]}.
 
     users: how many train, val and test users. Every user answers exactly pairs_per_user
     pairs, on prompts of their split's topics, Bradley-Terry on their gold reward. A pair

@@ -28,6 +28,7 @@ from data import DataError, describe, file_sha256, save_pairs
 from runs import check_not_there, check_out_path
 from text import embedding_sequences, load_embedder, read_text_pairs, sequence_embeddings, text_pairs_to_data
 
+
 def check_lengths(path, sequences, max_length):
     """Refuse pairs longer than max_length: embed never truncates and never drops a pair."""
     long_rows = [i // 2 for i in range(0, len(sequences), 2) if max(map(len, sequences[i:i + 2])) > max_length]

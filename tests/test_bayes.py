@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from data import EpisodeSampler, make_linear_synthetic, make_paper_synthetic
 from bayes import bayes_log_prob_chosen, population_log_prob_chosen
-from data import choice_correct
+from data import EpisodeSampler, choice_correct, make_linear_synthetic, make_paper_synthetic
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import pytest
 import bench
 import reward
 from common import CheckpointError, ConfigError
-from runs import save_checkpoint
 from conftest import REPO, small
 from data import DataError, make_linear_synthetic, save_pairs
+from runs import save_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

@@ -1,4 +1,5 @@
-"""common.py: the config mechanism (files, dotted overrides, values as a person means them), seeding, logging, signals."""
+"""common.py: the config mechanism (files, dotted overrides, values as a person means them), seeding,
+logging and signals."""
 
 import json
 import os

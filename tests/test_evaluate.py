@@ -12,9 +12,9 @@ import evaluate
 import policy_eval
 import report
 from common import CheckpointError, ConfigError, run_script
-from runs import load_checkpoint, save_checkpoint
 from conftest import REPO, TINY, folder_hashes, train
 from data import DataError, load_pairs, make_linear_synthetic, save_pairs
+from runs import load_checkpoint, save_checkpoint
 
 MAX_SEM, EPISODES = 0.01, 600
 FAST = ["--chunk=200", f"--episodes={EPISODES}", "--num_targets=20", f"--max-sem={MAX_SEM}"]

@@ -8,9 +8,9 @@ from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
 import text
 from common import ConfigError
+from policy import (DEFAULTS, SteerablePolicy, add_lora, build_base_model, concatenate_pairs, dpo_loss, dpo_step,
+                    load_policy, pair_logprobs, save_policy, sequence_logprob)
 from runs import save_checkpoint
-from policy import (DEFAULTS, SteerablePolicy, add_lora, build_base_model, concatenate_pairs, dpo_loss,
-                    dpo_step, load_policy, pair_logprobs, save_policy, sequence_logprob)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft 0.21
 

@@ -15,8 +15,7 @@ import toy
 from common import ConfigError
 from conftest import CHAT_TEMPLATE, GOOD_ROW, REPO, prepare_main, write_lines
 from data import DataError, load_pairs, make_paper_synthetic
-from prepare import embed as embed_script
-from prepare import ultrafeedback as uf
+from prepare import embed as embed_script, ultrafeedback as uf
 
 
 @pytest.fixture(scope="module")

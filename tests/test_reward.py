@@ -4,16 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bayes
 import data
 import reward
-
-import bayes
-from runs import save_checkpoint
-from data import EpisodeSampler, load_pairs, paper_rewards
+from data import EpisodeSampler, choice_correct, load_pairs, paper_rewards
 from np_encoder import AGGREGATORS
 from reward import (BTL, DPL, MODEL_KINDS, NPBTL, btl_log_prob, build_model, dpl_log_prob, load_reward_model,
                     target_metrics)
-from data import choice_correct
+from runs import save_checkpoint
 from train_reward import DEFAULTS
 
 D = 2  # option features

@@ -15,14 +15,14 @@ import torch
 
 import data
 import evaluate
-import policy_eval
 import policy as policy_lib
+import policy_eval
 import steer
 import text
 import train_policy
 from common import ConfigError, TrainingError, UserError
-from runs import load_checkpoint
 from conftest import REPO, folder_hashes, run_torchrun, small
+from runs import load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

@@ -15,9 +15,9 @@ import data
 import reward
 import train_reward
 from common import CheckpointError, ConfigError, TrainingError, load_config, lr_at
-from runs import load_checkpoint
 from conftest import REPO, TINY, folder_hashes, run_torchrun, train
 from data import DataError
+from runs import load_checkpoint
 
 
 def read_log(out_dir):
