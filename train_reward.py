@@ -102,12 +102,13 @@ def validate(model, sampler, config, device):
     return {"val/loss": sum(losses) / len(losses), **metrics}
 
 
-def make_checkpoint(model, optimizer, sampler, config, step, best, metrics, torch_rng):
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
-            "step": step, "best_val_loss": best["loss"], "best_step": best["step"],
-            "decay_start": best["decay_start"], "metrics": metrics,
-            "data_dim": sampler.data.dim, "data_sha256": sampler.data.meta["sha256"],
-            "cwd": os.getcwd(), "sampler_rng": sampler.gen.get_state(), "torch_rng": torch_rng}
+def save(name, model, optimizer, sampler, config, step, best, metrics, torch_rng):
+    save_checkpoint(os.path.join(config["out_dir"], name), {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
+        "step": step, "best_val_loss": best["loss"], "best_step": best["step"],
+        "decay_start": best["decay_start"], "metrics": metrics,
+        "data_dim": sampler.data.dim, "data_sha256": sampler.data.meta["sha256"],
+        "cwd": os.getcwd(), "sampler_rng": sampler.gen.get_state(), "torch_rng": torch_rng})
 
 
 def restore(checkpoint, model, optimizer, sampler, data, config, rank=0, world_size=1):
@@ -195,14 +196,12 @@ def train(model, optimizer, sampler, val_sampler, config, device, step, best, ra
                         print(f"val/loss last improved at step {best['step']}: cooling down until step "
                               f"{last_step(best, t)}")
                 if improved and main_process:
-                    save_checkpoint(os.path.join(out_dir, "ckpt_best.pt"), make_checkpoint(
-                        model, optimizer, sampler, config, done, best, metrics, torch_rng))
+                    save("ckpt_best.pt", model, optimizer, sampler, config, done, best, metrics, torch_rng)
                 if main_process:
                     log({"step": done, "lr": lr_at(step, t, best["decay_start"]),
                          **{f"train/{k}": v for k, v in train_metrics.items()}, **metrics}, out_dir)
             if (at_interval or stopping) and main_process:
-                save_checkpoint(os.path.join(out_dir, "ckpt_last.pt"), make_checkpoint(
-                    model, optimizer, sampler, config, done, best, metrics, torch_rng))
+                save("ckpt_last.pt", model, optimizer, sampler, config, done, best, metrics, torch_rng)
             if stopping:
                 progress.close()
                 return metrics, True
