@@ -6,8 +6,9 @@ Text pairs (JSONL), one per line: prompt, response_a, response_b, choices {label
 | null} (0 = response_a preferred), optional split and id. A feature-pair .npz (data.py)
 made from them by `embed_pairs` is row-aligned with them.
 
-`embed_pairs` is the only way text becomes context features: in preparation
-(prepare/embed.py and the built-in worlds), for training, and for a new user's context
+`embed_pairs` is the only way text becomes context features: in preparation (the
+built-in worlds; prepare/embed.py runs its two steps, embedding_sequences then
+sequence_embeddings, in resumable chunks), for training, and for a new user's context
 at inference (steer.py). A decoder reads prompt + response as the policy does (chat
 template included) and is pooled at the last token; an encoder reads the sentence pair
 and is mean-pooled.

@@ -1,7 +1,8 @@
 """
 Context features of text pairs: the feature-pair .npz (data.py's format), row-aligned
-with the JSONL, computed by text.embed_pairs (the same function training and steer.py
-use). Per response, a decoder's final hidden layer at the last token of prompt +
+with the JSONL, computed as text.embed_pairs computes them (its two steps,
+text.embedding_sequences then text.sequence_embeddings, run in resumable chunks; the
+built-in worlds and steer.py call embed_pairs itself). Per response, a decoder's final hidden layer at the last token of prompt +
 response (chat template included, as the policy sees it), or an encoder's mean over
 the tokens. Interrupted, it continues from OUT.partial/ when run again.
 
