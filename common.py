@@ -52,8 +52,8 @@ def check_finite(loss, step, out_dir):
 def run_script(main):
     """Every script's entry point. A user error prints one line and exits 2, a run that
     cannot go on exits 1, Ctrl-C exits quietly with 130; nothing else is caught."""
-    if {"-h", "--help"} & set(sys.argv[1:]) and main.__module__ == "__main__":
-        print((sys.modules["__main__"].__doc__ or "").strip())  # a script's docstring is its help
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print((sys.modules[main.__module__].__doc__ or "").strip())  # a script's docstring is its help
         return
     try:
         main(sys.argv[1:])
@@ -244,6 +244,16 @@ def load_config(defaults, argv, aliases=None):
     if "seed" in config:
         check(0 <= config["seed"] < 2**32, "seed", "must lie in [0, 2**32 - 1]")
     return config, [p for p in positionals if p not in yaml_files]
+
+
+def load_options(defaults, argv):
+    """A preparation script's config: --key=value overrides only (no positional
+    argument), printed before any work."""
+    config, rest = load_config(defaults, argv)
+    if rest:
+        raise ConfigError(f"unexpected arguments {rest} (give --key=value overrides)")
+    print_config(config)
+    return config
 
 
 def check(condition, key, reason):

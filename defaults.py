@@ -10,13 +10,21 @@ import policy
 import toy
 from reward import MODEL_DEFAULTS
 
+
+def run_keys(stage, out_dir):
+    """The keys every run has, first in its config."""
+    return {
+        "stage": stage,  # which trainer a config is for (reward | policy); the other trainer refuses it
+        "out_dir": out_dir,  # checkpoints, config and logs go here
+        "seed": 0,  # seeds torch, numpy, python and the episode sampler
+        "device": "auto",  # auto = cuda if available, else cpu
+        "resume": False,  # continue the run in out_dir from its ckpt_last.pt
+        "overwrite": False,  # replace the run already in out_dir (without it, such a folder is refused)
+    }
+
+
 REWARD_RUN = {
-    "stage": "reward",  # which trainer a config is for; train_policy.py refuses this one
-    "out_dir": "runs/synthetic_np_btl",  # checkpoints, config and logs go here
-    "seed": 0,  # seeds torch, numpy, python and the episode sampler
-    "device": "auto",  # auto = cuda if available, else cpu
-    "resume": False,  # continue the run in out_dir from its ckpt_last.pt
-    "overwrite": False,  # replace the run already in out_dir (without it, such a folder is refused)
+    **run_keys("reward", "runs/synthetic_np_btl"),
     "data": {
         "path": "data/paper_synthetic.npz",  # feature-pair .npz (format: data.py)
         "synthetic": "paper",  # generator of a missing data.path at its default path: paper | linear | null
@@ -48,14 +56,9 @@ REWARD_RUN = {
 }
 
 POLICY_RUN = {
-    "stage": "policy",  # which trainer a config is for; train_reward.py refuses this one
-    "out_dir": "runs/steer_world_np_dpo",  # checkpoints, config and logs go here
-    "seed": 0,  # seeds torch, numpy, python and the episode sampler
-    "device": "auto",  # auto = cuda if available, else cpu
-    "resume": False,  # continue the run in out_dir from its ckpt_last.pt
-    "overwrite": False,  # replace the run already in out_dir (without it, such a folder is refused)
+    **run_keys("policy", "runs/steer_world_np_dpo"),
     "data": {
-        "pairs": "data/steer_world/pairs.jsonl",  # text pairs (JSONL, data.py)
+        "pairs": "data/steer_world/pairs.jsonl",  # text pairs (JSONL, text.py)
         "features": "data/steer_world/features.npz",  # context embeddings, row-aligned with pairs
         "preferences": "data/steer_world/users.json",  # {user: true preference vector} (the steering world); null = none
         "embedder": None,  # the model that embedded the features (used for new users); null = policy.base

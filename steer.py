@@ -26,7 +26,7 @@ from data import DataError, chosen_first, load_pairs, true_rewards
 from dialogue import ask_for_policy, ask_person, candidate_pool, check_save_path, save_rows, world_summary
 from policy import policy_checkpoint, policy_from_checkpoint, run_model
 from reward import run_data_path
-from runs import load_checkpoint
+from runs import run_stage
 from text import check_known_words, embed_pairs, load_embedder, read_text_pairs, tokenize_pairs, tokenize_prompt
 
 
@@ -396,10 +396,8 @@ def main(argv):
 
 
 def is_reward_run(path):
-    name = os.path.join(path, "ckpt_best.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(name):
-        return False
-    return "policy_config" not in load_checkpoint(name)
+    """From the run's config.yaml when it has one (runs.run_stage), not by loading its weights twice."""
+    return run_stage(path if os.path.isdir(path) else os.path.dirname(path) or ".") == "reward"
 
 
 if __name__ == "__main__":

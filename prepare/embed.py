@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import REQUIRED, ConfigError, check, load_config, pick_device, print_config, run_script
+from common import REQUIRED, ConfigError, check, load_options, pick_device, run_script
 from data import DataError, describe, file_sha256, save_pairs
 from runs import check_not_there, check_out_path
 from text import embedding_sequences, load_embedder, read_text_pairs, sequence_embeddings, text_pairs_to_data
@@ -126,13 +126,7 @@ EMBED_DEFAULTS = {
 
 
 def main(argv):
-    if {"-h", "--help"} & set(argv):
-        print(__doc__)
-        return None
-    config, rest = load_config(EMBED_DEFAULTS, argv)
-    if rest:
-        raise ConfigError(f"unexpected arguments {rest} (give --key=value overrides)")
-    print_config(config)
+    config = load_options(EMBED_DEFAULTS, argv)
     check(config["batch_size"] > 0, "batch_size", "must be positive")
     check(config["save_every"] > 0, "save_every", "must be positive")
     check(config["max_length"] > 0, "max_length", "must be positive")

@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 
-from common import REQUIRED, ConfigError, check, check_positive, load_config, print_config, run_script
+from common import REQUIRED, check, check_positive, load_options, run_script
 from data import describe, make_linear_synthetic, make_paper_synthetic, make_waves_synthetic, save_pairs
 from runs import check_not_there, check_out_path
 
@@ -34,13 +34,7 @@ DEFAULTS = {
 
 
 def main(argv):
-    if {"-h", "--help"} & set(argv):
-        print(__doc__)
-        return None
-    config, rest = load_config(DEFAULTS, argv)
-    if rest:
-        raise ConfigError(f"unexpected arguments {rest} (give --key=value overrides)")
-    print_config(config)
+    config = load_options(DEFAULTS, argv)
     check(config["generator"] in ("paper", "waves", "linear"), "generator",
           f"unknown generator '{config['generator']}' (paper | waves | linear)")
     check_positive(config, "num_pairs", "dim", "num_types", "waves", "pairs_per_user")

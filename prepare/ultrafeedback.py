@@ -26,7 +26,7 @@ import re
 
 import torch
 
-from common import REQUIRED, ConfigError, check, load_config, print_config, run_script
+from common import REQUIRED, check, load_options, run_script
 from data import SPLITS, DataError, random_split
 from runs import check_not_there, check_out_path
 from text import report_problems, write_text_pairs
@@ -237,13 +237,7 @@ UF_DEFAULTS = {
 
 
 def main(argv):
-    if {"-h", "--help"} & set(argv):
-        print(__doc__)
-        return None
-    config, rest = load_config(UF_DEFAULTS, argv)
-    if rest:
-        raise ConfigError(f"unexpected arguments {rest} (give --key=value overrides)")
-    print_config(config)
+    config = load_options(UF_DEFAULTS, argv)
     labels, fraction = config["labels"], config["conflict_fraction"]
     for label in labels:
         check(label in UF_LABELS, "labels", f"unknown label '{label}' (known: {', '.join(UF_LABELS)})")

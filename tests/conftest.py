@@ -146,3 +146,15 @@ CHAT_TEMPLATE = ("{% for m in messages %}<bos> {{ m['content'] }} {% endfor %}"
 @pytest.fixture(scope="module")
 def toy_rows():
     return toy.make_toy_text_pairs(num_pairs=600, conflict_fraction=0.75, seed=0)
+
+
+@pytest.fixture(scope="module")
+def paper():
+    """The paper's task, 2,000 pairs."""
+    return data.make_paper_synthetic(num_pairs=2000, seed=0)
+
+
+@pytest.fixture(scope="module")
+def population():
+    """A continuous linear population: 50 users answering 40 pairs each."""
+    return data.make_linear_synthetic(num_users=50, pairs_per_user=40, dim=3, seed=0)

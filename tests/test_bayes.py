@@ -6,17 +6,7 @@ import pytest
 import torch
 
 from bayes import bayes_log_prob_chosen, population_log_prob_chosen
-from data import EpisodeSampler, choice_correct, make_linear_synthetic, make_paper_synthetic
-
-
-@pytest.fixture(scope="module")
-def paper():
-    return make_paper_synthetic(num_pairs=2000, seed=0)
-
-
-@pytest.fixture(scope="module")
-def population():
-    return make_linear_synthetic(num_users=50, pairs_per_user=40, dim=3, seed=0)
+from data import EpisodeSampler, choice_correct, make_paper_synthetic
 
 
 # -----------------------------------------------------------------------------

@@ -292,3 +292,8 @@ def test_help_prints_the_scripts_docstring_and_exits_0(tmp_path, script, first_w
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=60)
     assert result.returncode == 0 and result.stdout.startswith(first_words) and result.stderr == ""
     assert os.listdir(tmp_path) == []
+
+
+def test_space_separated_value_is_read_for_a_non_bool_key():
+    config, rest = load_config(DEFAULTS, ["--train.lr", "0.5", "--resume", "run_dir"])
+    assert config["train"]["lr"] == 0.5 and config["resume"] is True and rest == ["run_dir"]

@@ -9,18 +9,7 @@ import torch
 import data
 from common import ConfigError
 from conftest import prepare_main
-from data import (DataError, EpisodeSampler, load_pairs, make_linear_synthetic, make_paper_synthetic, paper_rewards,
-                  save_pairs)
-
-
-@pytest.fixture(scope="module")
-def paper():
-    return make_paper_synthetic(num_pairs=2000, seed=0)
-
-
-@pytest.fixture(scope="module")
-def population():
-    return make_linear_synthetic(num_users=50, pairs_per_user=40, dim=3, seed=0)
+from data import DataError, EpisodeSampler, load_pairs, make_linear_synthetic, paper_rewards, save_pairs
 
 
 def assert_oriented_chosen_first(dataset, batch, label_idx):

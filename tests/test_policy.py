@@ -302,16 +302,21 @@ def test_policy_holds_one_copy_of_the_base_weights(arch):
     assert frozen == parameter_count(fresh_base)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_save_load_reproduces_logprobs_and_saves_only_trained(arch, tmp_path):
-    tiny_base(arch).save_pretrained(tmp_path / "base")
-    config = policy_config()
-    config["base"] = str(tmp_path / "base")
+def saved_base_policy(arch, folder):
+    """A perturbed policy on a base saved in folder/base, its config, a batch and its log-probs."""
+    tiny_base(arch).save_pretrained(folder / "base")
+    config = dict(policy_config(), base=str(folder / "base"))
     policy = SteerablePolicy(build_base_model(config["base"]), config, CONTEXT_DIM).eval()
     perturb(policy)
     batch, _ = pair_batch()
     with torch.no_grad():
         expected = pair_logprobs(policy, batch, latents(2))
+    return policy, config, batch, expected
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_save_load_reproduces_logprobs_and_saves_only_trained(arch, tmp_path):
+    policy, config, batch, expected = saved_base_policy(arch, tmp_path)
     save_policy(tmp_path / "ckpt.pt", policy, step=7)
 
     loaded, checkpoint = load_policy(tmp_path / "ckpt.pt")
@@ -332,14 +337,7 @@ def test_save_load_reproduces_logprobs_and_saves_only_trained(arch, tmp_path):
 def test_a_run_saved_with_latent_dim_under_film_still_loads(tmp_path):
     """Runs saved before latent_dim moved from policy.film to policy.encoder (the reward
     model's layout) load as they were: the same log-probs."""
-    tiny_base("gpt2").save_pretrained(tmp_path / "base")
-    config = policy_config()
-    config["base"] = str(tmp_path / "base")
-    policy = SteerablePolicy(build_base_model(config["base"]), config, CONTEXT_DIM).eval()
-    perturb(policy)
-    batch, _ = pair_batch()
-    with torch.no_grad():
-        expected = pair_logprobs(policy, batch, latents(2))
+    policy, config, batch, expected = saved_base_policy("gpt2", tmp_path)
     save_policy(tmp_path / "ckpt.pt", policy, config={"policy": config})
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     for old in (checkpoint["policy_config"], checkpoint["config"]["policy"]):

@@ -12,15 +12,10 @@ import torch
 import data
 import text
 import toy
-from common import ConfigError
+from common import ConfigError, run_script
 from conftest import CHAT_TEMPLATE, GOOD_ROW, REPO, prepare_main, write_lines
-from data import DataError, load_pairs, make_paper_synthetic
-from prepare import embed as embed_script, ultrafeedback as uf
-
-
-@pytest.fixture(scope="module")
-def paper():
-    return make_paper_synthetic(num_pairs=2000, seed=0)
+from data import DataError, load_pairs
+from prepare import embed as embed_script, synthetic as synthetic_script, ultrafeedback as uf
 
 
 # -----------------------------------------------------------------------------
@@ -558,8 +553,9 @@ def test_a_prepare_script_refuses_a_stray_argument(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_prepare_help_prints_the_examples(capsys):
-    prepare_main(["synthetic", "--help"])
+def test_prepare_help_prints_the_examples(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["prepare/synthetic.py", "--help"])  # common.run_script answers --help
+    run_script(synthetic_script.main)
     assert "python prepare/synthetic.py --out=data/paper_synthetic.npz" in capsys.readouterr().out
 
 

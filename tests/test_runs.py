@@ -1,4 +1,5 @@
 """runs.py: atomic checkpoints, and run folders never lost to a rerun, a wrong config or two jobs at once."""
+
 import os
 import subprocess
 import sys
@@ -6,24 +7,8 @@ import sys
 import pytest
 import torch
 
-from common import (CheckpointError, ConfigError, TrainingError, check_finite, load_config, lr_at, pick_device,
-                    run_script)
+from common import CheckpointError, ConfigError, TrainingError, check_finite, lr_at, pick_device, run_script
 from runs import check_resume, check_run_folder, claimed_run_folder, load_checkpoint, resolve_path, save_checkpoint
-
-DEFAULTS = {
-    "name": "run",
-    "resume": False,
-    "out": None,
-    "train": {"lr": 1e-3, "steps": 100, "sizes": [0, 1]},
-    "model": {"encoder": {"aggregator": "mean"}},
-}
-
-
-def write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-    return str(path)
-
 
 # -----------------------------------------------------------------------------
 # checkpoints
@@ -95,11 +80,6 @@ def test_crafted_pickle_is_refused_and_does_not_run(tmp_path):
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the payload is live: a plain unpickler runs it
     assert marker.exists()
-
-
-def test_space_separated_value_is_read_for_a_non_bool_key():
-    config, rest = load_config(DEFAULTS, ["--train.lr", "0.5", "--resume", "run_dir"])
-    assert config["train"]["lr"] == 0.5 and config["resume"] is True and rest == ["run_dir"]
 
 
 def test_rng_states_restore_each_rank_and_read_older_checkpoints(capsys):

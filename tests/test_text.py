@@ -10,12 +10,7 @@ import data
 import text
 import toy
 from conftest import CHAT_TEMPLATE, GOOD_ROW, write_lines
-from data import DataError, EpisodeSampler, make_paper_synthetic
-
-
-@pytest.fixture(scope="module")
-def paper():
-    return make_paper_synthetic(num_pairs=2000, seed=0)
+from data import DataError, EpisodeSampler
 
 
 # -----------------------------------------------------------------------------
