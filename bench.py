@@ -170,8 +170,9 @@ def question_row(model, data, b, device, who):
     import queries
 
     first, later = (time_question_choice(model, data, b, device, n) for n in (0, b["context_pairs"]))
-    samples = queries.ModelBelief(model).samples
-    how = f"look-ahead, {samples} draws of z each" if samples > 1 else "look-ahead, deterministic z"
+    belief = queries.ModelBelief(model)
+    how = (f"look-ahead at the mean of q, then over {belief.samples} draws of z for the best {belief.screen}"
+           if belief.samples > 1 else "look-ahead, deterministic z")
     return (f"{who}: choose the next question by infogain from {b['question_candidates']} cached candidates "
             f"({how}, {b['question_targets']} target pairs), median ms with no answers yet / with "
             f"{b['context_pairs']} answers", f"{1000 * first:.1f} / {1000 * later:.1f}")

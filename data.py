@@ -147,12 +147,14 @@ def make_waves_synthetic(num_pairs=20000, num_types=3, temperature=0.0, waves=2,
 
 
 def make_linear_synthetic(num_pairs=20000, dim=8, num_types=2, temperature=0.0,
-                          num_users=0, pairs_per_user=40, seed=0):
+                          num_users=0, pairs_per_user=40, seed=0, test_pairs_per_user=0):
     """Linear rewards r(x) = w . x on options x ~ U[0,1]^D, with unit-norm weights w.
 
     num_users == 0: `num_types` user types answer every pair; pairs split 80/10/10.
     num_users > 0: a continuous population, each user with its own w ~ N(0, I), answers
-    `pairs_per_user` pairs of its own; whole users are split 80/10/10.
+    `pairs_per_user` pairs of its own; whole users are split 80/10/10. Test users answer
+    `test_pairs_per_user` if larger (a pool to choose questions from): the extra pairs
+    come after the others from a second stream, so every other row is as without them.
     """
     gen = torch.Generator().manual_seed(seed)
     num_labels = num_users or num_types
@@ -170,9 +172,18 @@ def make_linear_synthetic(num_pairs=20000, dim=8, num_types=2, temperature=0.0,
     rows = torch.arange(num_users * pairs_per_user)  # user u answers rows u*P .. u*P + P - 1
     answers = (rows, rows // pairs_per_user, own.reshape(-1))  # one answer per pair: no (N, U) matrix
     user_split = random_split(num_users, gen)
+    options, split = options.reshape(-1, 2, dim), np.repeat(user_split, pairs_per_user)
+    testers = torch.from_numpy(np.flatnonzero(user_split == "test")).repeat_interleave(
+        max(0, test_pairs_per_user - pairs_per_user))
+    if len(testers):
+        extra_gen = torch.Generator().manual_seed(seed + 1)
+        extra = torch.rand(len(testers), 2, dim, generator=extra_gen)
+        extra_own = choose((extra * weights[testers, None, :]).sum(-1)[..., None], temperature, extra_gen)[:, 0]
+        rows = torch.arange(len(options), len(options) + len(testers))
+        answers = tuple(torch.cat(pair) for pair in zip(answers, (rows, testers, extra_own)))
+        options, split = torch.cat([options, extra]), np.concatenate([split, np.full(len(testers), "test")])
     meta = {"generator": "linear_population", "temperature": temperature}
-    return PreferenceData(options.reshape(-1, 2, dim), None, [f"user{u}" for u in range(num_users)],
-                          np.repeat(user_split, pairs_per_user), meta, answers=answers)
+    return PreferenceData(options, None, [f"user{u}" for u in range(num_users)], split, meta, answers=answers)
 
 
 # -----------------------------------------------------------------------------

@@ -21,7 +21,8 @@ and linear user types: exact posterior; a continuous linear population: importan
 sampling over the population prior, whose Monte Carlo error is reported and added to
 its SEM), the Bayes-optimal accuracy on the same episodes is printed beside the
 models, with each model's gap to it. A stochastic NP-BTL is scored twice: at the mean
-of q(z | context) and by its posterior predictive over `predict_samples` draws.
+of q(z | context) and by its posterior predictive over `predict_samples` draws (with
+--queries, by the predictive only).
 
 Writes eval.json (a list of rows: model, num_context, label, accuracy, sem, episodes)
 to `out` (default: the first run dir); --plot also writes accuracy.png and, for
@@ -65,7 +66,8 @@ DEFAULTS = {
         "questions": 10,  # questions asked, greedily one after another
         "episodes": 4000,  # episodes, fixed in advance
         "target_inputs": 16,  # unlabelled pairs of the split whose answers infogain is about
-        "samples": 8,  # a stochastic NP-BTL's draws of z per look-ahead prediction
+        "samples": 32,  # a stochastic NP-BTL's draws of z per look-ahead prediction
+        "screen": 16,  # ... looked ahead at over draws only for the best this many at the mean of q (0: all)
         "lookahead": True,  # infogain by the model's look-ahead (false: EPIG from draws of q(z | context))
         "bayes_samples": 2000,  # prior draws of the Bayes belief that chooses questions (populations)
         "selector": "",  # policy runs: the reward run that chooses the questions (NP-BTL on the same features)
@@ -268,7 +270,8 @@ def check_arguments(config, paths):
     check(config["query"]["questions"] <= config["query"]["pool"], "query.questions",
           f"must be at most query.pool = {config['query']['pool']}: a question is asked once")
     check_positive(config, "num_targets", *(f"policy_eval.{k}" for k in config["policy_eval"]),
-                   *(f"query.{k}" for k in config["query"] if k not in ("selector", "lookahead")))
+                   *(f"query.{k}" for k in config["query"] if k not in ("selector", "lookahead", "screen")))
+    check(config["query"]["screen"] >= 0, "query.screen", "must be non-negative (0 = every candidate over draws)")
 
 
 def main(argv):

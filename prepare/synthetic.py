@@ -5,6 +5,8 @@ Synthetic preference data with a known generator (so the Bayes-optimal accuracy 
     python prepare/synthetic.py --generator=linear --dim=8 --num_types=4 --temperature=0.1 --out=data/linear.npz
     python prepare/synthetic.py --generator=linear --num_users=2000 --pairs_per_user=40 --out=data/users.npz
     python prepare/synthetic.py --generator=waves --num_types=3 --out=data/three_types.npz
+    python prepare/synthetic.py --generator=linear --num_users=2000 --pairs_per_user=40 --dim=4 --temperature=0.1 \
+        --test_pairs_per_user=250 --out=data/population_pool.npz   # test users with 250 pairs each
 
 The generators are data.make_paper_synthetic, make_waves_synthetic and make_linear_synthetic.
 """
@@ -28,6 +30,7 @@ DEFAULTS = {
     "waves": 2,  # sine harmonics in each type's 1-D reward (waves)
     "num_users": 0,  # > 0: a continuous population of users instead of types (linear)
     "pairs_per_user": 40,  # pairs each user answers (linear, num_users > 0)
+    "test_pairs_per_user": 0,  # more than pairs_per_user: test users answer this many (a pool for --queries)
     "temperature": 0.0,  # 0: deterministic choices; > 0: Bradley-Terry sampling (waves, linear)
     "overwrite": False,  # replace an existing --out (runs may have been trained on it)
 }
@@ -38,8 +41,8 @@ def main(argv):
     check(config["generator"] in ("paper", "waves", "linear"), "generator",
           f"unknown generator '{config['generator']}' (paper | waves | linear)")
     check_positive(config, "num_pairs", "dim", "num_types", "waves", "pairs_per_user")
-    check(config["num_users"] >= 0 and config["temperature"] >= 0, "num_users",
-          "num_users and temperature must be non-negative")
+    check(config["num_users"] >= 0 and config["temperature"] >= 0 and config["test_pairs_per_user"] >= 0,
+          "num_users", "num_users, test_pairs_per_user and temperature must be non-negative")
     check_out_path("out", config["out"])
     check_not_there(config["out"], config["overwrite"])
     if config["generator"] == "paper":
@@ -48,7 +51,8 @@ def main(argv):
         keys = ("num_pairs", "num_types", "temperature", "waves", "seed")
         data = make_waves_synthetic(**{k: config[k] for k in keys})
     else:
-        keys = ("num_pairs", "dim", "num_types", "temperature", "num_users", "pairs_per_user", "seed")
+        keys = ("num_pairs", "dim", "num_types", "temperature", "num_users", "pairs_per_user", "seed",
+                "test_pairs_per_user")
         data = make_linear_synthetic(**{k: config[k] for k in keys})
     save_pairs(config["out"], data)
     print(f"wrote {config['out']}: {describe(data)}")

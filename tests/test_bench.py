@@ -44,7 +44,7 @@ def test_reward_bench_times_the_posterior_predictive(paper_path, monkeypatch):
                        "--model.encoder.stochastic=true", "--model.predict_samples=32"])
     assert "posterior predictive, 32 draws of z" in rows[-2][0]
     assert calls == [32] * 5  # every timed adaptation draws the 32 samples
-    assert "(look-ahead, 8 draws of z each" in rows[-1][0]  # the question choice draws its own
+    assert "then over 32 draws of z for the best 16" in rows[-1][0]  # the question choice draws its own
 
 
 def test_policy_bench_with_precomputed_reference(toy_root, capsys):

@@ -66,6 +66,26 @@ def dense_copy(data):
     return type(data)(data.pairs, choices, data.labels, data.split, data.meta)
 
 
+def test_a_populations_test_users_can_answer_more_without_changing_anyone_else(population):
+    """test_pairs_per_user: a larger question pool for test users; train and val rows are unchanged."""
+    more = make_linear_synthetic(num_users=50, pairs_per_user=40, dim=3, seed=0, test_pairs_per_user=55)
+    n = len(population.pairs)
+    assert torch.equal(more.pairs[:n], population.pairs) and list(more.split[:n]) == list(population.split)
+    rows, labels, values = more.answered()
+    old = rows < n
+    assert all(torch.equal(a[old], b) for a, b in zip((rows, labels, values), population.answered()))
+    counts = torch.bincount(labels, minlength=50)
+    tested = torch.tensor([more.split[rows[labels == u][0]] == "test" for u in range(50)])
+    assert tested.any() and (counts[tested] == 55).all() and (counts[~tested] == 40).all()
+    assert set(more.split[n:]) == {"test"} and (more.pairs[n:] != more.pairs[:len(more.pairs) - n]).any()
+    # every answer, the extra ones too, is its own user's (temperature 0: the larger w . x; the users'
+    # weights are the generator's first draws)
+    rows, labels, values = more.answered()
+    w = torch.randn(50, 3, generator=torch.Generator().manual_seed(0))
+    rewards = (more.pairs[rows] * w[labels, None]).sum(-1)  # (A, 2)
+    assert torch.equal(values.long(), (rewards[:, 1] > rewards[:, 0]).long())
+
+
 def test_a_population_samples_and_saves_as_its_dense_twin(tmp_path, population):
     dense = dense_copy(population)
     for twin in (dense, population):

@@ -254,6 +254,58 @@ def test_stochastic_beliefs_by_their_definitions():
         queries.ModelBelief(NPBTL(1, hidden=8), lookahead=False).infogain(context, mask, cand, targets)
 
 
+def test_a_stochastic_models_screen_keeps_the_best_at_the_mean_then_looks_again_over_draws():
+    """Only the `screen` candidates with the largest look-ahead gain at the mean of q(z | ...) are
+    looked ahead at over draws (the rest score -1), as a batch and for one user (whose look-ahead
+    skips blocks), with the values of the look-ahead over draws on those candidates alone."""
+    torch.manual_seed(0)
+    model = NPBTL(1, hidden=8, latent_dim=2, encoder_hidden=8, stochastic=True).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    for B, C in ((3, 40), (1, 300)):  # (1, 300): one user, in blocks of 128
+        context, cand, targets = torch.rand(B, 2, 2, 1), torch.rand(B, C, 2, 1), torch.rand(B, 4, 2, 1)
+        mask = torch.ones(B, 2, dtype=torch.bool)
+        with torch.no_grad():
+            at_mean = queries.ModelBelief(model, samples=1).infogain(context, mask, cand, targets)
+            torch.manual_seed(1)
+            screened = queries.ModelBelief(model, samples=8, screen=5).infogain(context, mask, cand, targets)
+            top = at_mean.topk(5, 1).indices
+            kept = cand.gather(1, top[..., None, None].expand(-1, -1, 2, 1))
+            torch.manual_seed(1)
+            over_draws = queries.ModelBelief(model, samples=8, screen=0).infogain(context, mask, kept, targets)
+        assert ((screened >= 0).sum(1) == 5).all() and (screened[screened < 0] == -1).all()
+        assert torch.allclose(screened.gather(1, top), over_draws, atol=1e-6)
+        assert not torch.allclose(over_draws, at_mean.gather(1, top), atol=1e-3)  # the draws count
+
+
+def test_questions_are_scored_with_evaluates_predictive():
+    """--queries scores a stochastic NP-BTL as evaluate.py does (predict_samples draws; 0: the mean
+    of q), not with the draws its training config validated with."""
+    torch.manual_seed(0)
+    model = NPBTL(1, hidden=8, latent_dim=2, encoder_hidden=8, stochastic=True, predict_samples=2).eval()
+    batch = {"context": torch.rand(4, 3, 2, 1), "context_mask": torch.ones(4, 3, dtype=torch.bool),
+             "targets": torch.rand(4, 5, 2, 1)}
+    with torch.no_grad():
+        assert torch.equal(queries.predictor(model, 0)(batch), model.log_prob_chosen(batch, samples=0))
+        torch.manual_seed(1)
+        by_evaluate = queries.predictor(model, 64)(batch)
+        torch.manual_seed(1)
+        assert torch.equal(by_evaluate, model.log_prob_chosen(batch, samples=64))
+        torch.manual_seed(1)
+        assert not torch.equal(by_evaluate, model.log_prob_chosen(batch))  # its own 2 draws
+    deterministic = NPBTL(1, hidden=8)
+    assert queries.predictor(deterministic, 64) == deterministic.log_prob_chosen
+
+
+def test_target_probs_in_tiles_equal_one_forward():
+    torch.manual_seed(0)
+    model = NPBTL(1, hidden=8, latent_dim=2, encoder_hidden=8).eval()
+    targets, z = torch.rand(16, 2, 1), torch.randn(1000, 2)  # 256 latents a tile: four tiles
+    with torch.no_grad():
+        r = model.rewards(targets[None], z)
+        assert torch.allclose(queries.target_probs(model, targets, z), torch.sigmoid(r[..., 0] - r[..., 1]))
+
+
 def test_one_users_pruned_lookahead_picks_what_the_full_one_picks(np_btl_run):
     """The dialogue's shortcut (skip candidates whose answer entropy cannot beat the best gain) is exact."""
     model, _ = load_reward_model(np_btl_run[0], 1)
