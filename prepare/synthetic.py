@@ -43,6 +43,10 @@ def main(argv):
     check_positive(config, "num_pairs", "dim", "num_types", "waves", "pairs_per_user")
     check(config["num_users"] >= 0 and config["temperature"] >= 0 and config["test_pairs_per_user"] >= 0,
           "num_users", "num_users, test_pairs_per_user and temperature must be non-negative")
+    more = config["test_pairs_per_user"]
+    check(not more or (config["generator"] == "linear" and config["num_users"] > 0 and more > config["pairs_per_user"]),
+          "test_pairs_per_user", "gives a population's test users more pairs: needs --generator=linear, "
+          f"--num_users > 0 and a count above pairs_per_user = {config['pairs_per_user']} (0: as many as the others)")
     check_out_path("out", config["out"])
     check_not_there(config["out"], config["overwrite"])
     if config["generator"] == "paper":

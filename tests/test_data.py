@@ -66,7 +66,7 @@ def dense_copy(data):
     return type(data)(data.pairs, choices, data.labels, data.split, data.meta)
 
 
-def test_a_populations_test_users_can_answer_more_without_changing_anyone_else(population):
+def test_a_populations_test_users_can_answer_more_and_the_rest_stay_the_same(population):
     """test_pairs_per_user: a larger question pool for test users; train and val rows are unchanged."""
     more = make_linear_synthetic(num_users=50, pairs_per_user=40, dim=3, seed=0, test_pairs_per_user=55)
     n = len(population.pairs)

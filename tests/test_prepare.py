@@ -596,6 +596,15 @@ def test_cli_sizes_must_be_positive(tmp_path, args, key):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("args", [["--test_pairs_per_user=80"], ["--generator=linear", "--test_pairs_per_user=80"],
+                                  ["--generator=linear", "--num_users=10", "--test_pairs_per_user=30"]],
+                         ids=["not a population", "types, not users", "fewer than the others"])
+def test_cli_refuses_more_test_pairs_except_for_a_populations_test_users(tmp_path, args):
+    with pytest.raises(ConfigError, match="config key 'test_pairs_per_user': gives a population's test users more"):
+        prepare_main(["synthetic", "--out=x.npz", *args])
+    assert os.listdir(tmp_path) == []
+
+
 def test_cli_never_replaces_a_dataset_by_accident(tmp_path):
     prepare_main(["synthetic", "--out=x.npz", "--num_pairs=100"])
     before = open("x.npz", "rb").read()
