@@ -252,9 +252,7 @@ def evaluate_policy_queries(paths, strategies, config, device):
     belief = None
     if selector:
         check_runs([selector])
-        q = config["query"]
-        options = {k: q[k] for k in ("samples", "screen", "lookahead")}
-        belief = queries.run_belief(selector, data.dim, device, data.path, **options)
+        belief = queries.run_belief(selector, data.dim, device, data.path, **queries.belief_options(config["query"]))
     users = steer_eval.TestUsers(data, read_text_pairs(run_config["data"]["pairs"]), config["split"])
     curves = steer_eval.question_curves(policies, belief, users, tokenizer, strategies, config, device)
     check(len(curves) > 0, "run", "--queries scores NP-DPO policies (steered by answers): give at least one")

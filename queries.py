@@ -176,6 +176,11 @@ class ModelBelief:
         return mutual_information(p_c[..., None] * p_t[:, :, 0], p_c[..., None], p_bar).mean(-1)
 
 
+def belief_options(query):
+    """ModelBelief's keyword arguments from evaluate.py's `query` config."""
+    return {k: query[k] for k in ("samples", "screen", "lookahead")}
+
+
 def run_belief(path, dim, device="cpu", where="the data", **options):
     """The belief of a trained reward run (its NP-BTL) on options of dimension `dim` (from `where`);
     `options` as ModelBelief's."""
@@ -317,7 +322,7 @@ def evaluate(models, data, split, strategies, config, device, bayes=None):
     infogain questions under the exact posterior."""
     q, out = config["query"], {}
     for chunk in episode_chunks(data, split, config, config["seed"]):
-        options = {k: q[k] for k in ("samples", "screen", "lookahead") if k in q}
+        options = belief_options(q)
         runs = [(name, ModelBelief(m, **options), predictor(m, config["predict_samples"]), s)
                 for name, m in models.items() for s in strategies]
         if bayes is not None:
