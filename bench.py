@@ -147,18 +147,21 @@ def time_reward_adaptation(model, data, config, device):
 
 
 @torch.no_grad()
-def time_question_choice(model, data, b, device, answers, repeats=20):
+def time_question_choice(model, data, b, device, answers, repeats=20, belief=None):
     """Median seconds per choice of the next question by infogain (queries.next_question) for one
     user with `answers` answers, from `question_candidates` candidate pairs of the data (their
-    features cached): the model's look-ahead (skipping candidates that cannot win)."""
+    features cached): the model's look-ahead (skipping candidates that cannot win), or
+    `belief()`, a fresh belief per choice."""
     import queries
 
     gen = torch.Generator().manual_seed(0)
     pick = lambda k: data.pairs[torch.randint(len(data.pairs), (k,), generator=gen)][None].to(device)
     context, cand, targets = pick(answers), pick(b["question_candidates"]), pick(b["question_targets"])
     excluded = torch.zeros(1, b["question_candidates"], dtype=torch.bool)
-    belief, times = queries.ModelBelief(model.eval()), []
+    make = belief or (lambda: queries.ModelBelief(model.eval()))
+    times = []
     for _ in range(repeats + 2):
+        belief = make()
         start = time.perf_counter()
         queries.next_question(belief, "infogain", context, cand, excluded, targets, gen)
         sync(device)
@@ -176,6 +179,22 @@ def question_row(model, data, b, device, who):
     return (f"{who}: choose the next question by infogain from {b['question_candidates']} cached candidates "
             f"({how}, {b['question_targets']} target pairs), median ms with no answers yet / with "
             f"{b['context_pairs']} answers", f"{1000 * first:.1f} / {1000 * later:.1f}")
+
+
+def particle_row(model, data, b, device, max_context):
+    """evaluate.py --query.belief=particles: the first question of a user computes every candidate's
+    probability under every particle; later ones reuse them (the same pool), so reweighting is all."""
+    import queries
+
+    particles = queries.training_latents(model.eval(), data, max_context, seed=0)
+    first = time_question_choice(model, data, b, device, 0, repeats=5,
+                                 belief=lambda: queries.ParticleBelief(model, particles))
+    warm = queries.ParticleBelief(model, particles)
+    later = time_question_choice(model, data, b, device, b["context_pairs"], belief=lambda: warm)
+    return (f"reward: choose the next question by infogain under {len(particles)} particles (evaluate.py "
+            f"--query.belief=particles) from {b['question_candidates']} candidates, median ms for a user's "
+            f"first question / a later one with {b['context_pairs']} answers",
+            f"{1000 * first:.1f} / {1000 * later:.1f}")
 
 
 def predictive_note(model):
@@ -204,7 +223,8 @@ def bench_reward(argv, device_name=None):
     episodes_per_s = time_reward_training(model, sampler, config, device)
     memory = peak_memory_row(device, "reward training")
     median, p90 = time_reward_adaptation(model, data, config, device)
-    question = [question_row(model, data, b, device, "reward")] if hasattr(model, "encoder") else []
+    question = [question_row(model, data, b, device, "reward"),
+                particle_row(model, data, b, device, t["max_context"])] if hasattr(model, "encoder") else []
     name = f"reward {config['model']['kind']} ({config['model']['encoder']['aggregator']} aggregator)"
     return name, [
         (f"reward training, episodes/s (batch {t['batch_size']}, {t['num_targets']} targets)",

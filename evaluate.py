@@ -69,6 +69,8 @@ DEFAULTS = {
         "samples": 32,  # a stochastic NP-BTL's draws of z per look-ahead prediction
         "screen": 16,  # ... looked ahead at over draws only for the best this many at the mean of q (0: all)
         "lookahead": True,  # infogain by the model's look-ahead (false: EPIG from draws of q(z | context))
+        "belief": "lookahead",  # lookahead: the encoder's belief (above); particles: the training users' latents
+        "particles": 2048,  # ... this many, weighted by the model's likelihood of the answers (queries.py)
         "bayes_samples": 2000,  # prior draws of the Bayes belief that chooses questions (populations)
         "selector": "",  # policy runs: the reward run that chooses the questions (NP-BTL on the same features)
     },
@@ -91,16 +93,18 @@ ALIASES = {"num-context": "num_context", "max-sem": "max_sem"}
 
 
 def load_models(paths, device):
-    """{name: model} for run dirs or checkpoint files that share one data file."""
+    """{name: model}, the data, and {name: training config} for run dirs or checkpoint files that
+    share one data file."""
     data_paths = [run_data_path(p) for p in paths]
     if len({os.path.realpath(p) for p in data_paths}) != 1:
         raise ConfigError(f"the models were trained on different data files {sorted(set(data_paths))}")
     data = load_pairs(data_paths[0])
-    models = {}
+    models, configs = {}, {}
     for path in paths:
         name = os.path.basename(os.path.normpath(run_dir_of(path)))
-        models[name if name not in models else path], _ = load_reward_model(path, data.dim, device, data.path)
-    return models, data
+        name = name if name not in models else path
+        models[name], configs[name] = load_reward_model(path, data.dim, device, data.path)
+    return models, data, configs
 
 
 def predictors(models, config):
@@ -160,7 +164,7 @@ def score_context_size(predict, data, sampler, n, config, device):
 
 def evaluate_rewards(paths, config, device):
     """Rows for eval.json and the function that draws the plots into a folder."""
-    models, data = load_models(paths, device)
+    models, data, _ = load_models(paths, device)
     sizes = sorted(config["num_context"])
     sampler = EpisodeSampler(data, config["split"], config["num_targets"], max(sizes), seed=config["seed"])
     predict = predictors(models, config)
@@ -234,14 +238,19 @@ def evaluate_queries(paths, strategies, config, device):
     Bayes-active beside them where the generator is known. Rows for queries.json and the plot."""
     import queries
 
-    models, data = load_models(paths, device)
+    models, data, configs = load_models(paths, device)
     for name in [n for n, m in models.items() if not hasattr(m, "encoder")]:
         print(f"note: {name} reads no context: no question changes its predictions; left out")
         del models[name]
     check(len(models) > 0, "run", "--queries compares question strategies for NP-BTL runs: give at least one")
     known = true_rewards(data.meta, data.pairs[:1]) is not None or data.meta.get("generator") == "linear_population"
     bayes = (lambda batch: bayes_reference(data.meta, batch, config)[0]) if known else None
-    curves = queries.evaluate(models, data, config["split"], strategies, config, device, bayes)
+    particles = None
+    if config["query"]["belief"] == "particles":  # the training users' latents, read as each run was trained
+        particles = {name: queries.training_latents(m, data, configs[name]["train"]["max_context"],
+                                                    config["query"]["particles"], config["seed"])
+                     for name, m in models.items()}
+    curves = queries.evaluate(models, data, config["split"], strategies, config, device, bayes, particles)
     reference = ("bayes_optimal", "infogain")
     rows = [row for key in curves for row in query_rows(curves, *key, reference)]
     q = config["query"]
@@ -270,7 +279,8 @@ def check_arguments(config, paths):
     check(config["query"]["questions"] <= config["query"]["pool"], "query.questions",
           f"must be at most query.pool = {config['query']['pool']}: a question is asked once")
     check_positive(config, "num_targets", *(f"policy_eval.{k}" for k in config["policy_eval"]),
-                   *(f"query.{k}" for k in config["query"] if k not in ("selector", "lookahead", "screen")))
+                   *(f"query.{k}" for k in config["query"] if k not in ("selector", "lookahead", "screen", "belief")))
+    check(config["query"]["belief"] in ("lookahead", "particles"), "query.belief", "must be lookahead or particles")
     check(config["query"]["screen"] >= 0, "query.screen", "must be non-negative (0 = every candidate over draws)")
 
 
@@ -295,6 +305,8 @@ def main(argv):
     check(len(kinds) == 1, "run", "give reward runs or policy runs, not both")
     strategies = query_strategies(config)
     policy_runs = kinds.pop()
+    check(not (strategies and policy_runs and config["query"]["belief"] == "particles"), "query.belief",
+          "particles is for reward runs: a policy's questions are chosen by its query.selector's look-ahead")
     if strategies:
         rows, draw = (evaluate_policy_queries if policy_runs else evaluate_queries)(paths, strategies, config, device)
     else:

@@ -27,6 +27,10 @@ EPIG from draws of q(z | context) alone (P(y_ab, y_t) = mean_s P(y_ab | z_s) P(y
 `lookahead=False`), asks worse questions on the three-type task (76.35 % after one
 question against 81.97 % with the look-ahead): q(z | context) is trained to predict,
 not to be a calibrated posterior.
+- particles (`ParticleBelief`, evaluate.py --query.belief=particles): the encoder's latents of
+  the training users, weighted by the model's likelihood of the answers; EPIG under them is
+  exact for that posterior. On a continuous population it asks better questions than the
+  look-ahead (RESULTS.md), but a user's first question costs every candidate under every particle.
 - the Bayes reference (data.py's generators): the exact posterior over user types, or
   importance-weighted draws from the population prior (`bayes_samples`).
 
@@ -176,6 +180,55 @@ class ModelBelief:
         return mutual_information(p_c[..., None] * p_t[:, :, 0], p_c[..., None], p_bar).mean(-1)
 
 
+class ParticleBelief:
+    """A trained NP-BTL's rewards at a fixed set of latents (`particles` (S, L)), weighted by Bayes'
+    rule: weight_s ∝ prod over the context of P(answer | z_s) under the model's own BTL likelihood.
+    With the latents of the training users (`training_latents`) as the particles, this is importance
+    sampling over the empirical population of the training data: a posterior that the encoder's
+    single z cannot express, and EPIG under it is exact for that posterior (as for BayesBelief).
+    The probabilities of a pool's pairs under every particle are computed once and reused while
+    the same tensors are asked about again (ask() asks one pool K times)."""
+
+    def __init__(self, model, particles):
+        self.model, self.particles, self._cache = model, particles, []
+
+    def probs(self, pairs):
+        """P(first option chosen) of pairs (B, P, 2, D) under each particle: (B, S, P)."""
+        for seen, probs in self._cache:
+            if seen is pairs:
+                return probs
+        probs = torch.stack([target_probs(self.model, p, self.particles) for p in pairs])
+        self._cache = (self._cache + [(pairs, probs)])[-2:]  # a pool's candidates and its target pairs
+        return probs
+
+    def weights(self, context, mask):
+        """(B, S) the posterior over particles after the context (chosen first)."""
+        if context.shape[1] == 0:
+            return torch.full((len(context), len(self.particles)), 1 / len(self.particles), device=context.device)
+        lik = torch.stack([target_probs(self.model, c, self.particles) for c in context])  # (B, S, n)
+        return torch.softmax(torch.where(mask[:, None], lik.clamp_min(1e-12).log(), 0.0).sum(-1), -1)
+
+    def answer_probs(self, context, mask, pairs):
+        return self.probs(pairs), self.weights(context, mask)
+
+    def infogain(self, context, mask, cand, targets):
+        return epig(self.probs(cand), self.probs(targets), self.weights(context, mask))
+
+
+@torch.no_grad()
+def training_latents(model, data, context_size, num=2048, seed=0):
+    """`num` particles for ParticleBelief: the encoder's latents (the mean of q for a stochastic
+    NP-BTL) of the training users, round-robin over users, each read from `context_size` of the
+    user's answered training pairs (the run's train.max_context, the most it learnt to read)."""
+    from data import EpisodeSampler
+
+    sampler = EpisodeSampler(data, "train", 0, context_size, seed=seed, size_keys="the run's train.max_context")
+    rows = torch.arange(num) % len(sampler.labels)
+    batch = sampler.sample(num, num_context=context_size, label_rows=rows)
+    device = next(model.parameters()).device
+    return model.infer_latent(batch["context"].to(device), batch["context_mask"].to(device))
+
+
 def belief_options(query):
     """ModelBelief's keyword arguments from evaluate.py's `query` config."""
     return {k: query[k] for k in ("samples", "screen", "lookahead")}
@@ -316,14 +369,17 @@ def predictor(model, samples):
     return model.log_prob_chosen
 
 
-def evaluate(models, data, split, strategies, config, device, bayes=None):
+def evaluate(models, data, split, strategies, config, device, bayes=None, particles=None):
     """{(row name, strategy): per-episode accuracies (E, K + 1)} for each NP model and strategy,
     and for the Bayes reference (`bayes(batch)` -> log P(chosen), or None) with random and
-    infogain questions under the exact posterior."""
+    infogain questions under the exact posterior. A model's questions are chosen by its
+    ModelBelief, or by a ParticleBelief where `particles` ({name: (S, L) latents}) is given."""
     q, out = config["query"], {}
     for chunk in episode_chunks(data, split, config, config["seed"]):
         options = belief_options(q)
-        runs = [(name, ModelBelief(m, **options), predictor(m, config["predict_samples"]), s)
+        belief = (lambda n, m: ParticleBelief(m, particles[n])) if particles else (  # noqa: E731
+            lambda n, m: ModelBelief(m, **options))
+        runs = [(name, belief(name, m), predictor(m, config["predict_samples"]), s)
                 for name, m in models.items() for s in strategies]
         if bayes is not None:
             belief = BayesBelief(data.meta, q["bayes_samples"], config["seed"])

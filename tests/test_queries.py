@@ -149,6 +149,64 @@ def test_population_bayes_belief_learns_the_direction():
     assert (weights[0] * probs[0, :, 0]).sum().item() > 0.95
 
 
+class LinearUsers(torch.nn.Module):
+    """r(option, z) = option . z / temperature: a linear population's true reward, as a reward model."""
+
+    def __init__(self, temperature):
+        super().__init__()
+        self.temperature = temperature
+
+    def rewards(self, options, latent):
+        return (options * latent[:, None, None]).sum(-1) / self.temperature
+
+
+def test_particles_of_the_true_reward_are_the_bayes_posterior():
+    """With the generator's reward and its prior draws as particles, ParticleBelief is BayesBelief:
+    the same answer probabilities, posterior weights and information gains."""
+    meta, gen = {"generator": "linear_population", "temperature": 0.1}, torch.Generator().manual_seed(3)
+    draws = queries.sphere_samples(3000, 3, torch.Generator().manual_seed(0)).float()
+    particles, bayes = queries.ParticleBelief(LinearUsers(0.1), draws), queries.BayesBelief(meta, 3000, seed=0)
+    context, cand, targets = (torch.randn(2, k, 2, 3, generator=gen) for k in (4, 7, 5))
+    mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    p1, w1 = particles.answer_probs(context, mask, cand)
+    p2, w2 = bayes.answer_probs(context, mask, cand)
+    assert torch.allclose(p1, p2, atol=1e-5) and torch.allclose(w1, w2, atol=1e-5)
+    assert w1[0].max() > 10 / 3000  # the context moved the posterior: the check is not of a uniform one
+    gains = particles.infogain(context, mask, cand, targets)
+    assert torch.allclose(gains, bayes.infogain(context, mask, cand, targets), atol=1e-5)
+    assert gains.std() > 0.01
+
+
+def test_particle_probabilities_are_reused_only_for_the_same_pool():
+    belief = queries.ParticleBelief(LinearUsers(1.0), torch.randn(50, 2))
+    a, b, c = torch.randn(1, 6, 2, 2), torch.randn(1, 6, 2, 2), torch.randn(1, 6, 2, 2)
+    first = belief.probs(a)
+    assert belief.probs(a) is first  # asked about again: not recomputed
+    assert not torch.allclose(belief.probs(b), first)  # another pool of the same shape: recomputed
+    belief.probs(c)  # two pools are kept, a third one pushes the oldest out
+    assert belief.probs(a) is not first and torch.equal(belief.probs(a), first)
+
+
+class ContextMean(torch.nn.Module):
+    """A 'model' whose latent is the mean difference chosen - rejected of its context."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def infer_latent(self, context, mask):
+        diff = (context[:, :, 0] - context[:, :, 1]) * mask[..., None]
+        return diff.sum(1) / mask.sum(1, keepdim=True)
+
+
+def test_particles_are_read_from_training_users_only(paper_path):
+    data = load_pairs(paper_path)
+    data.pairs[torch.from_numpy(data.split != "train")] = float("nan")  # any val or test pair read shows
+    z = queries.training_latents(ContextMean(), data, context_size=4, num=64)
+    assert z.shape == (64, 1) and torch.isfinite(z).all()
+    assert len(z.unique()) > 32  # different contexts, not one episode repeated
+
+
 # -----------------------------------------------------------------------------
 # evaluate.py --queries
 
@@ -177,9 +235,26 @@ def test_evaluate_queries_writes_curves(np_btl_run, btl_run, tmp_path, capsys):
         curve[(name, "infogain", 1)]["accuracy"] - 1.0, abs=1e-6)
 
 
+def test_evaluate_queries_with_particles(np_btl_run, tmp_path, monkeypatch):
+    """--query.belief=particles: the same episodes and model predictions, the particles' questions."""
+    rows, asked = {}, []
+    infogain = queries.ParticleBelief.infogain
+    monkeypatch.setattr(queries.ParticleBelief, "infogain", lambda *a: asked.append(1) or infogain(*a))
+    for belief in ("lookahead", "particles"):
+        out = evaluate.main([np_btl_run[0], "--queries=infogain", *FAST, f"--query.belief={belief}",
+                             "--query.particles=256", f"--out={tmp_path}/{belief}"])
+        rows[belief] = {(r["model"], r["questions"]): r["accuracy"] for r in out}
+    name = os.path.basename(np_btl_run[0])
+    assert rows["particles"][(name, 0)] == rows["lookahead"][(name, 0)]  # no question: the same prediction
+    assert rows["particles"][("bayes_optimal", 2)] == rows["lookahead"][("bayes_optimal", 2)]
+    assert len(asked) == 3 * 2  # 3 questions, 2 chunks of episodes: every model question by the particles
+    assert rows["particles"][(name, 1)] > 0.9  # one question on which the paper's two types disagree
+
+
 @pytest.mark.parametrize("flag, message", [("--queries=infogian", "unknown strategy 'infogian'"),
                                            ("--queries=random,random", "names a strategy twice"),
-                                           ("--query.pool=0", "query.pool")])
+                                           ("--query.pool=0", "query.pool"),
+                                           ("--query.belief=particle", "query.belief")])
 def test_query_mistakes_are_one_line(np_btl_run, tmp_path, flag, message):
     with pytest.raises(ConfigError, match=message):
         evaluate.main([np_btl_run[0], flag, f"--out={tmp_path}/q"])

@@ -363,6 +363,16 @@ def test_dialogue_asks_saves_and_resumes(cli_runs, selector, monkeypatch, capsys
     assert len(set(asked)) == 3  # an answered question is not asked again
 
 
+def test_policy_questions_refuse_particles(cli_runs, tmp_path):
+    """query.belief=particles is for reward runs; a policy's selector looks ahead. Said, not ignored."""
+    import evaluate
+    from common import ConfigError
+
+    with pytest.raises(ConfigError, match="query.belief"):
+        evaluate.main([cli_runs["np"], "--queries=infogain", "--query.belief=particles", f"--out={tmp_path}/q"])
+    assert not os.path.exists(tmp_path / "q")
+
+
 def test_dialogue_without_a_selector_asks_at_random_and_says_so(cli_runs, monkeypatch, capsys):
     out, err = ask_cli(monkeypatch, capsys, "q\n", cli_runs["np"], "--ask=2", "--prompt=Tell me about bees.",
                        "--max_new_tokens=5")
