@@ -147,16 +147,19 @@ def time_reward_adaptation(model, data, config, device):
 
 
 @torch.no_grad()
-def time_question_choice(model, data, b, device, answers, repeats=20, belief=None):
+def time_question_choice(model, data, b, device, answers, repeats=20, belief=None, consistent=True):
     """Median seconds per choice of the next question by infogain (queries.next_question) for one
     user with `answers` answers, from `question_candidates` candidate pairs of the data (their
     features cached): the model's look-ahead (skipping candidates that cannot win), or
-    `belief()`, a fresh belief per choice."""
+    `belief()`, a fresh belief per choice. The answers are a test user's own (`consistent`) or
+    random pairs with random answers, which no user gives and which leave more candidates to look at."""
     import queries
 
     gen = torch.Generator().manual_seed(0)
     pick = lambda k: data.pairs[torch.randint(len(data.pairs), (k,), generator=gen)][None].to(device)
     context, cand, targets = pick(answers), pick(b["question_candidates"]), pick(b["question_targets"])
+    if consistent and answers:
+        context = user_answers(data, answers).to(device)
     excluded = torch.zeros(1, b["question_candidates"], dtype=torch.bool)
     make = belief or (lambda: queries.ModelBelief(model.eval()))
     times = []
@@ -169,32 +172,45 @@ def time_question_choice(model, data, b, device, answers, repeats=20, belief=Non
     return statistics.median(times[2:])
 
 
+def answering_split(data):
+    """The split whose users answer the bench's questions: test, or train where it has none (random data)."""
+    return "test" if (data.split == "test").any() else "train"
+
+
+def user_answers(data, n):
+    """(1, n, 2, D) n pairs one user of the data answered, chosen first."""
+    sampler = EpisodeSampler(data, answering_split(data), 0, n, seed=0)
+    return sampler.sample(1, num_context=n)["context"]
+
+
 def question_row(model, data, b, device, who):
     import queries
 
-    first, later = (time_question_choice(model, data, b, device, n) for n in (0, b["context_pairs"]))
+    n = b["context_pairs"]
+    times = [time_question_choice(model, data, b, device, 0), time_question_choice(model, data, b, device, n),
+             time_question_choice(model, data, b, device, n, consistent=False)]
     belief = queries.ModelBelief(model)
     how = (f"look-ahead at the mean of q, then over {belief.samples} draws of z for the best {belief.screen}"
            if belief.samples > 1 else "look-ahead, deterministic z")
     return (f"{who}: choose the next question by infogain from {b['question_candidates']} cached candidates "
-            f"({how}, {b['question_targets']} target pairs), median ms with no answers yet / with "
-            f"{b['context_pairs']} answers", f"{1000 * first:.1f} / {1000 * later:.1f}")
+            f"({how}, {b['question_targets']} target pairs), median ms with no answers yet / with {n} answers "
+            f"of a {answering_split(data)} user / with {n} random answers", " / ".join(f"{1000 * t:.1f}" for t in times))
 
 
 def particle_row(model, data, b, device, max_context):
-    """evaluate.py --query.belief=particles: the first question of a user computes every candidate's
-    probability under every particle; later ones reuse them (the same pool), so reweighting is all."""
+    """evaluate.py --query.belief=particles: a pool's candidates are first computed under every particle
+    (once per pool; evaluate.py draws a pool per user); a question from that pool then only reweights."""
     import queries
 
     particles = queries.training_latents(model.eval(), data, max_context, seed=0)
-    first = time_question_choice(model, data, b, device, 0, repeats=5,
+    fresh = time_question_choice(model, data, b, device, 0, repeats=5,
                                  belief=lambda: queries.ParticleBelief(model, particles))
     warm = queries.ParticleBelief(model, particles)
-    later = time_question_choice(model, data, b, device, b["context_pairs"], belief=lambda: warm)
+    cached = [time_question_choice(model, data, b, device, n, belief=lambda: warm) for n in (0, b["context_pairs"])]
     return (f"reward: choose the next question by infogain under {len(particles)} particles (evaluate.py "
-            f"--query.belief=particles) from {b['question_candidates']} candidates, median ms for a user's "
-            f"first question / a later one with {b['context_pairs']} answers",
-            f"{1000 * first:.1f} / {1000 * later:.1f}")
+            f"--query.belief=particles) from {b['question_candidates']} candidates, median ms for the first "
+            f"question from a new pool / from a cached pool with no answers / with {b['context_pairs']} "
+            f"answers of a {answering_split(data)} user", " / ".join(f"{1000 * t:.1f}" for t in [fresh] + cached))
 
 
 def predictive_note(model):

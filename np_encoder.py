@@ -58,9 +58,49 @@ class ContextEncoder(nn.Module):
         B, n = context.shape[:2]
         if mask is None:
             mask = torch.ones(B, n, dtype=torch.bool, device=context.device)
-        chosen, rejected = context[:, :, 0], context[:, :, 1]
-        h = self.pair_net(torch.cat([chosen, rejected, chosen - rejected], dim=-1))  # (B, n, H)
-        summary = self.aggregate(h, mask)  # (B, H)
+        return self.from_summary(self.aggregate(self.embed(context), mask))
+
+    def embed(self, pairs):
+        """(..., 2, D) pairs as (chosen, rejected) -> (..., H)."""
+        chosen, rejected = pairs[..., 0, :], pairs[..., 1, :]
+        return self.pair_net(torch.cat([chosen, rejected, chosen - rejected], dim=-1))
+
+    def extended(self, context, mask, new):
+        """forward() of each context (B, n, 2, D) with one more pair, each of new (B, C, 2, D):
+        outputs for B * C contexts, in (b, c) order. A mean or sum aggregator adds the new pair's
+        embedding to the context's sum; attention adds the new pair's key to the softmax over the
+        context's keys. Either way the n pairs are embedded once, not C times."""
+        h, h_new = self.embed(context), self.embed(new)  # (B, n, H), (B, C, H)
+        if self.aggregator == "attention":
+            summary = self.attend_extended(h, mask, h_new)
+        else:
+            summary = (h * mask[..., None]).sum(1)[:, None] + h_new
+            if self.aggregator == "mean":
+                summary = summary / (mask.sum(1) + 1)[:, None, None]
+        return self.from_summary(summary.flatten(0, 1))
+
+    def attend_extended(self, h, mask, h_new):
+        """aggregate() by attention of each context plus one more pair: (B, C, H). Per head, the
+        softmax over the query token and the context's keys is kept as its maximum logit, its sum of
+        exponentials and its exponential-weighted values, and each new key is added to them."""
+        att, (B, n, H), C = self.attention, h.shape, h_new.shape[1]
+        heads, d = att.num_heads, H // att.num_heads
+        (w_q, w_k, w_v), (b_q, b_k, b_v) = att.in_proj_weight.chunk(3), att.in_proj_bias.chunk(3)
+        q = F.linear(self.query[0, 0], w_q, b_q).view(heads, d) / math.sqrt(d)
+        keys = torch.cat([self.query.expand(B, 1, H), h], 1)  # the query token is always a key
+        k, v = F.linear(keys, w_k, b_k).view(B, n + 1, heads, d), F.linear(keys, w_v, b_v).view(B, n + 1, heads, d)
+        logits = torch.einsum("bnhd,hd->bnh", k, q).masked_fill(~F.pad(mask, (1, 0), value=True)[..., None], -math.inf)
+        top = logits.amax(1)  # (B, heads)
+        e = (logits - top[:, None]).exp()
+        total, weighted = e.sum(1), torch.einsum("bnh,bnhd->bhd", e, v)
+        k_new, v_new = F.linear(h_new, w_k, b_k).view(B, C, heads, d), F.linear(h_new, w_v, b_v).view(B, C, heads, d)
+        logit_new = torch.einsum("bchd,hd->bch", k_new, q)
+        new_top = torch.maximum(top[:, None], logit_new)  # (B, C, heads)
+        old, fresh = (top[:, None] - new_top).exp(), (logit_new - new_top).exp()
+        out = (old[..., None] * weighted[:, None] + fresh[..., None] * v_new) / (old * total[:, None] + fresh)[..., None]
+        return att.out_proj(out.flatten(-2))
+
+    def from_summary(self, summary):
         out = self.head(summary)
         if not self.stochastic:
             return out

@@ -46,7 +46,6 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 
 from bayes import pair_log_lik, sphere_samples, type_likelihood
 from data import DataError, choice_correct, chosen_first
@@ -163,17 +162,16 @@ class ModelBelief:
     def lookahead(self, context, mask, cand, targets, samples):
         """The mutual information of P(y_c | context) P(y_t | context + y_c), both the model's own
         predictions: at its z (samples = 1) or averaged over `samples` draws of q(z | ...). (B, C)"""
-        m, (B, C), (n, T), S = self.model, cand.shape[:2], (context.shape[1], targets.shape[1]), samples
+        m, (B, C), T, S = self.model, cand.shape[:2], targets.shape[1], samples
         p_c = self.answer_probs(context, mask, cand, S)[0].mean(1)  # (B, C)
         answered = torch.stack([cand, cand.flip(2)], 2)  # (B, C, 2, 2, D): answer 0 = first option chosen
-        extended = torch.cat([context[:, None, None].expand(B, C, 2, *context.shape[1:]), answered[:, :, :, None]], 3)
-        ext_mask = F.pad(mask, (0, 1), value=True)[:, None, None].expand(B, C, 2, n + 1)
+        out = m.encoder.extended(context, mask, answered.flatten(1, 2))  # the context plus each answer
         if S > 1:
-            mean, scale = m.encoder(extended.flatten(0, 2), ext_mask.flatten(0, 2))
+            mean, scale = out
             z = mean + scale * torch.randn(S, *mean.shape, device=mean.device)  # (S, B * C * 2, L)
             z = z.view(S, B, C * 2, -1).transpose(0, 1).reshape(B, S * C * 2, -1)
         else:
-            z = m.infer_latent(extended.flatten(0, 2), ext_mask.flatten(0, 2)).view(B, C * 2, -1)
+            z = (out[0] if m.stochastic else out).view(B, C * 2, -1)
         p_t = torch.stack([target_probs(m, targets[b], z[b]) for b in range(B)])  # (B, S * C * 2, T)
         p_t = p_t.view(B, S, C, 2, T).mean(1)  # given each answer
         p_bar = p_c[..., None] * p_t[:, :, 0] + (1 - p_c[..., None]) * p_t[:, :, 1]

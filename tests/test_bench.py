@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import bench
 import reward
@@ -32,6 +33,8 @@ def test_reward_bench_prints_one_table(paper_path, capsys):
     assert "choose the next question by infogain from 1000 cached candidates (look-ahead" in question[0]
     assert "under 2048 particles" in particles[0] and "from 1000 candidates" in particles[0]
     assert all(float(v) > 0 for row in (question, particles) for v in row[1].split(" / "))
+    assert "answers of a test user / with 10 random answers" in question[0]
+    assert [len(row[1].split(" / ")) for row in (question, particles)] == [3, 3]
     assert all(n > 0 for _, value in rows for n in numbers(value))
     assert all(f"| {m} | {v} |" in out for m, v in rows)
 
@@ -147,3 +150,21 @@ def test_cli_user_error_is_one_line_exit_2(btl_run, paper_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(lines) == 1 and lines[0].startswith("error: --run:") and "model.kind = 'btl'" in lines[0]
+
+
+def test_question_bench_answers_are_one_test_users_own(paper_path):
+    from data import chosen_first, load_pairs
+
+    data = load_pairs(paper_path)
+    context = bench.user_answers(data, 10)[0]  # (10, 2, D), chosen first
+    test = torch.from_numpy(data.split == "test")
+
+    def answered_by(label):  # the test pairs as this label answered them, chosen first
+        rows = test & (data.choices[:, label] >= 0)
+        return chosen_first(data.pairs[rows], data.choices[rows, label] == 1)
+
+    def explains(label):
+        oriented = answered_by(label)
+        return all(((oriented - pair).abs().sum((1, 2)) == 0).any() for pair in context)
+
+    assert any(explains(label) for label in range(len(data.labels)))  # one test user's own answers

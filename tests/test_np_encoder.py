@@ -69,6 +69,21 @@ def test_padded_batch_equals_unpadded_episodes(aggregator, stochastic):
         assert_close(tuple(x[i:i + 1] for x in padded), as_tuple(alone))
 
 
+@pytest.mark.parametrize("aggregator, stochastic", ENCODERS)
+def test_extended_contexts_equal_encoding_each_one(aggregator, stochastic):
+    # queries.py's look-ahead: each context plus one more pair; the shortcut must equal the long way
+    encoder = make_encoder(aggregator, stochastic)
+    sizes, C = [0, 2, 5], 3
+    context = 100 * torch.randn(len(sizes), max(sizes), 2, D)  # padding holds large garbage
+    mask = torch.arange(max(sizes))[None] < torch.tensor(sizes)[:, None]
+    new = torch.randn(len(sizes), C, 2, D)
+    out = as_tuple(encoder.extended(context, mask, new))
+    for i, n in enumerate(sizes):
+        for c in range(C):
+            alone = encoder(torch.cat([context[i:i + 1, :n], new[i:i + 1, c:c + 1]], 1))
+            assert_close(tuple(x[i * C + c:i * C + c + 1] for x in out), as_tuple(alone))
+
+
 def test_sum_and_mean_aggregate_by_hand():
     context = torch.randn(2, 3, 2, D)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
