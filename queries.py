@@ -13,7 +13,8 @@ question is chosen greedily from the candidates not yet asked:
 
 How a model gives that mutual information (`ModelBelief`): it looks ahead. For each
 candidate and each of its two answers, the encoder reads the context plus that answer,
-and the model predicts the targets; the gain is the mutual information of the joint
+and the model predicts the targets (`ContextEncoder.extended`: the context's pairs are embedded
+once and each answer is added to their summary); the gain is the mutual information of the joint
 P(y_ab | context) P(y_t | context + y_ab), both the model's own predictions: how much
 its predictions would move, weighted by how likely each answer is. A deterministic
 NP-BTL predicts at its z; a stochastic one by the Monte Carlo posterior predictive over
