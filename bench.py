@@ -28,6 +28,7 @@ held, the Python interpreter and earlier benchmarks included).
 Timings depend on torch's thread count: say which when you report them.
 """
 
+import copy
 import os
 import resource
 import statistics
@@ -236,8 +237,10 @@ def bench_reward(argv, device_name=None):
     else:
         model = build_model(config["model"], data.dim).to(device)
     sampler = EpisodeSampler(data, "train", t["num_targets"], t["max_context"], t["min_context"], seed=0)
+    weights = copy.deepcopy(model.state_dict())
     episodes_per_s = time_reward_training(model, sampler, config, device)
     memory = peak_memory_row(device, "reward training")
+    model.load_state_dict(weights)  # the latency rows time the run's own weights, not the timed steps'
     median, p90 = time_reward_adaptation(model, data, config, device)
     question = [question_row(model, data, b, device, "reward"),
                 particle_row(model, data, b, device, t["max_context"])] if hasattr(model, "encoder") else []

@@ -103,10 +103,19 @@ def no_timing(monkeypatch):
     monkeypatch.setattr(bench, "time_reward_training", timing_started)
 
 
-def test_reward_bench_times_a_trained_run(np_btl_run, paper_path):
+def test_reward_bench_times_a_trained_run(np_btl_run, paper_path, monkeypatch):
+    from data import load_pairs
+    from reward import load_reward_model
+
+    seen = []
+    original = bench.time_question_choice
+    monkeypatch.setattr(bench, "time_question_choice", lambda model, *a, **k: seen.append(
+        {k: v.clone() for k, v in model.state_dict().items()}) or original(model, *a, **k))
     rows = bench.main(["reward", f"--data.path={paper_path}", f"--run={np_btl_run[0]}", "--bench.train_steps=3",
                        "--bench.repeats=5"])
     assert all(n > 0 for _, value in rows for n in numbers(value))
+    trained = load_reward_model(np_btl_run[0], load_pairs(paper_path).dim, "cpu", paper_path)[0].state_dict()
+    assert seen and all(torch.equal(w[k], trained[k]) for w in seen for k in trained)  # not the timed steps'
 
 
 @pytest.mark.parametrize("overrides, message", [
