@@ -195,7 +195,8 @@ def question_row(model, data, b, device, who):
            if belief.samples > 1 else "look-ahead, deterministic z")
     return (f"{who}: choose the next question by infogain from {b['question_candidates']} cached candidates "
             f"({how}, {b['question_targets']} target pairs), median ms with no answers yet / with {n} answers "
-            f"of a {answering_split(data)} user / with {n} random answers", " / ".join(f"{1000 * t:.1f}" for t in times))
+            f"of a {answering_split(data)} user / with {n} random answers",
+            " / ".join(f"{1000 * t:.1f}" for t in times))
 
 
 def particle_row(model, data, b, device, max_context):

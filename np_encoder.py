@@ -7,6 +7,8 @@ by an MLP on [chosen, rejected, chosen - rejected]; the set is aggregated by a
 masked mean, a masked sum, or self-attention read out through a learned query
 token; a head maps the summary to a latent z (deterministic) or to a Gaussian
 q(z | context) (stochastic). An empty context (n = 0) yields a learned prior.
+`extended` encodes a context plus each of many one-pair answers without re-embedding
+the context (queries.py's look-ahead).
 
     python np_encoder.py        # prints the encoder and a latent for a random context
 
@@ -97,7 +99,8 @@ class ContextEncoder(nn.Module):
         logit_new = torch.einsum("bchd,hd->bch", k_new, q)
         new_top = torch.maximum(top[:, None], logit_new)  # (B, C, heads)
         old, fresh = (top[:, None] - new_top).exp(), (logit_new - new_top).exp()
-        out = (old[..., None] * weighted[:, None] + fresh[..., None] * v_new) / (old * total[:, None] + fresh)[..., None]
+        out = old[..., None] * weighted[:, None] + fresh[..., None] * v_new  # (B, C, heads, d)
+        out = out / (old * total[:, None] + fresh)[..., None]
         return att.out_proj(out.flatten(-2))
 
     def from_summary(self, summary):
