@@ -22,7 +22,9 @@ sampling over the population prior, whose Monte Carlo error is reported and adde
 its SEM), the Bayes-optimal accuracy on the same episodes is printed beside the
 models, with each model's gap to it. A stochastic NP-BTL is scored twice: at the mean
 of q(z | context) and by its posterior predictive over `predict_samples` draws (with
---queries, by the predictive only).
+--queries, by the predictive only). With --particles=S, every NP-BTL is also scored by the
+predictive under S of its training users' latents, weighted by its likelihood of the
+context (queries.particle_predictor): a posterior the encoder's single z cannot express.
 
 Writes eval.json (a list of rows: model, num_context, label, accuracy, sem, episodes)
 to `out` (default: the first run dir); --plot also writes accuracy.png and, for
@@ -54,6 +56,7 @@ DEFAULTS = {
     "max_sem": 0.002,  # the target SEM (fraction, 0.002 = 0.2 points); a SEM above it is flagged (!)
     "chunk": 500,  # episodes per forward
     "predict_samples": 64,  # stochastic NP-BTL: also score its posterior predictive over this many z (0 = off)
+    "particles": 0,  # NP-BTL: also score the predictive under this many training users' latents (queries.py; 0 = off)
     "bayes_samples": 16000,  # prior draws of the Monte Carlo Bayes reference (continuous populations)
     "max_label_rows": 20,  # more labels than this: report and check only the overall row
     "seed": 1234,  # episode sampling
@@ -164,10 +167,17 @@ def score_context_size(predict, data, sampler, n, config, device):
 
 def evaluate_rewards(paths, config, device):
     """Rows for eval.json and the function that draws the plots into a folder."""
-    models, data, _ = load_models(paths, device)
+    models, data, configs = load_models(paths, device)
     sizes = sorted(config["num_context"])
     sampler = EpisodeSampler(data, config["split"], config["num_targets"], max(sizes), seed=config["seed"])
     predict = predictors(models, config)
+    if config["particles"]:
+        import queries
+
+        for name in [n for n, m in models.items() if hasattr(m, "encoder")]:
+            latents = queries.training_latents(models[name], data, configs[name]["train"]["max_context"],
+                                               config["particles"], config["seed"])
+            predict[f"{name} (particles)"] = queries.particle_predictor(models[name], data, config["split"], latents)
     rows, gaps = [], {}
     for n in sizes:
         accs, label_rows, mc = score_context_size(predict, data, sampler, n, config, device)
@@ -275,6 +285,7 @@ def check_arguments(config, paths):
     check(config["chunk"] > 0, "chunk", "must be positive")
     check(config["episodes"] >= 2, "episodes", "must be at least 2 (a standard error needs two)")
     check(config["predict_samples"] >= 0, "predict_samples", "must be non-negative (0 = mean z only)")
+    check(config["particles"] >= 0, "particles", "must be non-negative (0 = off)")
     check(config["bayes_samples"] >= 4, "bayes_samples", "must be at least 4 (four Monte Carlo groups)")
     check(config["query"]["questions"] <= config["query"]["pool"], "query.questions",
           f"must be at most query.pool = {config['query']['pool']}: a question is asked once")

@@ -228,6 +228,31 @@ def training_latents(model, data, context_size, num=2048, seed=0):
     return model.infer_latent(batch["context"].to(device), batch["context_mask"].to(device))
 
 
+@torch.no_grad()
+def particle_predictor(model, data, split, particles, rows_per_call=1024):
+    """The posterior predictive under ParticleBelief's posterior, for evaluate.py's episodes of `split`:
+    batch -> log P(chosen) (B, T) = log sum_s w_s P(chosen | particle s), the weights from the context.
+    Every pair of the split is scored under every particle once; an episode's context and targets
+    are then looked up by their rows (the batch's pair_idx and flipped)."""
+    device = particles.device
+    rows = torch.nonzero(torch.from_numpy(data.split == split)).squeeze(1)
+    position = torch.full((len(data.pairs),), -1, dtype=torch.long)
+    position[rows] = torch.arange(len(rows))
+    first = torch.cat([target_probs(model, data.pairs[rows[i:i + rows_per_call]].to(device), particles)
+                       for i in range(0, len(rows), rows_per_call)], 1)  # (S, N): P(first option chosen)
+    position = position.to(device)
+
+    def log_prob_chosen(batch):
+        n = batch["context"].shape[1]
+        p_first = first[:, position[batch["pair_idx"]]]  # (S, B, n + T)
+        p = torch.where(batch["flipped"], 1 - p_first, p_first).clamp(1e-12, 1)  # P(the chosen option)
+        log_lik = torch.where(batch["context_mask"], p[..., :n].log(), 0.0).sum(-1)  # (S, B)
+        weights = torch.softmax(log_lik, 0)
+        return torch.einsum("sb,sbt->bt", weights, p[..., n:]).clamp_min(1e-12).log()
+
+    return log_prob_chosen
+
+
 def belief_options(query):
     """ModelBelief's keyword arguments from evaluate.py's `query` config."""
     return {k: query[k] for k in ("samples", "screen", "lookahead")}

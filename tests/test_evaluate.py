@@ -97,11 +97,24 @@ def test_plot_writes_pngs(tmp_path, np_btl_run):
 
 
 @pytest.mark.parametrize("args, key", [([], "run"), (["--split=dev"], "split"), (["--num-context=[]"], "num_context"),
-                                       (["--num_context=[0,-1]"], "num_context"), (["--max_sem=0"], "max_sem")])
+                                       (["--num_context=[0,-1]"], "num_context"), (["--max_sem=0"], "max_sem"),
+                                       (["--particles=-1"], "particles")])
 def test_bad_arguments_name_the_key(np_btl_run, args, key):
     runs = [np_btl_run[0]] if key != "run" else []
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
         evaluate.main([*runs, *args])
+
+
+def test_particles_add_a_row_for_each_np_btl_only(np_btl_run, btl_run, tmp_path):
+    """--particles: the NP-BTL also scored by the predictive under the training users' latents, on the
+    same episodes; a BTL (no encoder) gets no such row. On the paper's two types it stays near Bayes."""
+    rows = evaluate.main([np_btl_run[0], btl_run[0], *FAST, "--num-context=[0,3]", "--particles=256",
+                          f"--out={tmp_path}"])
+    names = {r["model"] for r in rows}
+    np_name, btl_name = (os.path.basename(run[0]) for run in (np_btl_run, btl_run))
+    assert f"{np_name} (particles)" in names and f"{btl_name} (particles)" not in names
+    for n in (0, 3):
+        assert accuracy(rows, f"{np_name} (particles)", n) > accuracy(rows, "bayes_optimal", n) - 0.05
 
 
 def test_models_on_different_data_are_refused(tmp_path, np_btl_run):

@@ -177,6 +177,25 @@ def test_particles_of_the_true_reward_are_the_bayes_posterior():
     assert gains.std() > 0.01
 
 
+def test_particle_predictor_of_the_true_reward_is_the_bayes_predictive():
+    """evaluate.py --particles: with the generator's reward and its prior draws as particles, the
+    looked-up predictive is BayesBelief's on the same episodes (context sizes 0 and 3, padded)."""
+    from data import EpisodeSampler, make_linear_synthetic
+
+    data = make_linear_synthetic(num_users=60, pairs_per_user=20, dim=3, temperature=0.1, seed=1)
+    draws = queries.sphere_samples(3000, 3, torch.Generator().manual_seed(0)).float()
+    predict = queries.particle_predictor(LinearUsers(0.1), data, "test", draws, rows_per_call=7)
+    bayes = queries.BayesBelief(data.meta, 3000, seed=0)
+    sampler = EpisodeSampler(data, "test", 5, 3, seed=0)
+    for n in (0, 3):
+        batch = sampler.sample(6, num_context=n)
+        batch["context_mask"][:2, 1:] = False  # two episodes with one answer: padding must not count
+        probs, weights = bayes.answer_probs(batch["context"], batch["context_mask"], batch["targets"])
+        expected = torch.einsum("bs,bst->bt", weights, probs).log()  # targets come chosen first
+        assert torch.allclose(predict(batch), expected, atol=1e-5)
+        assert n == 0 or weights.max() > 3 / 3000  # the answers moved the posterior
+
+
 def test_particle_probabilities_are_reused_only_for_the_same_pool():
     belief = queries.ParticleBelief(LinearUsers(1.0), torch.randn(50, 2))
     a, b, c = torch.randn(1, 6, 2, 2), torch.randn(1, 6, 2, 2), torch.randn(1, 6, 2, 2)
