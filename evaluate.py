@@ -174,6 +174,8 @@ def evaluate_rewards(paths, config, device):
     if config["particles"]:
         import queries
 
+        for name in [n for n, m in models.items() if not hasattr(m, "encoder")]:
+            print(f"note: {name} reads no context: no particles row")
         for name in [n for n, m in models.items() if hasattr(m, "encoder")]:
             latents = queries.training_latents(models[name], data, configs[name]["train"]["max_context"],
                                                config["particles"], config["seed"])
@@ -318,6 +320,9 @@ def main(argv):
     policy_runs = kinds.pop()
     check(not (strategies and policy_runs and config["query"]["belief"] == "particles"), "query.belief",
           "particles is for reward runs: a policy's questions are chosen by its query.selector's look-ahead")
+    check(not (config["particles"] and policy_runs), "particles", "is for reward runs (an NP-BTL's predictions)")
+    check(not (config["particles"] and strategies), "particles",
+          "scores the context-size table; questions are chosen under particles with --query.belief=particles")
     if strategies:
         rows, draw = (evaluate_policy_queries if policy_runs else evaluate_queries)(paths, strategies, config, device)
     else:

@@ -105,11 +105,12 @@ def test_bad_arguments_name_the_key(np_btl_run, args, key):
         evaluate.main([*runs, *args])
 
 
-def test_particles_add_a_row_for_each_np_btl_only(np_btl_run, btl_run, tmp_path):
+def test_particles_add_a_row_for_each_np_btl_only(np_btl_run, btl_run, tmp_path, capsys):
     """--particles: the NP-BTL also scored by the predictive under the training users' latents, on the
     same episodes; a BTL (no encoder) gets no such row. On the paper's two types it stays near Bayes."""
     rows = evaluate.main([np_btl_run[0], btl_run[0], *FAST, "--num-context=[0,3]", "--particles=256",
                           f"--out={tmp_path}"])
+    assert f"note: {os.path.basename(btl_run[0])} reads no context: no particles row" in capsys.readouterr().out
     names = {r["model"] for r in rows}
     np_name, btl_name = (os.path.basename(run[0]) for run in (np_btl_run, btl_run))
     assert f"{np_name} (particles)" in names and f"{btl_name} (particles)" not in names

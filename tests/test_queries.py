@@ -280,6 +280,13 @@ def test_query_mistakes_are_one_line(np_btl_run, tmp_path, flag, message):
     assert not os.path.exists(tmp_path / "q")
 
 
+def test_particles_with_queries_names_the_question_key(np_btl_run, tmp_path):
+    """--particles scores the context-size table; with --queries it would be ignored: refused instead."""
+    with pytest.raises(ConfigError, match="config key 'particles'.*--query.belief=particles"):
+        evaluate.main([np_btl_run[0], "--queries=infogain", "--particles=64", f"--out={tmp_path}/q"])
+    assert not os.path.exists(tmp_path / "q")
+
+
 def test_a_pool_too_large_for_the_users_is_named(np_btl_run, paper_path, tmp_path):
     test_pairs = int((load_pairs(paper_path).split == "test").sum())
     with pytest.raises(Exception, match="query.pool"):

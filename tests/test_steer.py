@@ -370,6 +370,8 @@ def test_policy_questions_refuse_particles(cli_runs, tmp_path):
 
     with pytest.raises(ConfigError, match="query.belief"):
         evaluate.main([cli_runs["np"], "--queries=infogain", "--query.belief=particles", f"--out={tmp_path}/q"])
+    with pytest.raises(ConfigError, match="config key 'particles'.*for reward runs"):
+        evaluate.main([cli_runs["np"], "--particles=64", f"--out={tmp_path}/q"])
     assert not os.path.exists(tmp_path / "q")
 
 
