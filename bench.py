@@ -148,6 +148,32 @@ def time_reward_adaptation(model, data, config, device):
 
 
 @torch.no_grad()
+def particle_adaptation_row(model, data, config, device, particles):
+    """evaluate.py --particles for one new user: the weights of the particles from the context,
+    then P(chosen) of the candidate pairs under each, mixed. The candidates' probabilities under
+    the particles depend on no user, so a fixed set of pairs to score can keep them (cached)."""
+    import queries
+
+    b = config["bench"]
+    sampler = EpisodeSampler(data, "test", b["candidate_pairs"], b["context_pairs"], seed=0)
+    batch = to_device(sampler.sample(1, num_context=b["context_pairs"]), device)
+    kept = queries.ParticleBelief(model.eval(), particles)
+    medians = []
+    for make in (lambda: queries.ParticleBelief(model, particles), lambda: kept):
+        times = []
+        for _ in range(b["repeats"]):
+            start = time.perf_counter()
+            probs, weights = make().answer_probs(batch["context"], batch["context_mask"], batch["targets"])
+            torch.einsum("bs,bsp->bp", weights, probs)
+            sync(device)
+            times.append(time.perf_counter() - start)
+        medians.append(statistics.median(times))
+    return (f"reward: adapt to a new user under {len(particles)} particles (evaluate.py --particles), weights from "
+            f"{b['context_pairs']} pairs + score {b['candidate_pairs']} pairs, median ms with the scored pairs "
+            "new / cached", " / ".join(f"{1000 * t:.2f}" for t in medians))
+
+
+@torch.no_grad()
 def time_question_choice(model, data, b, device, answers, repeats=20, belief=None, consistent=True):
     """Median seconds per choice of the next question by infogain (queries.next_question) for one
     user with `answers` answers, from `question_candidates` candidate pairs of the data (their
@@ -199,12 +225,11 @@ def question_row(model, data, b, device, who):
             " / ".join(f"{1000 * t:.1f}" for t in times))
 
 
-def particle_row(model, data, b, device, max_context):
+def particle_row(model, data, b, device, particles):
     """evaluate.py --query.belief=particles: a pool's candidates are first computed under every particle
     (once per pool; evaluate.py draws a pool per user); a question from that pool then only reweights."""
     import queries
 
-    particles = queries.training_latents(model.eval(), data, max_context, seed=0)
     fresh = time_question_choice(model, data, b, device, 0, repeats=5,
                                  belief=lambda: queries.ParticleBelief(model, particles))
     warm = queries.ParticleBelief(model, particles)
@@ -243,8 +268,13 @@ def bench_reward(argv, device_name=None):
     memory = peak_memory_row(device, "reward training")
     model.load_state_dict(weights)  # the latency rows time the run's own weights, not the timed steps'
     median, p90 = time_reward_adaptation(model, data, config, device)
-    question = [question_row(model, data, b, device, "reward"),
-                particle_row(model, data, b, device, t["max_context"])] if hasattr(model, "encoder") else []
+    question = []
+    if hasattr(model, "encoder"):
+        import queries
+
+        particles = queries.training_latents(model.eval(), data, t["max_context"], seed=0)
+        question = [particle_adaptation_row(model, data, config, device, particles),
+                    question_row(model, data, b, device, "reward"), particle_row(model, data, b, device, particles)]
     name = f"reward {config['model']['kind']} ({config['model']['encoder']['aggregator']} aggregator)"
     return name, [
         (f"reward training, episodes/s (batch {t['batch_size']}, {t['num_targets']} targets)",

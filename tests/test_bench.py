@@ -28,8 +28,10 @@ def test_reward_bench_prints_one_table(paper_path, capsys):
     out = capsys.readouterr().out
     assert out.count("| measure | value |") == 1
     assert [m.split(",")[0].split(":")[0] for m, _ in rows] == ["reward training", "reward training", "reward",
-                                                                "reward", "reward"]
-    question, particles = rows[-2:]
+                                                                "reward", "reward", "reward"]
+    adapt_particles, question, particles = rows[-3:]
+    assert "adapt to a new user under 2048 particles" in adapt_particles[0]
+    assert len(adapt_particles[1].split(" / ")) == 2
     assert "choose the next question by infogain from 1000 cached candidates (look-ahead" in question[0]
     assert "under 2048 particles" in particles[0] and "from 1000 candidates" in particles[0]
     assert all(float(v) > 0 for row in (question, particles) for v in row[1].split(" / "))
@@ -46,7 +48,7 @@ def test_reward_bench_times_the_posterior_predictive(paper_path, monkeypatch):
                         lambda self, batch, samples: calls.append(samples) or original(self, batch, samples))
     rows = bench.main(["reward", f"--data.path={paper_path}", "--bench.train_steps=3", "--bench.repeats=5",
                        "--model.encoder.stochastic=true", "--model.predict_samples=32"])
-    assert "posterior predictive, 32 draws of z" in rows[-3][0]
+    assert "posterior predictive, 32 draws of z" in rows[2][0]
     assert calls == [32] * 5  # every timed adaptation draws the 32 samples
     assert "then over 32 draws of z for the best 16" in rows[-2][0]  # the question choice draws its own
 
