@@ -51,6 +51,7 @@ REWARD_DEFAULTS = dict(REWARD_RUN, bench={
     "repeats": 1000,  # latency measurements
     "question_candidates": 1000,  # the pool a new user's next question is chosen from (queries.py)
     "question_targets": 16,  # unlabelled pairs whose answers infogain is about
+    "particles": 2048,  # training users' latents for the particle rows (evaluate.py --particles)
 })
 ALIASES = {"run": "bench.run"}
 POLICY_BENCH = {
@@ -88,6 +89,7 @@ def peak_memory_row(device, what):
 def check_bench(b):
     check(b["train_steps"] > 0, "bench.train_steps", "must be positive")
     check(b["repeats"] >= 2, "bench.repeats", "must be at least 2 (a median and a 90th percentile)")
+    check(b.get("particles", 1) > 0, "bench.particles", "must be positive")
 
 
 def percentiles_ms(times):
@@ -272,7 +274,7 @@ def bench_reward(argv, device_name=None):
     if hasattr(model, "encoder"):
         import queries
 
-        particles = queries.training_latents(model.eval(), data, t["max_context"], seed=0)
+        particles = queries.training_latents(model.eval(), data, t["max_context"], b["particles"], seed=0)
         question = [particle_adaptation_row(model, data, config, device, particles),
                     question_row(model, data, b, device, "reward"), particle_row(model, data, b, device, particles)]
     name = f"reward {config['model']['kind']} ({config['model']['encoder']['aggregator']} aggregator)"

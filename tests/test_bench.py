@@ -30,7 +30,7 @@ def test_reward_bench_prints_one_table(paper_path, capsys):
     assert [m.split(",")[0].split(":")[0] for m, _ in rows] == ["reward training", "reward training", "reward",
                                                                 "reward", "reward", "reward"]
     adapt_particles, question, particles = rows[-3:]
-    assert "adapt to a new user under 2048 particles" in adapt_particles[0]
+    assert "adapt to a new user under 2048 particles" in adapt_particles[0]  # bench.particles
     assert len(adapt_particles[1].split(" / ")) == 2
     assert "choose the next question by infogain from 1000 cached candidates (look-ahead" in question[0]
     assert "under 2048 particles" in particles[0] and "from 1000 candidates" in particles[0]
@@ -88,7 +88,8 @@ def test_random_weights_policy_bench_at_a_real_models_shape(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("mode, override, key", [("reward", "--bench.repeats=1", "bench.repeats"),
-                                                 ("policy", "--bench.train_steps=0", "bench.train_steps")])
+                                                 ("policy", "--bench.train_steps=0", "bench.train_steps"),
+                                                 ("reward", "--bench.particles=0", "bench.particles")])
 def test_bad_bench_settings_name_the_key(mode, override, key):
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
         bench.main([mode, override])
