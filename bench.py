@@ -132,13 +132,18 @@ def time_reward_training(model, sampler, config, device):
     return b["train_steps"] * t["batch_size"] / (time.perf_counter() - start)
 
 
+def new_user(data, b, device):
+    """One test user's episode: `context_pairs` answered pairs and `candidate_pairs` pairs to score."""
+    sampler = EpisodeSampler(data, "test", b["candidate_pairs"], b["context_pairs"], seed=0)
+    return to_device(sampler.sample(1, num_context=b["context_pairs"]), device)
+
+
 @torch.no_grad()
 def time_reward_adaptation(model, data, config, device):
     """Seconds per call of: latent from the context, then P(chosen) of candidate pairs (the
     Monte Carlo posterior predictive where model.predict_samples > 0)."""
     b = config["bench"]
-    sampler = EpisodeSampler(data, "test", b["candidate_pairs"], b["context_pairs"], seed=0)
-    batch = to_device(sampler.sample(1, num_context=b["context_pairs"]), device)
+    batch = new_user(data, b, device)
     model.eval()
     times = []
     for _ in range(b["repeats"]):
@@ -157,8 +162,7 @@ def particle_adaptation_row(model, data, config, device, particles):
     import queries
 
     b = config["bench"]
-    sampler = EpisodeSampler(data, "test", b["candidate_pairs"], b["context_pairs"], seed=0)
-    batch = to_device(sampler.sample(1, num_context=b["context_pairs"]), device)
+    batch = new_user(data, b, device)
     kept = queries.ParticleBelief(model.eval(), particles)
     medians = []
     for make in (lambda: queries.ParticleBelief(model, particles), lambda: kept):
@@ -187,7 +191,7 @@ def time_question_choice(model, data, b, device, answers, repeats=20, belief=Non
     gen = torch.Generator().manual_seed(0)
     pick = lambda k: data.pairs[torch.randint(len(data.pairs), (k,), generator=gen)][None].to(device)
     context, cand, targets = pick(answers), pick(b["question_candidates"]), pick(b["question_targets"])
-    if consistent and answers:
+    if consistent and answers:  # drawn after `pick`, so every case sees the same candidates and targets
         context = user_answers(data, answers).to(device)
     excluded = torch.zeros(1, b["question_candidates"], dtype=torch.bool)
     make = belief or (lambda: queries.ModelBelief(model.eval()))

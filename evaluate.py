@@ -110,6 +110,13 @@ def load_models(paths, device):
     return models, data, configs
 
 
+def training_particles(model, data, train_config, num, seed):
+    """`num` latents of the training users, each read from as many pairs as the run was trained on."""
+    import queries
+
+    return queries.training_latents(model, data, train_config["train"]["max_context"], num, seed)
+
+
 def predictors(models, config):
     """{row name: batch -> log P(chosen) (B, T)}. A stochastic NP-BTL is scored twice: at the
     mean of q(z | context), and by its posterior predictive (config predict_samples)."""
@@ -177,8 +184,7 @@ def evaluate_rewards(paths, config, device):
         for name in [n for n, m in models.items() if not hasattr(m, "encoder")]:
             print(f"note: {name} reads no context: no particles row")
         for name in [n for n, m in models.items() if hasattr(m, "encoder")]:
-            latents = queries.training_latents(models[name], data, configs[name]["train"]["max_context"],
-                                               config["particles"], config["seed"])
+            latents = training_particles(models[name], data, configs[name], config["particles"], config["seed"])
             predict[f"{name} (particles)"] = queries.particle_predictor(models[name], data, config["split"], latents)
     rows, gaps = [], {}
     for n in sizes:
@@ -259,8 +265,7 @@ def evaluate_queries(paths, strategies, config, device):
     bayes = (lambda batch: bayes_reference(data.meta, batch, config)[0]) if known else None
     particles = None
     if config["query"]["belief"] == "particles":  # the training users' latents, read as each run was trained
-        particles = {name: queries.training_latents(m, data, configs[name]["train"]["max_context"],
-                                                    config["query"]["particles"], config["seed"])
+        particles = {name: training_particles(m, data, configs[name], config["query"]["particles"], config["seed"])
                      for name, m in models.items()}
     curves = queries.evaluate(models, data, config["split"], strategies, config, device, bayes, particles)
     reference = ("bayes_optimal", "infogain")

@@ -179,6 +179,12 @@ class ModelBelief:
         return mutual_information(p_c[..., None] * p_t[:, :, 0], p_c[..., None], p_bar).mean(-1)
 
 
+def particle_weights(lik, mask):
+    """Bayes' rule over particles: (B, S) weights from lik (B, S, n), each particle's probability of
+    the user's answers, and mask (B, n), True where an answer is real."""
+    return torch.softmax(torch.where(mask[:, None], lik.clamp_min(1e-12).log(), 0.0).sum(-1), -1)
+
+
 class ParticleBelief:
     """A trained NP-BTL's rewards at a fixed set of latents (`particles` (S, L)), weighted by Bayes'
     rule: weight_s ∝ prod over the context of P(answer | z_s) under the model's own BTL likelihood.
@@ -204,8 +210,7 @@ class ParticleBelief:
         """(B, S) the posterior over particles after the context (chosen first)."""
         if context.shape[1] == 0:
             return torch.full((len(context), len(self.particles)), 1 / len(self.particles), device=context.device)
-        lik = torch.stack([target_probs(self.model, c, self.particles) for c in context])  # (B, S, n)
-        return torch.softmax(torch.where(mask[:, None], lik.clamp_min(1e-12).log(), 0.0).sum(-1), -1)
+        return particle_weights(torch.stack([target_probs(self.model, c, self.particles) for c in context]), mask)
 
     def answer_probs(self, context, mask, pairs):
         return self.probs(pairs), self.weights(context, mask)
@@ -244,11 +249,10 @@ def particle_predictor(model, data, split, particles, rows_per_call=1024):
 
     def log_prob_chosen(batch):
         n = batch["context"].shape[1]
-        p_first = first[:, position[batch["pair_idx"]]]  # (S, B, n + T)
-        p = torch.where(batch["flipped"], 1 - p_first, p_first).clamp(1e-12, 1)  # P(the chosen option)
-        log_lik = torch.where(batch["context_mask"], p[..., :n].log(), 0.0).sum(-1)  # (S, B)
-        weights = torch.softmax(log_lik, 0)
-        return torch.einsum("sb,sbt->bt", weights, p[..., n:]).clamp_min(1e-12).log()
+        p_first = first[:, position[batch["pair_idx"]]].transpose(0, 1)  # (B, S, n + T)
+        p = torch.where(batch["flipped"][:, None], 1 - p_first, p_first)  # P(the chosen option)
+        weights = particle_weights(p[..., :n], batch["context_mask"])  # (B, S)
+        return torch.einsum("bs,bst->bt", weights, p[..., n:]).clamp_min(1e-12).log()
 
     return log_prob_chosen
 
@@ -399,11 +403,12 @@ def evaluate(models, data, split, strategies, config, device, bayes=None, partic
     infogain questions under the exact posterior. A model's questions are chosen by its
     ModelBelief, or by a ParticleBelief where `particles` ({name: (S, L) latents}) is given."""
     q, out = config["query"], {}
+
+    def model_belief(name, model):
+        return ParticleBelief(model, particles[name]) if particles else ModelBelief(model, **belief_options(q))
+
     for chunk in episode_chunks(data, split, config, config["seed"]):
-        options = belief_options(q)
-        belief = (lambda n, m: ParticleBelief(m, particles[n])) if particles else (  # noqa: E731
-            lambda n, m: ModelBelief(m, **options))
-        runs = [(name, belief(name, m), predictor(m, config["predict_samples"]), s)
+        runs = [(name, model_belief(name, m), predictor(m, config["predict_samples"]), s)
                 for name, m in models.items() for s in strategies]
         if bayes is not None:
             belief = BayesBelief(data.meta, q["bayes_samples"], config["seed"])
