@@ -307,9 +307,9 @@ def main(argv):
     until the numbers exist; eval.json goes first, so a failing plot loses no numbers."""
     for arg in argv:  # a run's training config is not an evaluation config
         if arg.endswith((".yaml", ".yml")) and os.path.isfile(arg) and "stage" in read_yaml(arg):
-            folder = os.path.dirname(arg) or "."
-            where = (f"give the run's folder ({folder})" if os.path.isfile(os.path.join(folder, "ckpt_best.pt"))
-                     else "train it first, then give its out_dir")
+            folders = [os.path.dirname(arg) or ".", str(read_yaml(arg).get("out_dir") or "")]
+            trained = [f for f in folders if f and os.path.isfile(os.path.join(f, "ckpt_best.pt"))]
+            where = f"give the run's folder ({trained[0]})" if trained else "train it first, then give its out_dir"
             raise ConfigError(f"{arg} is a training config, not a run: {where} to evaluate it")
     config, paths = load_config(DEFAULTS, argv, ALIASES)
     check_arguments(config, paths)

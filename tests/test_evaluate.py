@@ -378,9 +378,16 @@ def test_a_population_gets_a_monte_carlo_reference_with_its_error(tmp_path):
     assert {r["model"] for r in rows} == {"run (mean z)", "run (predictive)", evaluate.BAYES}
 
 
-def test_a_runs_training_config_is_not_an_evaluation_config(np_btl_run):
+def test_a_runs_training_config_is_not_an_evaluation_config(np_btl_run, tmp_path):
     with pytest.raises(ConfigError, match=r"config.yaml is a training config, not a run: give the run's folder"):
         evaluate.main([os.path.join(np_btl_run[0], "config.yaml")])
+    # a config from configs/ whose run exists: name the run it trains, not "train it first"
+    (tmp_path / "task.yaml").write_text(f"stage: reward\nout_dir: {np_btl_run[0]}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"give the run's folder ({np_btl_run[0]})")):
+        evaluate.main([str(tmp_path / "task.yaml")])
+    (tmp_path / "untrained.yaml").write_text(f"stage: reward\nout_dir: {tmp_path / 'none'}\n")
+    with pytest.raises(ConfigError, match="train it first"):
+        evaluate.main([str(tmp_path / "untrained.yaml")])
 
 
 @pytest.mark.parametrize("arg, key", [("--policy_eval.temperature=0", "policy_eval.temperature"),
