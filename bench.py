@@ -51,7 +51,8 @@ REWARD_DEFAULTS = dict(REWARD_RUN, bench={
     "repeats": 1000,  # latency measurements
     "question_candidates": 1000,  # the pool a new user's next question is chosen from (queries.py)
     "question_targets": 16,  # unlabelled pairs whose answers infogain is about
-    "particles": 2048,  # training users' latents for the particle rows (evaluate.py --particles)
+    "particles": 32,  # particles of the particle rows (evaluate.py --particles)
+    "particle_latents": 2048,  # ... summarising this many training users' latents (k-means)
 })
 ALIASES = {"run": "bench.run"}
 POLICY_BENCH = {
@@ -90,6 +91,7 @@ def check_bench(b):
     check(b["train_steps"] > 0, "bench.train_steps", "must be positive")
     check(b["repeats"] >= 2, "bench.repeats", "must be at least 2 (a median and a 90th percentile)")
     check(b.get("particles", 1) > 0, "bench.particles", "must be positive")
+    check(b.get("particle_latents", 1) > 0, "bench.particle_latents", "must be positive")
 
 
 def percentiles_ms(times):
@@ -169,13 +171,12 @@ def particle_adaptation_row(model, data, config, device, particles):
         times = []
         for _ in range(b["repeats"]):
             start = time.perf_counter()
-            probs, weights = make().answer_probs(batch["context"], batch["context_mask"], batch["targets"])
-            torch.einsum("bs,bsp->bp", weights, probs)
+            make().log_prob_chosen(batch)
             sync(device)
             times.append(time.perf_counter() - start)
         medians.append(statistics.median(times))
-    return (f"reward: adapt to a new user under {len(particles)} particles (evaluate.py --particles), weights from "
-            f"{b['context_pairs']} pairs + score {b['candidate_pairs']} pairs, median ms with the scored pairs "
+    return (f"reward: adapt to a new user under {len(particles.latents)} particles (evaluate.py --particles), "
+            f"weights from {b['context_pairs']} pairs + score {b['candidate_pairs']} pairs, median ms with the scored pairs "
             "new / cached", " / ".join(f"{1000 * t:.2f}" for t in medians))
 
 
@@ -240,7 +241,7 @@ def particle_row(model, data, b, device, particles):
                                  belief=lambda: queries.ParticleBelief(model, particles))
     warm = queries.ParticleBelief(model, particles)
     cached = [time_question_choice(model, data, b, device, n, belief=lambda: warm) for n in (0, b["context_pairs"])]
-    return (f"reward: choose the next question by infogain under {len(particles)} particles (evaluate.py "
+    return (f"reward: choose the next question by infogain under {len(particles.latents)} particles (evaluate.py "
             f"--query.belief=particles) from {b['question_candidates']} candidates, median ms for the first "
             f"question from a new pool / from a cached pool with no answers / with {b['context_pairs']} "
             f"answers of a {answering_split(data)} user", " / ".join(f"{1000 * t:.1f}" for t in [fresh] + cached))
@@ -278,7 +279,8 @@ def bench_reward(argv, device_name=None):
     if hasattr(model, "encoder"):
         import queries
 
-        particles = queries.training_latents(model.eval(), data, t["max_context"], b["particles"], seed=0)
+        particles = queries.training_particles(model.eval(), data, t["max_context"], b["particles"],
+                                               b["particle_latents"], seed=0)
         question = [particle_adaptation_row(model, data, config, device, particles),
                     question_row(model, data, b, device, "reward"), particle_row(model, data, b, device, particles)]
     name = f"reward {config['model']['kind']} ({config['model']['encoder']['aggregator']} aggregator)"

@@ -23,8 +23,9 @@ its SEM), the Bayes-optimal accuracy on the same episodes is printed beside the
 models, with each model's gap to it. A stochastic NP-BTL is scored twice: at the mean
 of q(z | context) and by its posterior predictive over `predict_samples` draws (with
 --queries, by the predictive only). With --particles=S, every NP-BTL is also scored by the
-predictive under S of its training users' latents, weighted by its likelihood of the
-context (queries.particle_predictor): a posterior the encoder's single z cannot express.
+predictive under S particles, the k-means summary of its training users' latents, weighted
+by its likelihood of the context (queries.particle_predictor): a posterior the encoder's
+single z cannot express. With --query.belief=particles, they choose the questions and predict.
 
 Writes eval.json (a list of rows: model, num_context, label, accuracy, sem, episodes)
 to `out` (default: the first run dir); --plot also writes accuracy.png and, for
@@ -56,7 +57,8 @@ DEFAULTS = {
     "max_sem": 0.002,  # the target SEM (fraction, 0.002 = 0.2 points); a SEM above it is flagged (!)
     "chunk": 500,  # episodes per forward
     "predict_samples": 64,  # stochastic NP-BTL: also score its posterior predictive over this many z (0 = off)
-    "particles": 0,  # NP-BTL: also score the predictive under this many training users' latents (queries.py; 0 = off)
+    "particles": 0,  # NP-BTL: also score the predictive under this many particles (queries.py; 0 = off)
+    "particle_latents": 2048,  # the training users' latents the particles summarise (k-means; also --query.particles)
     "bayes_samples": 16000,  # prior draws of the Monte Carlo Bayes reference (continuous populations)
     "max_label_rows": 20,  # more labels than this: report and check only the overall row
     "seed": 1234,  # episode sampling
@@ -73,7 +75,7 @@ DEFAULTS = {
         "screen": 16,  # ... looked ahead at over draws only for the best this many at the mean of q (0: all)
         "lookahead": True,  # infogain by the model's look-ahead (false: EPIG from draws of q(z | context))
         "belief": "lookahead",  # lookahead: the encoder's belief (above); particles: the training users' latents
-        "particles": 2048,  # ... this many, weighted by the model's likelihood of the answers (queries.py)
+        "particles": 32,  # ... summarised in this many, weighted by the model's likelihood of the answers (queries.py)
         "bayes_samples": 2000,  # prior draws of the Bayes belief that chooses questions (populations)
         "selector": "",  # policy runs: the reward run that chooses the questions (NP-BTL on the same features)
     },
@@ -110,11 +112,13 @@ def load_models(paths, device):
     return models, data, configs
 
 
-def training_particles(model, data, train_config, num, seed):
-    """`num` latents of the training users, each read from as many pairs as the run was trained on."""
+def training_particles(model, data, train_config, num, config):
+    """`num` particles summarising config's particle_latents latents of the training users, each read
+    from as many pairs as the run was trained on (queries.training_particles)."""
     import queries
 
-    return queries.training_latents(model, data, train_config["train"]["max_context"], num, seed)
+    return queries.training_particles(model, data, train_config["train"]["max_context"], num,
+                                      config["particle_latents"], config["seed"])
 
 
 def predictors(models, config):
@@ -184,8 +188,8 @@ def evaluate_rewards(paths, config, device):
         for name in [n for n, m in models.items() if not hasattr(m, "encoder")]:
             print(f"note: {name} reads no context: no particles row")
         for name in [n for n, m in models.items() if hasattr(m, "encoder")]:
-            latents = training_particles(models[name], data, configs[name], config["particles"], config["seed"])
-            predict[f"{name} (particles)"] = queries.particle_predictor(models[name], data, config["split"], latents)
+            particles = training_particles(models[name], data, configs[name], config["particles"], config)
+            predict[f"{name} (particles)"] = queries.particle_predictor(models[name], data, config["split"], particles)
     rows, gaps = [], {}
     for n in sizes:
         accs, label_rows, mc = score_context_size(predict, data, sampler, n, config, device)
@@ -265,7 +269,7 @@ def evaluate_queries(paths, strategies, config, device):
     bayes = (lambda batch: bayes_reference(data.meta, batch, config)[0]) if known else None
     particles = None
     if config["query"]["belief"] == "particles":  # the training users' latents, read as each run was trained
-        particles = {name: training_particles(m, data, configs[name], config["query"]["particles"], config["seed"])
+        particles = {name: training_particles(m, data, configs[name], config["query"]["particles"], config)
                      for name, m in models.items()}
     curves = queries.evaluate(models, data, config["split"], strategies, config, device, bayes, particles)
     reference = ("bayes_optimal", "infogain")
@@ -293,6 +297,7 @@ def check_arguments(config, paths):
     check(config["episodes"] >= 2, "episodes", "must be at least 2 (a standard error needs two)")
     check(config["predict_samples"] >= 0, "predict_samples", "must be non-negative (0 = mean z only)")
     check(config["particles"] >= 0, "particles", "must be non-negative (0 = off)")
+    check(config["particle_latents"] > 0, "particle_latents", "must be positive")
     check(config["bayes_samples"] >= 4, "bayes_samples", "must be at least 4 (four Monte Carlo groups)")
     check(config["query"]["questions"] <= config["query"]["pool"], "query.questions",
           f"must be at most query.pool = {config['query']['pool']}: a question is asked once")

@@ -45,6 +45,7 @@ their two options, and `answers` (the user's) is read only after a candidate is 
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -179,20 +180,37 @@ class ModelBelief:
         return mutual_information(p_c[..., None] * p_t[:, :, 0], p_c[..., None], p_bar).mean(-1)
 
 
-def particle_weights(lik, mask):
+def particle_weights(lik, mask, log_prior=None):
     """Bayes' rule over particles: (B, S) weights from lik (B, S, n), each particle's probability of
-    the user's answers, and mask (B, n), True where an answer is real."""
-    return torch.softmax(torch.where(mask[:, None], lik.clamp_min(1e-12).log(), 0.0).sum(-1), -1)
+    the user's answers, mask (B, n), True where an answer is real, and the particles' log prior
+    weights (S,) (None: equal)."""
+    log_w = torch.where(mask[:, None], lik.clamp_min(1e-12).log(), 0.0).sum(-1)
+    return torch.softmax(log_w if log_prior is None else log_w + log_prior, -1)
+
+
+def mixture(weights, probs, tie=1e-6):
+    """sum_s w_s P_s (B, P) from weights (B, S) and probs (B, S, P), exactly 1/2 within `tie` of it.
+    At a tie of the posterior (two user types left who disagree, each particle certain) the sum is
+    1/2 only up to rounding, and came out just under it in both orientations of a pair: scored
+    wrong for every user (three types, 512 particles: -4.4 points at n = 1)."""
+    mixed = torch.einsum("bs,bsp->bp", weights, probs) / weights.sum(-1, keepdim=True)
+    return torch.where((mixed - 0.5).abs() < tie, 0.5, mixed)
+
+
+class Particles(NamedTuple):
+    """A fixed set of latents (S, L) and their log prior weights (S,) (None: equal)."""
+    latents: torch.Tensor
+    log_prior: torch.Tensor | None = None
 
 
 class ParticleBelief:
-    """A trained NP-BTL's rewards at a fixed set of latents (`particles` (S, L)), weighted by Bayes'
-    rule: weight_s ∝ prod over the context of P(answer | z_s) under the model's own BTL likelihood.
-    With the latents of the training users (`training_latents`) as the particles, this is importance
-    sampling over the empirical population of the training data: a posterior that the encoder's
-    single z cannot express, and EPIG under it is exact for that posterior (as for BayesBelief).
-    The probabilities of a pool's pairs under every particle are computed once and reused while
-    the same tensors are asked about again (ask() asks one pool K times)."""
+    """A trained NP-BTL's rewards at a fixed set of latents (`particles`: Particles), weighted by
+    Bayes' rule: weight_s ∝ prior_s prod over the context of P(answer | z_s) under the model's own
+    BTL likelihood. With the training users' latents as the particles (`training_particles`), this
+    is importance sampling over the empirical population of the training data: a posterior that
+    the encoder's single z cannot express, and EPIG under it is exact for that posterior (as for
+    BayesBelief). The probabilities of a pool's pairs under every particle are computed once and
+    reused while the same tensors are asked about again (ask() asks one pool K times)."""
 
     def __init__(self, model, particles):
         self.model, self.particles, self._cache = model, particles, []
@@ -202,15 +220,16 @@ class ParticleBelief:
         for seen, probs in self._cache:
             if seen is pairs:
                 return probs
-        probs = torch.stack([target_probs(self.model, p, self.particles) for p in pairs])
+        probs = torch.stack([target_probs(self.model, p, self.particles.latents) for p in pairs])
         self._cache = (self._cache + [(pairs, probs)])[-2:]  # a pool's candidates and its target pairs
         return probs
 
     def weights(self, context, mask):
         """(B, S) the posterior over particles after the context (chosen first)."""
-        if context.shape[1] == 0:
-            return torch.full((len(context), len(self.particles)), 1 / len(self.particles), device=context.device)
-        return particle_weights(torch.stack([target_probs(self.model, c, self.particles) for c in context]), mask)
+        latents = self.particles.latents
+        lik = (torch.stack([target_probs(self.model, c, latents) for c in context]) if context.shape[1]
+               else context.new_ones(len(context), len(latents), 0))
+        return particle_weights(lik, mask, self.particles.log_prior)
 
     def answer_probs(self, context, mask, pairs):
         return self.probs(pairs), self.weights(context, mask)
@@ -218,12 +237,17 @@ class ParticleBelief:
     def infogain(self, context, mask, cand, targets):
         return epig(self.probs(cand), self.probs(targets), self.weights(context, mask))
 
+    def log_prob_chosen(self, batch):
+        """The posterior predictive log P(chosen) (B, T) of the batch's targets (chosen first)."""
+        probs, weights = self.answer_probs(batch["context"], batch["context_mask"], batch["targets"])
+        return mixture(weights, probs).clamp_min(1e-12).log()
+
 
 @torch.no_grad()
 def training_latents(model, data, context_size, num=2048, seed=0):
-    """`num` particles for ParticleBelief: the encoder's latents (the mean of q for a stochastic
-    NP-BTL) of the training users, round-robin over users, each read from `context_size` of the
-    user's answered training pairs (the run's train.max_context, the most it learnt to read)."""
+    """`num` latents of the training users: the encoder's (the mean of q for a stochastic NP-BTL),
+    round-robin over users, each read from `context_size` of the user's answered training pairs
+    (the run's train.max_context, the most it learnt to read)."""
     from data import EpisodeSampler
 
     sampler = EpisodeSampler(data, "train", 0, context_size, seed=seed, size_keys="the run's train.max_context")
@@ -233,26 +257,57 @@ def training_latents(model, data, context_size, num=2048, seed=0):
     return model.infer_latent(batch["context"].to(device), batch["context_mask"].to(device))
 
 
+def summarise(latents, num, iters=30, seed=0):
+    """Particles: `num` weighted centroids of the latents (S, L) by k-means (k-means++ start, then
+    `iters` Lloyd steps), each weighted by the share of latents nearest to it; all the latents,
+    equally weighted, where num >= S. A quadrature of the latents' empirical distribution: every
+    particle costs a reward evaluation per pair, and on K-type tasks 16 centroids of 2,048
+    latents predict as the 2,048 do (RESULTS.md)."""
+    if num >= len(latents):
+        return Particles(latents)
+    gen = torch.Generator().manual_seed(seed)
+    x = latents.cpu()
+    centres = x[torch.randint(len(x), (1,), generator=gen)]
+    for _ in range(num - 1):  # k-means++: the next centre drawn by squared distance to the nearest
+        d2 = torch.cdist(x, centres).min(1).values.square()
+        pick = torch.multinomial(d2, 1, generator=gen) if d2.sum() > 0 else torch.randint(len(x), (1,), generator=gen)
+        centres = torch.cat([centres, x[pick]])
+    for _ in range(iters):
+        nearest = torch.cdist(x, centres).argmin(1)
+        counts = torch.bincount(nearest, minlength=num)
+        sums = torch.zeros_like(centres).index_add_(0, nearest, x)
+        centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
+    counts = torch.bincount(torch.cdist(x, centres).argmin(1), minlength=num)
+    kept = counts > 0
+    return Particles(centres[kept].to(latents.device), (counts[kept] / len(x)).log().to(latents.device))
+
+
+def training_particles(model, data, context_size, num, latents=2048, seed=0):
+    """`num` particles summarising `latents` training users' latents (training_latents, summarise)."""
+    return summarise(training_latents(model, data, context_size, latents, seed), num, seed=seed)
+
+
 @torch.no_grad()
 def particle_predictor(model, data, split, particles, rows_per_call=1024):
     """The posterior predictive under ParticleBelief's posterior, for evaluate.py's episodes of `split`:
     batch -> log P(chosen) (B, T) = log sum_s w_s P(chosen | particle s), the weights from the context.
     Every pair of the split is scored under every particle once; an episode's context and targets
     are then looked up by their rows (the batch's pair_idx and flipped)."""
-    device = particles.device
+    device = particles.latents.device
     rows = torch.nonzero(torch.from_numpy(data.split == split)).squeeze(1)
     position = torch.full((len(data.pairs),), -1, dtype=torch.long)
     position[rows] = torch.arange(len(rows))
-    first = torch.cat([target_probs(model, data.pairs[rows[i:i + rows_per_call]].to(device), particles)
+    first = torch.cat([target_probs(model, data.pairs[rows[i:i + rows_per_call]].to(device), particles.latents)
                        for i in range(0, len(rows), rows_per_call)], 1)  # (S, N): P(first option chosen)
     position = position.to(device)
 
     def log_prob_chosen(batch):
-        n = batch["context"].shape[1]
+        n, flipped = batch["context"].shape[1], batch["flipped"]
         p_first = first[:, position[batch["pair_idx"]]].transpose(0, 1)  # (B, S, n + T)
-        p = torch.where(batch["flipped"][:, None], 1 - p_first, p_first)  # P(the chosen option)
-        weights = particle_weights(p[..., :n], batch["context_mask"])  # (B, S)
-        return torch.einsum("bs,bst->bt", weights, p[..., n:]).clamp_min(1e-12).log()
+        p_context = torch.where(flipped[:, None, :n], 1 - p_first[..., :n], p_first[..., :n])  # P(the answer)
+        weights = particle_weights(p_context, batch["context_mask"], particles.log_prior)  # (B, S)
+        mixed = mixture(weights, p_first[..., n:])  # P(first stored option): both orientations sum to 1
+        return torch.where(flipped[:, n:], 1 - mixed, mixed).clamp_min(1e-12).log()
 
     return log_prob_chosen
 
@@ -401,15 +456,18 @@ def evaluate(models, data, split, strategies, config, device, bayes=None, partic
     """{(row name, strategy): per-episode accuracies (E, K + 1)} for each NP model and strategy,
     and for the Bayes reference (`bayes(batch)` -> log P(chosen), or None) with random and
     infogain questions under the exact posterior. A model's questions are chosen by its
-    ModelBelief, or by a ParticleBelief where `particles` ({name: (S, L) latents}) is given."""
+    ModelBelief (predicting as evaluate.py scores it), or by a ParticleBelief where `particles`
+    ({name: Particles}) is given, whose posterior predictive then also makes the predictions."""
     q, out = config["query"], {}
 
-    def model_belief(name, model):
-        return ParticleBelief(model, particles[name]) if particles else ModelBelief(model, **belief_options(q))
+    def model_run(name, model, strategy):
+        if particles:  # the particles both choose the questions and predict
+            belief = ParticleBelief(model, particles[name])
+            return name, belief, belief.log_prob_chosen, strategy
+        return name, ModelBelief(model, **belief_options(q)), predictor(model, config["predict_samples"]), strategy
 
     for chunk in episode_chunks(data, split, config, config["seed"]):
-        runs = [(name, model_belief(name, m), predictor(m, config["predict_samples"]), s)
-                for name, m in models.items() for s in strategies]
+        runs = [model_run(name, m, s) for name, m in models.items() for s in strategies]
         if bayes is not None:
             belief = BayesBelief(data.meta, q["bayes_samples"], config["seed"])
             runs += [("bayes_optimal", belief, bayes, s) for s in ("random", "infogain")]

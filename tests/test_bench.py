@@ -30,10 +30,10 @@ def test_reward_bench_prints_one_table(paper_path, capsys):
     assert [m.split(",")[0].split(":")[0] for m, _ in rows] == ["reward training", "reward training", "reward",
                                                                 "reward", "reward", "reward"]
     adapt_particles, question, particles = rows[-3:]
-    assert "adapt to a new user under 2048 particles" in adapt_particles[0]  # bench.particles
+    assert "adapt to a new user under 32 particles" in adapt_particles[0]  # bench.particles
     assert len(adapt_particles[1].split(" / ")) == 2
     assert "choose the next question by infogain from 1000 cached candidates (look-ahead" in question[0]
-    assert "under 2048 particles" in particles[0] and "from 1000 candidates" in particles[0]
+    assert "under 32 particles" in particles[0] and "from 1000 candidates" in particles[0]
     assert all(float(v) > 0 for row in (question, particles) for v in row[1].split(" / "))
     assert "answers of a test user / with 10 random answers" in question[0]
     assert [len(row[1].split(" / ")) for row in (question, particles)] == [3, 3]
