@@ -25,7 +25,7 @@ of q(z | context) and by its posterior predictive over `predict_samples` draws (
 --queries, by the predictive only). With --particles=S, every NP-BTL is also scored by the
 predictive under S particles, the k-means summary of its training users' latents, weighted
 by its likelihood of the context (queries.particle_predictor): a posterior the encoder's
-single z cannot express. With --query.belief=particles, they choose the questions and predict.
+single z cannot express. With --query.belief=particles, they choose the questions.
 
 Writes eval.json (a list of rows: model, num_context, label, accuracy, sem, episodes)
 to `out` (default: the first run dir); --plot also writes accuracy.png and, for
@@ -75,7 +75,7 @@ DEFAULTS = {
         "screen": 16,  # ... looked ahead at over draws only for the best this many at the mean of q (0: all)
         "lookahead": True,  # infogain by the model's look-ahead (false: EPIG from draws of q(z | context))
         "belief": "lookahead",  # lookahead: the encoder's belief (above); particles: the training users' latents
-        "particles": 32,  # ... summarised in this many, weighted by the model's likelihood of the answers (queries.py)
+        "particles": 2048,  # ... summarised in this many, weighted by the model's likelihood of the answers (queries.py)
         "bayes_samples": 2000,  # prior draws of the Bayes belief that chooses questions (populations)
         "selector": "",  # policy runs: the reward run that chooses the questions (NP-BTL on the same features)
     },

@@ -31,7 +31,8 @@ not to be a calibrated posterior.
 - particles (`ParticleBelief`, evaluate.py --query.belief=particles): the encoder's latents of
   the training users, weighted by the model's likelihood of the answers; EPIG under them is
   exact for that posterior. On a continuous population it asks better questions than the
-  look-ahead (RESULTS.md), but a user's first question costs every candidate under every particle.
+  look-ahead (RESULTS.md), but a user's first question costs every candidate under every particle;
+  `summarise` (k-means) keeps fewer, weighted particles: on K-type tasks 32 do as 2,048 do.
 - the Bayes reference (data.py's generators): the exact posterior over user types, or
   importance-weighted draws from the population prior (`bayes_samples`).
 
@@ -317,13 +318,16 @@ def belief_options(query):
     return {k: query[k] for k in ("samples", "screen", "lookahead")}
 
 
-def run_belief(path, dim, device="cpu", where="the data", **options):
-    """The belief of a trained reward run (its NP-BTL) on options of dimension `dim` (from `where`);
-    `options` as ModelBelief's."""
-    model, _ = load_reward_model(path, dim, device, where)
+def run_belief(path, dim, device="cpu", where="the data", particles=0, data=None, **options):
+    """The belief of a trained reward run (its NP-BTL) on options of dimension `dim` (from `where`):
+    a ModelBelief (`options` as its), or with particles > 0 a ParticleBelief under that many
+    particles of the training users of `data` (training_particles)."""
+    model, config = load_reward_model(path, dim, device, where)
     if not hasattr(model, "encoder"):
         raise DataError(f"{path} reads no context (a {type(model).__name__}): its rewards are the same for "
                         "everyone, so there is nothing to ask")
+    if particles:
+        return ParticleBelief(model, training_particles(model, data, config["train"]["max_context"], particles))
     return ModelBelief(model, **options)
 
 
@@ -456,18 +460,16 @@ def evaluate(models, data, split, strategies, config, device, bayes=None, partic
     """{(row name, strategy): per-episode accuracies (E, K + 1)} for each NP model and strategy,
     and for the Bayes reference (`bayes(batch)` -> log P(chosen), or None) with random and
     infogain questions under the exact posterior. A model's questions are chosen by its
-    ModelBelief (predicting as evaluate.py scores it), or by a ParticleBelief where `particles`
-    ({name: Particles}) is given, whose posterior predictive then also makes the predictions."""
+    ModelBelief, or by a ParticleBelief where `particles` ({name: Particles}) is given; either way
+    the model predicts as evaluate.py scores it."""
     q, out = config["query"], {}
 
-    def model_run(name, model, strategy):
-        if particles:  # the particles both choose the questions and predict
-            belief = ParticleBelief(model, particles[name])
-            return name, belief, belief.log_prob_chosen, strategy
-        return name, ModelBelief(model, **belief_options(q)), predictor(model, config["predict_samples"]), strategy
+    def model_belief(name, model):
+        return ParticleBelief(model, particles[name]) if particles else ModelBelief(model, **belief_options(q))
 
     for chunk in episode_chunks(data, split, config, config["seed"]):
-        runs = [model_run(name, m, s) for name, m in models.items() for s in strategies]
+        runs = [(name, model_belief(name, m), predictor(m, config["predict_samples"]), s)
+                for name, m in models.items() for s in strategies]
         if bayes is not None:
             belief = BayesBelief(data.meta, q["bayes_samples"], config["seed"])
             runs += [("bayes_optimal", belief, bayes, s) for s in ("random", "infogain")]

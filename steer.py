@@ -237,11 +237,12 @@ REWARD_CLI = {
     "save": "",  # write every answer (from --context too) here
     "score": "",  # JSONL of pairs to score: {"option_a": [...], "option_b": [...]}
     "seed": 0,  # which pairs form the pool; ties between questions
+    "particles": 0,  # > 0: ask and predict under this many particles of the training users (queries.py)
 }
 
 
 REWARD_USAGE = ("usage: python steer.py REWARD_RUN [--ask=K] [--strategy=infogain] [--pool=N] [--context=FILE] [--save=FILE] "
-         "[--score=FILE] [--seed=S]")
+         "[--score=FILE] [--seed=S] [--particles=S]")
 
 
 MAX_SHOWN_DIM = 8  # options with more features than this (embeddings of text) cannot be shown to a person
@@ -292,9 +293,10 @@ def option_text(x):
     return f"y = {x[0]:.3f}" if len(x) == 1 else "x = [" + ", ".join(f"{v:.2f}" for v in x.tolist()) + "]"
 
 
-def learned_lines(model, data, context, labels_only=10):
+def learned_lines(predict, data, context, labels_only=10):
     """What the answers say: the exact posterior over a known generator's users, and how often the
-    model, given the answers, agrees with each of them on the test split's pairs."""
+    model (`predict`: batch -> log P(chosen)), given the answers, agrees with each of them on the
+    test split's pairs."""
     lines, mask = [], torch.ones(1, len(context), dtype=torch.bool)
     test = data.pairs[torch.from_numpy(data.split == "test")][:2000]
     rewards = true_rewards(data.meta, test)  # (N, 2, K) or None
@@ -309,7 +311,7 @@ def learned_lines(model, data, context, labels_only=10):
             lines.append(f"your answers fit user type {data.labels[best]} best (exact posterior "
                          + ", ".join(f"{label} {w:.2f}" for label, w in zip(data.labels, weights)) + ")")
         with torch.no_grad():
-            p = model.log_prob_chosen({"context": context[None], "context_mask": mask, "targets": test[None]})[0]
+            p = predict({"context": context[None], "context_mask": mask, "targets": test[None]})[0]
         agree = [((p > math.log(0.5)) == (rewards[:, 0, k] > rewards[:, 1, k])).float().mean().item()
                  for k in range(rewards.shape[-1])]
         lines.append("given them, the model agrees with " + ", ".join(
@@ -330,11 +332,12 @@ def steer_reward(argv):
           "give --ask=K to be asked K questions (and/or --context=FILE, --score=FILE)")
     check(not config["save"] or config["ask"] > 0, "save", "saves the answers to --ask's questions: give --ask=K")
     check(config["pool"] >= 1, "pool", "must be at least 1")
+    check(config["particles"] >= 0, "particles", "must be 0 (the encoder's belief) or more")
     check(config["strategy"] in queries.STRATEGIES, "strategy", f"must be one of {', '.join(queries.STRATEGIES)}")
     check_save_path(config["save"], config["context"])
     data = load_pairs(run_data_path(rest[0]))
-    belief = queries.run_belief(rest[0], data.dim, where=data.path)
-    model = belief.model
+    belief = queries.run_belief(rest[0], data.dim, where=data.path, particles=config["particles"], data=data)
+    predict = belief.log_prob_chosen if config["particles"] else belief.model.log_prob_chosen
     given = read_feature_pairs(config["context"], data.dim, True) if config["context"] else []
     scored = read_feature_pairs(config["score"], data.dim, False) if config["score"] else []
     if config["ask"] and data.dim > MAX_SHOWN_DIM:
@@ -357,13 +360,13 @@ def steer_reward(argv):
     given += [(cand[q], choice) for q, choice in new]
     context = torch.stack(answers) if answers else cand.new_zeros(0, 2, data.dim)
     print(f"\n{plural(len(answers), 'answer')} in all")
-    for line in learned_lines(model, data, context) if answers else ["no answers: nothing learned about you yet"]:
+    for line in learned_lines(predict, data, context) if answers else ["no answers: nothing learned about you yet"]:
         print(line)
     if scored:
         batch = {"context": context[None], "context_mask": torch.ones(1, len(context), dtype=torch.bool),
                  "targets": torch.stack([pair for pair, _ in scored])[None]}
         with torch.no_grad():
-            probs = model.log_prob_chosen(batch)[0].exp()
+            probs = predict(batch)[0].exp()
         print(f"P(option_a preferred) for the pairs in {config['score']}:")
         for (pair, _), p in zip(scored, probs.tolist()):
             print(f"  {p:.3f}  a: {option_text(pair[0])}  b: {option_text(pair[1])}")

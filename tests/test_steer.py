@@ -4,6 +4,7 @@ reward run's dialogue, and every user mistake as one line, exit 2, nothing writt
 import hashlib
 import io
 import json
+import re
 import os
 import signal
 import subprocess
@@ -451,6 +452,23 @@ def test_reward_dialogue_asks_well_chosen_questions_and_saves(np_btl_run, monkey
     assert "starting from 2 answers" in out and out.count("Question 1 of 1") == 1
     with open(save) as f:
         assert len(f.readlines()) == 3
+
+
+def test_reward_dialogue_under_particles(np_btl_run, monkeypatch, capsys, tmp_path):
+    """--particles: the training users' particles choose the question (one the two types answer
+    differently) and give the predictions: after it, the model sides with the type that answered."""
+    save = str(tmp_path / "me.jsonl")
+    out = reward_cli(monkeypatch, capsys, "1\n", np_btl_run[0], "--ask=1", "--pool=200", "--particles=32",
+                     f"--save={save}")
+    with open(save) as f:
+        row = json.loads(f.readline())
+    a, b = row["option_a"][0], row["option_b"][0]
+    r0 = [y if y < 0.5 else 2 * y for y in (a, b)]  # the paper's two reward functions
+    r1 = [y if y < 0.5 else 1 - y for y in (a, b)]
+    assert (r0[0] > r0[1]) != (r1[0] > r1[1])
+    agree = dict(re.findall(r"(type_\w+|\w+) on (\d+) %", out.split("the model agrees with")[1]))
+    answered = "0" if r0[0] > r0[1] else "1"  # option_a chosen: the type that prefers it
+    assert int(agree[list(agree)[int(answered)]]) > 95, out
 
 
 def test_reward_dialogue_scores_pairs(np_btl_run, monkeypatch, capsys, tmp_path):
