@@ -252,6 +252,19 @@ def predictive_note(model):
     return f" (posterior predictive, {samples} draws of z)" if samples else ""
 
 
+def adaptive_row(model, data, b, device, latents):
+    """evaluate.py --query.belief=adaptive: each question weighs every latent by the answers,
+    summarises that posterior into bench.particles particles and scores the candidates under them."""
+    import queries
+
+    make = lambda: queries.AdaptiveBelief(model, latents, b["particles"])
+    times = [time_question_choice(model, data, b, device, n, belief=make) for n in (0, b["context_pairs"])]
+    return (f"reward: choose the next question by infogain under {b['particles']} particles that follow the posterior "
+            f"over {len(latents.latents)} latents (evaluate.py --query.belief=adaptive) from "
+            f"{b['question_candidates']} candidates, median ms with no answers / with {b['context_pairs']} answers "
+            f"of a {answering_split(data)} user", " / ".join(f"{1000 * t:.1f}" for t in times))
+
+
 def bench_reward(argv, device_name=None):
     """-> (description, rows of (measure, value))."""
     config, rest = load_config(REWARD_DEFAULTS, argv or ["configs/synthetic.yaml"], ALIASES)
@@ -279,10 +292,12 @@ def bench_reward(argv, device_name=None):
     if hasattr(model, "encoder"):
         import queries
 
-        particles = queries.training_particles(model.eval(), data, t["max_context"], b["particles"],
-                                               b["particle_latents"], seed=0)
+        latents = queries.Particles(queries.training_latents(model.eval(), data, t["max_context"],
+                                                             b["particle_latents"], seed=0))
+        particles = queries.summarise(latents.latents, b["particles"])
         question = [particle_adaptation_row(model, data, config, device, particles),
-                    question_row(model, data, b, device, "reward"), particle_row(model, data, b, device, particles)]
+                    question_row(model, data, b, device, "reward"), particle_row(model, data, b, device, particles),
+                    adaptive_row(model, data, b, device, latents)]
     name = f"reward {config['model']['kind']} ({config['model']['encoder']['aggregator']} aggregator)"
     return name, [
         (f"reward training, episodes/s (batch {t['batch_size']}, {t['num_targets']} targets)",

@@ -25,7 +25,8 @@ of q(z | context) and by its posterior predictive over `predict_samples` draws (
 --queries, by the predictive only). With --particles=S, every NP-BTL is also scored by the
 predictive under S particles, the k-means summary of its training users' latents, weighted
 by its likelihood of the context (queries.particle_predictor): a posterior the encoder's
-single z cannot express. With --query.belief=particles, they choose the questions.
+single z cannot express. With --query.belief=particles, they choose the questions; with
+--query.belief=adaptive, so does the posterior over all the latents, summarised anew per question.
 
 Writes eval.json (a list of rows: model, num_context, label, accuracy, sem, episodes)
 to `out` (default: the first run dir); --plot also writes accuracy.png and, for
@@ -74,8 +75,9 @@ DEFAULTS = {
         "samples": 32,  # a stochastic NP-BTL's draws of z per look-ahead prediction
         "screen": 16,  # ... looked ahead at over draws only for the best this many at the mean of q (0: all)
         "lookahead": True,  # infogain by the model's look-ahead (false: EPIG from draws of q(z | context))
-        "belief": "lookahead",  # lookahead: the encoder's belief (above); particles: the training users' latents
-        "particles": 2048,  # ... summarised in this many, weighted by the model's likelihood of the answers (queries.py)
+        "belief": "lookahead",  # lookahead: the encoder's belief (above); particles: the training users' latents,
+        # weighted by the model's likelihood of the answers; adaptive: their posterior, summarised anew per question
+        "particles": 32,  # particles, adaptive: summarised in this many (queries.py)
         "bayes_samples": 2000,  # prior draws of the Bayes belief that chooses questions (populations)
         "selector": "",  # policy runs: the reward run that chooses the questions (NP-BTL on the same features)
     },
@@ -268,9 +270,9 @@ def evaluate_queries(paths, strategies, config, device):
     known = true_rewards(data.meta, data.pairs[:1]) is not None or data.meta.get("generator") == "linear_population"
     bayes = (lambda batch: bayes_reference(data.meta, batch, config)[0]) if known else None
     particles = None
-    if config["query"]["belief"] == "particles":  # the training users' latents, read as each run was trained
-        particles = {name: training_particles(m, data, configs[name], config["query"]["particles"], config)
-                     for name, m in models.items()}
+    if config["query"]["belief"] != "lookahead":  # the training users' latents, read as each run was trained
+        num = config["query"]["particles"] if config["query"]["belief"] == "particles" else config["particle_latents"]
+        particles = {name: training_particles(m, data, configs[name], num, config) for name, m in models.items()}
     curves = queries.evaluate(models, data, config["split"], strategies, config, device, bayes, particles)
     reference = ("bayes_optimal", "infogain")
     rows = [row for key in curves for row in query_rows(curves, *key, reference)]
@@ -303,7 +305,8 @@ def check_arguments(config, paths):
           f"must be at most query.pool = {config['query']['pool']}: a question is asked once")
     check_positive(config, "num_targets", *(f"policy_eval.{k}" for k in config["policy_eval"]),
                    *(f"query.{k}" for k in config["query"] if k not in ("selector", "lookahead", "screen", "belief")))
-    check(config["query"]["belief"] in ("lookahead", "particles"), "query.belief", "must be lookahead or particles")
+    check(config["query"]["belief"] in ("lookahead", "particles", "adaptive"), "query.belief",
+          "must be lookahead, particles or adaptive")
     check(config["query"]["screen"] >= 0, "query.screen", "must be non-negative (0 = every candidate over draws)")
 
 
@@ -328,8 +331,9 @@ def main(argv):
     check(len(kinds) == 1, "run", "give reward runs or policy runs, not both")
     strategies = query_strategies(config)
     policy_runs = kinds.pop()
-    check(not (strategies and policy_runs and config["query"]["belief"] == "particles"), "query.belief",
-          "particles is for reward runs: a policy's questions are chosen by its query.selector's look-ahead")
+    check(not (strategies and policy_runs and config["query"]["belief"] != "lookahead"), "query.belief",
+          f"{config['query']['belief']} is for reward runs: a policy's questions are chosen by its query.selector's "
+          "look-ahead")
     check(not (config["particles"] and policy_runs), "particles", "is for reward runs (an NP-BTL's predictions)")
     check(not (config["particles"] and strategies), "particles",
           "scores the context-size table; questions are chosen under particles with --query.belief=particles")

@@ -7,6 +7,7 @@ want, a reward run says what it learned about them. The choices come from a file
     python steer.py runs/steer_world_np_dpo --ask=5 --selector=runs/steer_world_reward --prompt="Tell me about owls."
     python steer.py runs/steer_world_dpo --prompt="Tell me about owls."     # plain DPO reads no context
     python steer.py runs/synthetic_np_btl --ask=5 --save=me.jsonl           # a reward run asks, then says what it learned
+    python steer.py runs/three_types_np_btl --ask=3 --particles=32          # ... asking and predicting under particles
 
 A user's context is embedded exactly as the run's training features were
 (text.embed_pairs, with the run's embedder), then encoded into z.

@@ -28,15 +28,16 @@ def test_reward_bench_prints_one_table(paper_path, capsys):
     out = capsys.readouterr().out
     assert out.count("| measure | value |") == 1
     assert [m.split(",")[0].split(":")[0] for m, _ in rows] == ["reward training", "reward training", "reward",
-                                                                "reward", "reward", "reward"]
-    adapt_particles, question, particles = rows[-3:]
+                                                                "reward", "reward", "reward", "reward"]
+    adapt_particles, question, particles, adaptive = rows[-4:]
     assert "adapt to a new user under 32 particles" in adapt_particles[0]  # bench.particles
     assert len(adapt_particles[1].split(" / ")) == 2
     assert "choose the next question by infogain from 1000 cached candidates (look-ahead" in question[0]
     assert "under 32 particles" in particles[0] and "from 1000 candidates" in particles[0]
     assert all(float(v) > 0 for row in (question, particles) for v in row[1].split(" / "))
     assert "answers of a test user / with 10 random answers" in question[0]
-    assert [len(row[1].split(" / ")) for row in (question, particles)] == [3, 3]
+    assert [len(row[1].split(" / ")) for row in (question, particles, adaptive)] == [3, 3, 2]
+    assert "32 particles that follow the posterior over 2048 latents" in adaptive[0]
     assert all(n > 0 for _, value in rows for n in numbers(value))
     assert all(f"| {m} | {v} |" in out for m, v in rows)
 
@@ -50,7 +51,7 @@ def test_reward_bench_times_the_posterior_predictive(paper_path, monkeypatch):
                        "--model.encoder.stochastic=true", "--model.predict_samples=32"])
     assert "posterior predictive, 32 draws of z" in rows[2][0]
     assert calls == [32] * 5  # every timed adaptation draws the 32 samples
-    assert "then over 32 draws of z for the best 16" in rows[-2][0]  # the question choice draws its own
+    assert "then over 32 draws of z for the best 16" in rows[-3][0]  # the question choice draws its own
 
 
 def test_policy_bench_with_precomputed_reference(toy_root, capsys):
@@ -89,7 +90,8 @@ def test_random_weights_policy_bench_at_a_real_models_shape(tmp_path, capsys):
 
 @pytest.mark.parametrize("mode, override, key", [("reward", "--bench.repeats=1", "bench.repeats"),
                                                  ("policy", "--bench.train_steps=0", "bench.train_steps"),
-                                                 ("reward", "--bench.particles=0", "bench.particles")])
+                                                 ("reward", "--bench.particles=0", "bench.particles"),
+                                                 ("reward", "--bench.particle_latents=0", "bench.particle_latents")])
 def test_bad_bench_settings_name_the_key(mode, override, key):
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
         bench.main([mode, override])

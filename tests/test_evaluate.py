@@ -98,7 +98,8 @@ def test_plot_writes_pngs(tmp_path, np_btl_run):
 
 @pytest.mark.parametrize("args, key", [([], "run"), (["--split=dev"], "split"), (["--num-context=[]"], "num_context"),
                                        (["--num_context=[0,-1]"], "num_context"), (["--max_sem=0"], "max_sem"),
-                                       (["--particles=-1"], "particles")])
+                                       (["--particles=-1"], "particles"),
+                                       (["--particle_latents=0"], "particle_latents")])
 def test_bad_arguments_name_the_key(np_btl_run, args, key):
     runs = [np_btl_run[0]] if key != "run" else []
     with pytest.raises(ConfigError, match=f"config key '{key}'"):

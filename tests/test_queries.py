@@ -251,6 +251,29 @@ def test_summarised_particles_predict_as_all_the_latents():
         assert not torch.allclose(unweighted, every, atol=1e-2)
 
 
+def test_adaptive_particles_follow_the_posterior():
+    """AdaptiveBelief: after 8 answers its 32 particles, summarised from the posterior over all 3,000
+    latents, predict as those do; 32 fixed centroids of the prior cannot (few of them fit the answers).
+    With as many particles as latents it is ParticleBelief."""
+    gen = torch.Generator().manual_seed(4)
+    model, latents = LinearUsers(0.1), queries.Particles(queries.sphere_samples(3000, 3, gen).float())
+    context, targets = torch.randn(2, 8, 2, 3, generator=gen), torch.randn(2, 20, 2, 3, generator=gen)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    exact = queries.mixture(*reversed(queries.ParticleBelief(model, latents).answer_probs(context, mask, targets)))
+
+    def error(belief):
+        probs, weights = belief.answer_probs(context, mask, targets)
+        assert torch.allclose(weights.sum(1), torch.ones(2))
+        return (queries.mixture(weights, probs) - exact).abs().mean().item()
+
+    adaptive, fixed = error(queries.AdaptiveBelief(model, latents, 32)), error(
+        queries.ParticleBelief(model, queries.summarise(latents.latents, 32)))
+    assert adaptive < 0.02 and fixed > 2 * adaptive, (adaptive, fixed)
+    every = queries.AdaptiveBelief(model, latents, 3000)
+    assert torch.allclose(every.infogain(context, mask, targets[:, :6], targets[:, 6:]),
+                          queries.ParticleBelief(model, latents).infogain(context, mask, targets[:, :6], targets[:, 6:]))
+
+
 class ContextMean(torch.nn.Module):
     """A 'model' whose latent is the mean difference chosen - rejected of its context."""
 
@@ -313,6 +336,18 @@ def test_evaluate_queries_with_particles(np_btl_run, tmp_path, monkeypatch):
     assert rows["particles"][("bayes_optimal", 2)] == rows["lookahead"][("bayes_optimal", 2)]
     assert len(asked) == 3 * 2  # 3 questions, 2 chunks of episodes: every model question by the particles
     assert rows["particles"][(name, 1)] > 0.9  # one question on which the paper's two types disagree
+
+
+def test_evaluate_queries_with_adaptive_particles(np_btl_run, tmp_path, monkeypatch):
+    """--query.belief=adaptive: every model question chosen by AdaptiveBelief, a good first one."""
+    asked = []
+    infogain = queries.AdaptiveBelief.infogain
+    monkeypatch.setattr(queries.AdaptiveBelief, "infogain", lambda *a: asked.append(1) or infogain(*a))
+    out = evaluate.main([np_btl_run[0], "--queries=infogain", *FAST, "--query.belief=adaptive",
+                         "--query.particles=16", f"--out={tmp_path}/adaptive"])
+    rows = {(r["model"], r["questions"]): r["accuracy"] for r in out}
+    assert len(asked) == 3 * 2
+    assert rows[(os.path.basename(np_btl_run[0]), 1)] > 0.9
 
 
 @pytest.mark.parametrize("flag, message", [("--queries=infogian", "unknown strategy 'infogian'"),

@@ -371,6 +371,8 @@ def test_policy_questions_refuse_particles(cli_runs, tmp_path):
 
     with pytest.raises(ConfigError, match="query.belief"):
         evaluate.main([cli_runs["np"], "--queries=infogain", "--query.belief=particles", f"--out={tmp_path}/q"])
+    with pytest.raises(ConfigError, match="adaptive is for reward runs"):
+        evaluate.main([cli_runs["np"], "--queries=infogain", "--query.belief=adaptive", f"--out={tmp_path}/q"])
     with pytest.raises(ConfigError, match="config key 'particles'.*for reward runs"):
         evaluate.main([cli_runs["np"], "--particles=64", f"--out={tmp_path}/q"])
     assert not os.path.exists(tmp_path / "q")
@@ -485,6 +487,7 @@ def test_reward_dialogue_scores_pairs(np_btl_run, monkeypatch, capsys, tmp_path)
     (["--save={tmp}/new.jsonl"], "give --ask=K"),
     ([], "give --ask=K to be asked K questions"),
     (["--ask=1", "--strategy=best"], "strategy"),
+    (["--ask=1", "--particles=-1"], "particles"),
     (["--context={tmp}/bad.jsonl"], "bad.jsonl:1: each line is a JSON object"),
     (["--context={tmp}/text.jsonl"], "this looks like a text pair, for a policy run"),
     (["--context={tmp}/wrong_dim.jsonl"], "options of 2 features, the run's have 1"),
