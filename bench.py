@@ -290,11 +290,11 @@ def bench_reward(argv, device_name=None):
     median, p90 = time_reward_adaptation(model, data, config, device)
     question = []
     if hasattr(model, "encoder"):
-        import queries
+        import particles as particle_lib
 
-        latents = queries.Particles(queries.training_latents(model.eval(), data, t["max_context"],
-                                                             b["particle_latents"], seed=0))
-        particles = queries.summarise(latents.latents, b["particles"])
+        latents = particle_lib.Particles(particle_lib.training_latents(model.eval(), data, t["max_context"],
+                                                                       b["particle_latents"], seed=0))
+        particles = particle_lib.summarise(latents.latents, b["particles"])
         question = [particle_adaptation_row(model, data, config, device, particles),
                     question_row(model, data, b, device, "reward"), particle_row(model, data, b, device, particles),
                     adaptive_row(model, data, b, device, latents)]

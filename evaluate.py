@@ -24,7 +24,7 @@ models, with each model's gap to it. A stochastic NP-BTL is scored twice: at the
 of q(z | context) and by its posterior predictive over `predict_samples` draws (with
 --queries, by the predictive only). With --particles=S, every NP-BTL is also scored by the
 predictive under S particles, the k-means summary of its training users' latents, weighted
-by its likelihood of the context (queries.particle_predictor): a posterior the encoder's
+by its likelihood of the context (particles.particle_predictor): a posterior the encoder's
 single z cannot express. With --query.belief=particles, they choose the questions; with
 --query.belief=adaptive, so does the posterior over all the latents, summarised anew per question.
 
@@ -116,11 +116,11 @@ def load_models(paths, device):
 
 def training_particles(model, data, train_config, num, config):
     """`num` particles summarising config's particle_latents latents of the training users, each read
-    from as many pairs as the run was trained on (queries.training_particles)."""
-    import queries
+    from as many pairs as the run was trained on (particles.training_particles)."""
+    import particles as particle_lib
 
-    return queries.training_particles(model, data, train_config["train"]["max_context"], num,
-                                      config["particle_latents"], config["seed"])
+    return particle_lib.training_particles(model, data, train_config["train"]["max_context"], num,
+                                           config["particle_latents"], config["seed"])
 
 
 def predictors(models, config):
@@ -185,13 +185,14 @@ def evaluate_rewards(paths, config, device):
     sampler = EpisodeSampler(data, config["split"], config["num_targets"], max(sizes), seed=config["seed"])
     predict = predictors(models, config)
     if config["particles"]:
-        import queries
+        import particles as particle_lib
 
         for name in [n for n, m in models.items() if not hasattr(m, "encoder")]:
             print(f"note: {name} reads no context: no particles row")
         for name in [n for n, m in models.items() if hasattr(m, "encoder")]:
             particles = training_particles(models[name], data, configs[name], config["particles"], config)
-            predict[f"{name} (particles)"] = queries.particle_predictor(models[name], data, config["split"], particles)
+            predict[f"{name} (particles)"] = particle_lib.particle_predictor(models[name], data, config["split"],
+                                                                             particles)
     rows, gaps = [], {}
     for n in sizes:
         accs, label_rows, mc = score_context_size(predict, data, sampler, n, config, device)

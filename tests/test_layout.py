@@ -8,7 +8,7 @@ import os
 from conftest import REPO
 
 LIBRARY = {"common", "dist", "runs", "defaults", "np_encoder", "data", "bayes", "text", "world", "toy", "reward",
-           "policy", "queries", "dialogue", "steer_eval", "policy_eval", "report"}
+           "particles", "policy", "queries", "dialogue", "steer_eval", "policy_eval", "report"}
 SCRIPTS = {"train_reward", "train_policy", "evaluate", "bench", "steer",
            "prepare.synthetic", "prepare.ultrafeedback", "prepare.embed"}
 METHOD_PATH = ("np_encoder.py", "reward.py", "policy.py", "train_reward.py", "train_policy.py")

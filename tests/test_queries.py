@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import evaluate
+import particles as particle_lib
 import queries
 from common import ConfigError
 from data import choice_correct, load_pairs, make_paper_synthetic
@@ -165,7 +166,7 @@ def test_particles_of_the_true_reward_are_the_bayes_posterior():
     the same answer probabilities, posterior weights and information gains."""
     meta, gen = {"generator": "linear_population", "temperature": 0.1}, torch.Generator().manual_seed(3)
     draws = queries.sphere_samples(3000, 3, torch.Generator().manual_seed(0)).float()
-    particles = queries.ParticleBelief(LinearUsers(0.1), queries.Particles(draws))
+    particles = queries.ParticleBelief(LinearUsers(0.1), particle_lib.Particles(draws))
     bayes = queries.BayesBelief(meta, 3000, seed=0)
     context, cand, targets = (torch.randn(2, k, 2, 3, generator=gen) for k in (4, 7, 5))
     mask = torch.tensor([[True] * 4, [True, True, False, False]])
@@ -185,7 +186,7 @@ def test_particle_predictor_of_the_true_reward_is_the_bayes_predictive():
 
     data = make_linear_synthetic(num_users=60, pairs_per_user=20, dim=3, temperature=0.1, seed=1)
     draws = queries.sphere_samples(3000, 3, torch.Generator().manual_seed(0)).float()
-    predict = queries.particle_predictor(LinearUsers(0.1), data, "test", queries.Particles(draws), rows_per_call=7)
+    predict = particle_lib.particle_predictor(LinearUsers(0.1), data, "test", particle_lib.Particles(draws), rows_per_call=7)
     bayes = queries.BayesBelief(data.meta, 3000, seed=0)
     sampler = EpisodeSampler(data, "test", 5, 3, seed=0)
     for n in (0, 3):
@@ -198,7 +199,7 @@ def test_particle_predictor_of_the_true_reward_is_the_bayes_predictive():
 
 
 def test_particle_probabilities_are_reused_only_for_the_same_pool():
-    belief = queries.ParticleBelief(LinearUsers(1.0), queries.Particles(torch.randn(50, 2)))
+    belief = queries.ParticleBelief(LinearUsers(1.0), particle_lib.Particles(torch.randn(50, 2)))
     a, b, c = torch.randn(1, 6, 2, 2), torch.randn(1, 6, 2, 2), torch.randn(1, 6, 2, 2)
     first = belief.probs(a)
     assert belief.probs(a) is first  # asked about again: not recomputed
@@ -211,11 +212,11 @@ def two_certain_types(per_type=171):
     """Particles of two user types who disagree on every pair, each certain (saturated sigmoids)
     and equally many: after no answer the posterior is an exact tie on every pair."""
     z = torch.tensor([[1.0, -1.0]])
-    return LinearUsers(1e-4), queries.Particles(torch.cat([z, -z]).repeat_interleave(per_type, 0))
+    return LinearUsers(1e-4), particle_lib.Particles(torch.cat([z, -z]).repeat_interleave(per_type, 0))
 
 
 def test_a_tie_of_the_posterior_scores_one_half_in_either_orientation():
-    """queries.mixture: summed without care, an exact tie came out just under 1/2 in both
+    """particle_lib.mixture: summed without care, an exact tie came out just under 1/2 in both
     orientations of a pair, scored wrong for every user (three types, 512 particles: -4.4 points
     at n = 1)."""
     from data import EpisodeSampler, make_linear_synthetic
@@ -224,7 +225,7 @@ def test_a_tie_of_the_posterior_scores_one_half_in_either_orientation():
     data = make_linear_synthetic(num_users=60, pairs_per_user=20, dim=2, temperature=0.1, seed=1)
     batch = EpisodeSampler(data, "test", 8, 0, seed=0).sample(16, num_context=0)
     swapped = dict(batch, flipped=~batch["flipped"], targets=batch["targets"].flip(-2))
-    predict, belief = queries.particle_predictor(model, data, "test", particles), queries.ParticleBelief(model, particles)
+    predict, belief = particle_lib.particle_predictor(model, data, "test", particles), queries.ParticleBelief(model, particles)
     for score in (predict, belief.log_prob_chosen):
         first, second = choice_correct(score(batch)), choice_correct(score(swapped))
         assert torch.equal(first + second, torch.ones_like(first))  # each pair credited once in all
@@ -236,18 +237,18 @@ def test_summarised_particles_predict_as_all_the_latents():
     gen = torch.Generator().manual_seed(0)
     centres = torch.tensor([[2.0, 0.0], [0.0, 2.0], [-2.0, -1.0]])
     latents = centres.repeat_interleave(torch.tensor([100, 50, 50]), 0) + 1e-4 * torch.randn(200, 2, generator=gen)
-    summary = queries.summarise(latents, 3)
+    summary = particle_lib.summarise(latents, 3)
     assert len(summary.latents) == 3 and torch.allclose(summary.log_prior.exp().sort().values,
                                                         torch.tensor([0.25, 0.25, 0.5]))
     assert torch.cdist(summary.latents, centres).min(1).values.max() < 1e-3
-    assert queries.summarise(latents, 200).log_prior is None  # no fewer particles asked: all, equally weighted
+    assert particle_lib.summarise(latents, 200).log_prior is None  # no fewer particles asked: all, equally weighted
     model = LinearUsers(1.0)
     context, targets = torch.randn(2, 3, 2, 2, generator=gen), torch.randn(2, 6, 2, 2, generator=gen)
     for n in (0, 1, 3):
         batch = {"context": context[:, :n], "context_mask": torch.ones(2, n, dtype=torch.bool), "targets": targets}
-        every = queries.ParticleBelief(model, queries.Particles(latents)).log_prob_chosen(batch)
+        every = queries.ParticleBelief(model, particle_lib.Particles(latents)).log_prob_chosen(batch)
         assert torch.allclose(queries.ParticleBelief(model, summary).log_prob_chosen(batch), every, atol=1e-3)
-        unweighted = queries.ParticleBelief(model, queries.Particles(summary.latents)).log_prob_chosen(batch)
+        unweighted = queries.ParticleBelief(model, particle_lib.Particles(summary.latents)).log_prob_chosen(batch)
         assert not torch.allclose(unweighted, every, atol=1e-2)
 
 
@@ -256,18 +257,18 @@ def test_adaptive_particles_follow_the_posterior():
     latents, predict as those do; 32 fixed centroids of the prior cannot (few of them fit the answers).
     With as many particles as latents it is ParticleBelief."""
     gen = torch.Generator().manual_seed(4)
-    model, latents = LinearUsers(0.1), queries.Particles(queries.sphere_samples(3000, 3, gen).float())
+    model, latents = LinearUsers(0.1), particle_lib.Particles(queries.sphere_samples(3000, 3, gen).float())
     context, targets = torch.randn(2, 8, 2, 3, generator=gen), torch.randn(2, 20, 2, 3, generator=gen)
     mask = torch.ones(2, 8, dtype=torch.bool)
-    exact = queries.mixture(*reversed(queries.ParticleBelief(model, latents).answer_probs(context, mask, targets)))
+    exact = particle_lib.mixture(*reversed(queries.ParticleBelief(model, latents).answer_probs(context, mask, targets)))
 
     def error(belief):
         probs, weights = belief.answer_probs(context, mask, targets)
         assert torch.allclose(weights.sum(1), torch.ones(2))
-        return (queries.mixture(weights, probs) - exact).abs().mean().item()
+        return (particle_lib.mixture(weights, probs) - exact).abs().mean().item()
 
     adaptive, fixed = error(queries.AdaptiveBelief(model, latents, 32)), error(
-        queries.ParticleBelief(model, queries.summarise(latents.latents, 32)))
+        queries.ParticleBelief(model, particle_lib.summarise(latents.latents, 32)))
     assert adaptive < 0.02 and fixed > 2 * adaptive, (adaptive, fixed)
     every = queries.AdaptiveBelief(model, latents, 3000)
     assert torch.allclose(every.infogain(context, mask, targets[:, :6], targets[:, 6:]),
@@ -289,7 +290,7 @@ class ContextMean(torch.nn.Module):
 def test_particles_are_read_from_training_users_only(paper_path):
     data = load_pairs(paper_path)
     data.pairs[torch.from_numpy(data.split != "train")] = float("nan")  # any val or test pair read shows
-    z = queries.training_latents(ContextMean(), data, context_size=4, num=64)
+    z = particle_lib.training_latents(ContextMean(), data, context_size=4, num=64)
     assert z.shape == (64, 1) and torch.isfinite(z).all()
     assert len(z.unique()) > 32  # different contexts, not one episode repeated
 
@@ -484,7 +485,7 @@ def test_target_probs_in_tiles_equal_one_forward():
     targets, z = torch.rand(16, 2, 1), torch.randn(1000, 2)  # 256 latents a tile: four tiles
     with torch.no_grad():
         r = model.rewards(targets[None], z)
-        assert torch.allclose(queries.target_probs(model, targets, z), torch.sigmoid(r[..., 0] - r[..., 1]))
+        assert torch.allclose(particle_lib.target_probs(model, targets, z), torch.sigmoid(r[..., 0] - r[..., 1]))
 
 
 def test_one_users_pruned_lookahead_picks_what_the_full_one_picks(np_btl_run):
