@@ -176,8 +176,8 @@ def particle_adaptation_row(model, data, config, device, particles):
             times.append(time.perf_counter() - start)
         medians.append(statistics.median(times))
     return (f"reward: adapt to a new user under {len(particles.latents)} particles (evaluate.py --particles), "
-            f"weights from {b['context_pairs']} pairs + score {b['candidate_pairs']} pairs, median ms with the scored pairs "
-            "new / cached", " / ".join(f"{1000 * t:.2f}" for t in medians))
+            f"weights from {b['context_pairs']} pairs + score {b['candidate_pairs']} pairs, median ms with the scored "
+            "pairs new / cached", " / ".join(f"{1000 * t:.2f}" for t in medians))
 
 
 @torch.no_grad()

@@ -58,7 +58,7 @@ DEFAULTS = {
     "max_sem": 0.002,  # the target SEM (fraction, 0.002 = 0.2 points); a SEM above it is flagged (!)
     "chunk": 500,  # episodes per forward
     "predict_samples": 64,  # stochastic NP-BTL: also score its posterior predictive over this many z (0 = off)
-    "particles": 0,  # NP-BTL: also score the predictive under this many particles (queries.py; 0 = off)
+    "particles": 0,  # NP-BTL: also score the predictive under this many particles (particles.py; 0 = off)
     "particle_latents": 2048,  # the training users' latents the particles summarise (k-means; also --query.particles)
     "bayes_samples": 16000,  # prior draws of the Monte Carlo Bayes reference (continuous populations)
     "max_label_rows": 20,  # more labels than this: report and check only the overall row

@@ -238,12 +238,12 @@ REWARD_CLI = {
     "save": "",  # write every answer (from --context too) here
     "score": "",  # JSONL of pairs to score: {"option_a": [...], "option_b": [...]}
     "seed": 0,  # which pairs form the pool; ties between questions
-    "particles": 0,  # > 0: ask and predict under this many particles of the training users (queries.py)
+    "particles": 0,  # > 0: ask and predict under this many particles of the training users (particles.py)
 }
 
 
-REWARD_USAGE = ("usage: python steer.py REWARD_RUN [--ask=K] [--strategy=infogain] [--pool=N] [--context=FILE] [--save=FILE] "
-         "[--score=FILE] [--seed=S] [--particles=S]")
+REWARD_USAGE = ("usage: python steer.py REWARD_RUN [--ask=K] [--strategy=infogain] [--pool=N] [--context=FILE] "
+                "[--save=FILE] [--score=FILE] [--seed=S] [--particles=S]")
 
 
 MAX_SHOWN_DIM = 8  # options with more features than this (embeddings of text) cannot be shown to a person
