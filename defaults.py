@@ -94,7 +94,7 @@ POLICY_RUN = {
         "autocast": "bf16",  # on GPU: bf16 | fp16 | none; CPU always runs fp32
         "gradient_checkpointing": False,  # recompute decoder activations in backward (less memory, slower)
         "precompute_ref_logps": False,  # reference log-probs once per pair before training, not every step
-        "encoder_warmup_steps": 5000,  # NP-DPO: first train the encoder by the NP-BTL loss on the context
+        "encoder_warmup_steps": 12000,  # NP-DPO: first train the encoder by the NP-BTL loss on the context
         # features (a throwaway reward head, batches of 64 episodes), then DPO; 0 = off
         "steering_lr_scale": 1.0,  # FiLM and encoder learn at this multiple of train.lr (LoRA at train.lr)
         "condition_on": "context",  # context: NP-DPO's encoder infers z | preferences: z = the user's true

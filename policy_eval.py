@@ -12,7 +12,7 @@ import torch
 
 from common import ConfigError, check
 from data import DataError, EpisodeSampler, chosen_first
-from report import markdown, plot_steering, plot_world, sem, table_rows
+from report import markdown, plot_steering, plot_world, sem, table_rows, world_tables
 from runs import check_runs, load_checkpoint, resolve_path, run_dir_of
 
 
@@ -228,7 +228,7 @@ def evaluate_world_policies(policies, data, token_pairs, tokenizer, run_config, 
     print(f"Steering world, split '{config['split']}': {len(users.labels)} users never seen in training, "
           f"prompts {steer_eval.eval_prompts(users.split, config['policy_eval']['prompts'])}; "
           "mean ± sd over training seeds (one seed: ± SEM over users)\n")
-    print(steer_eval.world_tables(results, groups, roles, sizes))
+    print(world_tables(results, groups, roles, sizes))
     ref = results["reference"]
     print(f"\nreference (the fine-tuned base): gold reward {ref['reference_reward']:.3f}, relevance "
           f"{100 * ref['relevance']:.1f} %; users' optimum (exact) {ref['best_reward']:.3f} on average")

@@ -10,6 +10,7 @@ import os
 
 import torch
 
+import world
 from common import ConfigError
 from data import true_rewards
 
@@ -216,11 +217,76 @@ def plot_steering(rows, labels, sizes, where, out):
     return ["steering.png"]
 
 
+# -----------------------------------------------------------------------------
+# the steering world (steer_eval.py): tables and plot, seeds pooled
+
+
+def over_seeds(results, names, key):
+    """Mean and sd over the seeds' values of metric `key` (a value or a (mean, sem) pair)."""
+    values = [results[n][key][0] if isinstance(results[n][key], tuple) else results[n][key] for n in names]
+    values = torch.tensor(values, dtype=torch.float64)
+    return values.mean().item(), (values.std(unbiased=True).item() if len(values) > 1 else math.nan)
+
+
+def cell(results, names, key, scale=1.0, digits=1):
+    if any(key not in results[n] for n in names):
+        return "-"
+    mean, sd = over_seeds(results, names, key)
+    if len(names) == 1:  # one seed: the SEM over users instead
+        value = results[names[0]][key]
+        sem = value[1] if isinstance(value, tuple) else math.nan
+        return f"{scale * mean:.{digits}f}" + ("" if math.isnan(sem) else f" ± {scale * sem:.{digits}f}")
+    return f"{scale * mean:.{digits}f} ± {scale * sd:.{digits}f}"
+
+
+def world_tables(results, groups, roles, sizes):
+    """Markdown tables of the headline metrics, one row per model (seeds pooled)."""
+    def key_at(group, metric, n):
+        return f"{metric}@{n if roles[groups[group][0]] == 'np_dpo' else None}"
+
+    header = "| model | seeds | " + " | ".join(f"n={n}" for n in sizes) + " |\n|---|---|" + "---|" * len(sizes)
+    out = []
+    for title, metric, scale in (("Normalised gold reward, % of the way from the reference to each user's optimum",
+                                  "normalised", 100), ("Relevance of the generations (quality), %", "relevance", 100),
+                                 ("Implicit-reward accuracy on pairs where the population conflicts, %",
+                                  "implicit_conflict", 100),
+                                 ("Implicit-reward accuracy on pairs where the population agrees, %", "implicit_agree", 100)):
+        lines = [f"{title}:\n", header]
+        for group, names in groups.items():
+            lines.append(f"| {group} | {len(names)} | " + " | ".join(
+                cell(results, names, key_at(group, metric, n) if not metric.startswith("implicit") else f"{metric}@{n}",
+                     scale) for n in sizes) + " |")
+            if roles[names[0]] == "known" and not metric.startswith("implicit"):
+                lines.append(f"| {group}, z = Bayes posterior mean of the n pairs (few-shot ceiling) | {len(names)} | "
+                             + " | ".join(cell(results, names, f"posterior_{metric}@{n}", scale) for n in sizes) + " |")
+        if metric.startswith("implicit"):
+            lines.append("| Bayes-optimal given the n pairs (the world's reward family and prior) | - | "
+                         + " | ".join(gold_cell(results, metric, n, "bayes") for n in sizes) + " |")
+            lines.append("| the user's own gold reward (known preference) | - | "
+                         + " | ".join(gold_cell(results, metric, n) for n in sizes) + " |")
+        out.append("\n".join(lines))
+    lines = ["Continuum (Spearman over test users at n = max, and along the interpolation path):\n",
+             "| model | seeds | length | tone | interpolation: length | interpolation: tone |", "|---|---|---|---|---|---|"]
+    for group, names in groups.items():
+        n = sizes[-1]
+        lines.append(f"| {group} | {len(names)} | " + " | ".join(
+            cell(results, names, key, 1.0, 3) for key in (key_at(group, "spearman_length", n),
+                                                         key_at(group, "spearman_tone", n),
+                                                         "interpolation_length", "interpolation_tone")) + " |")
+        if roles[names[0]] == "known":
+            lines.append(f"| {group}, z = Bayes posterior mean of {n} pairs | {len(names)} | " + " | ".join(
+                cell(results, names, f"posterior_spearman_{a}@{n}", 1.0, 3) for a in world.ATTRIBUTES) + " | | |")
+    out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def gold_cell(results, metric, n, name="gold"):
+    return cell(results, [name], f"{metric}@{n}", 100) if name in results else "-"
+
+
 def plot_world(results, groups, roles, sizes, out):
     """steering.png: normalised reward against n; attribute against true preference at the
     largest n (first seed of each model); attribute against interpolation weight."""
-    from steer_eval import over_seeds
-
     plt = pyplot()
     styles = model_styles(list(groups))
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.6))
@@ -233,6 +299,10 @@ def plot_world(results, groups, roles, sizes, out):
         else:
             mean, _ = over_seeds(results, names, "normalised@None")
             axes[0].axhline(100 * mean, label=f"{group} (no context)", **dict(style, marker=None))
+        if all(f"posterior_normalised@{n}" in results[name] for name in names for n in sizes):
+            stats = [over_seeds(results, names, f"posterior_normalised@{n}") for n in sizes]
+            errorbar_curve(axes[0], sizes, [100 * m for m, _ in stats], [100 * (0 if math.isnan(s) else s) for _, s in stats],
+                           dict(style, linestyle=":"), f"{group}, z = posterior mean (few-shot ceiling)")
         scatter = results[names[0]]["scatter"]
         prefs = torch.tensor(scatter["preference"])
         for ax, d, attribute in ((axes[1], 0, "length"), (axes[2], 1, "tone")):

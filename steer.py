@@ -396,6 +396,10 @@ def main(argv):
             raise ConfigError(f"{path} is a reward run (made by train_reward.py): it writes no responses; "
                               "give a policy run (train_policy.py), or drop the policy's options to be asked questions")
         return steer_reward(argv)
+    if not os.path.exists(path):  # no run to tell the kind by: go by the options, so the error names the path
+        keys = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+        if not keys <= set(POLICY_CLI) and keys <= set(REWARD_CLI):
+            return steer_reward(argv)
     return steer_policy(argv)
 
 

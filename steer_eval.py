@@ -130,12 +130,29 @@ class TestUsers:
     def oriented(self, rows, user):
         return chosen_first(self.data.pairs[rows], self.data.choices[rows, self.columns[user]].bool())  # (n, 2, D)
 
+    def posterior_latents(self, picked):
+        """(U, 2) the known-preference latent of each user's posterior-mean preference given
+        their answers to the rows picked[u] (BAYES_GRID, uniform prior; n = 0: the prior mean).
+        The world's reward is quadratic in the preference, so the response that maximises a
+        user's expected reward under the posterior is the posterior-mean user's best response."""
+        out = []
+        for u, rows in enumerate(picked):
+            log_post = torch.zeros(len(BAYES_GRID), dtype=torch.float64)
+            if len(rows):
+                sign = 2 * self.data.choices[rows, self.columns[u]].double() - 1  # 1 = b chosen
+                log_post = F.logsigmoid(sign[:, None] * self.margins(rows)).sum(0)
+            out.append(world.preference_latent((torch.softmax(log_post, 0) @ BAYES_GRID.double()).tolist()))
+        return torch.tensor(out, dtype=torch.float32)
 
-def latents_for(policy, role, users, contexts, device):
+
+def latents_for(policy, role, users, contexts, device, picked=None):
     """(U, d) latents: NP-DPO's from each user's context (U, n, 2, D); the true preferences
-    for the known-preference policy; None for a policy without FiLM."""
+    for the known-preference policy, or ('posterior') the Bayes posterior mean from the
+    context's rows picked[u]; None for a policy without FiLM."""
     if role == "np_dpo":
         return policy.infer_latent(contexts.to(device))
+    if role == "posterior":
+        return users.posterior_latents(picked).to(device)
     if role == "known":
         return users.latents.to(device)
     return None
@@ -246,10 +263,11 @@ def generation_attributes(policy, role, users, tokenizer, prompts, n, config, ge
     """(U, Q, S, 3) attributes of each user's generations at context size n."""
     per_prompt = []
     for q in prompts:
-        contexts = None
-        if role == "np_dpo":
-            contexts = torch.stack([users.context(u, n, gen, exclude_prompt=q)[0] for u in range(len(users.labels))])
-        latent = latents_for(policy, role, users, contexts, device)
+        contexts = picked = None
+        if role in ("np_dpo", "posterior"):  # the same draws for both, from the same generator state
+            drawn = [users.context(u, n, gen, exclude_prompt=q) for u in range(len(users.labels))]
+            contexts, picked = torch.stack([c for c, _ in drawn]), [r for _, r in drawn]
+        latent = latents_for(policy, role, users, contexts, device, picked)
         texts = sample_texts(policy, tokenizer, q, latent, len(users.labels), config["samples"], config, device)
         per_prompt.append(attribute_table([(q, t) for t in texts]).view(len(users.labels), config["samples"], 3))
     return torch.stack(per_prompt, 1)
@@ -262,6 +280,14 @@ def reference_attributes(policy, tokenizer, prompts, config, device):
         texts = sample_texts(policy, tokenizer, q, None, 1, config["reference_samples"], config, device, reference=True)
         out.append(attribute_table([(q, t) for t in texts]))
     return torch.stack(out)
+
+
+def reference_and_best(policy, users, tokenizer, prompts, config, device):
+    """The reference's attributes (Q, S_ref, 3), its gold reward per user (U,) and each user's
+    exact optimum (U,): the 0 % and 100 % of the normalised gold reward."""
+    attrs = reference_attributes(policy, tokenizer, prompts, config, device)
+    reward = rewards_from_attributes(attrs[None], users.preferences[:, None, None, :]).mean((1, 2))
+    return attrs, reward, torch.tensor([world.best_reward(u) for u in users.preferences.tolist()], dtype=torch.float64)
 
 
 def user_scores(attrs, users, reference, best):
@@ -294,6 +320,15 @@ def interpolation(policy, role, users, tokenizer, prompts, config, gen, device, 
             "users": (users.labels[a], users.labels[b])}
 
 
+def score_summary(scores, users, n, prefix=""):
+    """{metric@n: value}: mean ± SEM over users of user_scores(), and per dimension the
+    Spearman correlation between true preference and attribute."""
+    out = {f"{prefix}{key}@{n}": mean_sem(scores[key]) for key in ("normalised", "relevance", "length", "tone")}
+    for d, attribute in enumerate(world.ATTRIBUTES):
+        out[f"{prefix}spearman_{attribute}@{n}"] = spearman(users.preferences[:, d], scores[attribute])
+    return out
+
+
 def prompt_rows(users, u, prompts):
     return torch.tensor([r for r in users.rows[u].tolist() if users.prompt_of[r] in prompts], dtype=torch.long)
 
@@ -308,11 +343,8 @@ def evaluate_world(policies, users, token_pairs, tokenizer, config, device):
     p = config["policy_eval"]  # prompts, samples, reference_samples, interpolation_samples, repeats, ...
     sizes, seed = sorted(config["num_context"]), config["seed"]
     prompts = eval_prompts(users.split, p["prompts"])
-    first = next(iter(policies.values()))[0]
     torch.manual_seed(seed)
-    ref_attrs = reference_attributes(first, tokenizer, prompts, p, device)  # (Q, S_ref, 3)
-    reference = rewards_from_attributes(ref_attrs[None], users.preferences[:, None, None, :]).mean((1, 2))  # (U,)
-    best = torch.tensor([world.best_reward(u) for u in users.preferences.tolist()], dtype=torch.float64)
+    ref_attrs, reference, best = reference_and_best(next(iter(policies.values()))[0], users, tokenizer, prompts, p, device)
     results = {"reference": {"relevance": ref_attrs[..., 2].mean().item(), "reference_reward": reference.mean().item(),
                              "best_reward": best.mean().item()}}
     for name, (policy, role) in policies.items():
@@ -322,13 +354,16 @@ def evaluate_world(policies, users, token_pairs, tokenizer, config, device):
         for n in (sizes if role == "np_dpo" else [None]):
             attrs = generation_attributes(policy, role, users, tokenizer, prompts, n, p, gen, device)
             scores = user_scores(attrs, users, reference, best)
-            for key in ("normalised", "relevance", "length", "tone"):
-                res[f"{key}@{n}"] = mean_sem(scores[key])
-            for d, attribute in enumerate(world.ATTRIBUTES):
-                res[f"spearman_{attribute}@{n}"] = spearman(users.preferences[:, d], scores[attribute])
+            res.update(score_summary(scores, users, n))
             if n in (None, sizes[-1]):  # the scatter of the plot
                 res["scatter"] = {"preference": users.preferences.tolist(),
                                   **{a: scores[a].tolist() for a in world.ATTRIBUTES}}
+        if role == "known":  # the few-shot ceiling: z = the Bayes posterior mean of NP-DPO's contexts
+            posterior_gen = torch.Generator().manual_seed(seed)  # NP-DPO's draws, in NP-DPO's order
+            for n in sizes:
+                attrs = generation_attributes(policy, "posterior", users, tokenizer, prompts, n, p, posterior_gen,
+                                              device)
+                res.update(score_summary(user_scores(attrs, users, reference, best), users, n, "posterior_"))
         if role in ("np_dpo", "known"):
             path = interpolation(policy, role, users, tokenizer, prompts, p, gen, device)
             for attribute in ("length", "tone"):
@@ -369,11 +404,8 @@ def question_curves(policies, belief, users, tokenizer, strategies, config, devi
     sampling seeds for every strategy; random questions are today's random contexts."""
     p, sizes, seed = config["policy_eval"], sorted(config["num_context"]), config["seed"]
     prompts = eval_prompts(users.split, p["prompts"])
-    first = next(iter(policies.values()))[0]
     torch.manual_seed(seed)
-    ref_attrs = reference_attributes(first, tokenizer, prompts, p, device)
-    reference = rewards_from_attributes(ref_attrs[None], users.preferences[:, None, None, :]).mean((1, 2))
-    best = torch.tensor([world.best_reward(u) for u in users.preferences.tolist()], dtype=torch.float64)
+    _, reference, best = reference_and_best(next(iter(policies.values()))[0], users, tokenizer, prompts, p, device)
     contexts = {(s, q): question_contexts(users, belief, s, q, max(sizes), seed) for s in strategies for q in prompts}
     out = {}
     for name, (policy, role) in policies.items():
@@ -392,7 +424,7 @@ def question_curves(policies, belief, users, tokenizer, strategies, config, devi
 
 
 # -----------------------------------------------------------------------------
-# seeds and tables
+# training seeds
 
 RUN_ONLY_KEYS = ("seed", "out_dir", "resume", "overwrite", "device")
 
@@ -415,60 +447,3 @@ def seed_groups(run_configs):
             prefix = re.sub(r"[_-]*(seed|s)?$", "", prefix)
         named[prefix or names[0]] = names
     return named
-
-
-def over_seeds(results, names, key):
-    """Mean and sd over the seeds' values of metric `key` (a value or a (mean, sem) pair)."""
-    values = [results[n][key][0] if isinstance(results[n][key], tuple) else results[n][key] for n in names]
-    values = torch.tensor(values, dtype=torch.float64)
-    return values.mean().item(), (values.std(unbiased=True).item() if len(values) > 1 else math.nan)
-
-
-def cell(results, names, key, scale=1.0, digits=1):
-    if any(key not in results[n] for n in names):
-        return "-"
-    mean, sd = over_seeds(results, names, key)
-    if len(names) == 1:  # one seed: the SEM over users instead
-        value = results[names[0]][key]
-        sem = value[1] if isinstance(value, tuple) else math.nan
-        return f"{scale * mean:.{digits}f}" + ("" if math.isnan(sem) else f" ± {scale * sem:.{digits}f}")
-    return f"{scale * mean:.{digits}f} ± {scale * sd:.{digits}f}"
-
-
-def world_tables(results, groups, roles, sizes):
-    """Markdown tables of the headline metrics, one row per model (seeds pooled)."""
-    def key_at(group, metric, n):
-        return f"{metric}@{n if roles[groups[group][0]] == 'np_dpo' else None}"
-
-    header = "| model | seeds | " + " | ".join(f"n={n}" for n in sizes) + " |\n|---|---|" + "---|" * len(sizes)
-    out = []
-    for title, metric, scale in (("Normalised gold reward, % of the way from the reference to each user's optimum",
-                                  "normalised", 100), ("Relevance of the generations (quality), %", "relevance", 100),
-                                 ("Implicit-reward accuracy on pairs where the population conflicts, %",
-                                  "implicit_conflict", 100),
-                                 ("Implicit-reward accuracy on pairs where the population agrees, %", "implicit_agree", 100)):
-        lines = [f"{title}:\n", header]
-        for group, names in groups.items():
-            lines.append(f"| {group} | {len(names)} | " + " | ".join(
-                cell(results, names, key_at(group, metric, n) if not metric.startswith("implicit") else f"{metric}@{n}",
-                     scale) for n in sizes) + " |")
-        if metric.startswith("implicit"):
-            lines.append("| Bayes-optimal given the n pairs (the world's reward family and prior) | - | "
-                         + " | ".join(gold_cell(results, metric, n, "bayes") for n in sizes) + " |")
-            lines.append("| the user's own gold reward (known preference) | - | "
-                         + " | ".join(gold_cell(results, metric, n) for n in sizes) + " |")
-        out.append("\n".join(lines))
-    lines = ["Continuum (Spearman over test users at n = max, and along the interpolation path):\n",
-             "| model | seeds | length | tone | interpolation: length | interpolation: tone |", "|---|---|---|---|---|---|"]
-    for group, names in groups.items():
-        n = sizes[-1]
-        lines.append(f"| {group} | {len(names)} | " + " | ".join(
-            cell(results, names, key, 1.0, 3) for key in (key_at(group, "spearman_length", n),
-                                                         key_at(group, "spearman_tone", n),
-                                                         "interpolation_length", "interpolation_tone")) + " |")
-    out.append("\n".join(lines))
-    return "\n\n".join(out)
-
-
-def gold_cell(results, metric, n, name="gold"):
-    return cell(results, [name], f"{metric}@{n}", 100) if name in results else "-"

@@ -149,6 +149,7 @@ BAD_INPUTS = {  # id: (arguments, lines of {ctx} or None, message in the one err
                                       "config key 'device': unknown device 'tpu'"),
     "device-unavailable": ([*NP, "--device=cuda:99"], [GOOD_CHOICE], "config key 'device': 'cuda:99'"),
     "run-missing": (["{tmp}/nope", "--prompt=describe tea ."], None, "{tmp}/nope: no such run folder or checkpoint"),
+    "reward-run-missing": (["{tmp}/nope", "--ask=1", "--particles=32"], None, "checkpoint not found: {tmp}/nope"),
     "run-folder-empty": (["{tmp}", "--prompt=describe tea ."], None,
                          "{tmp}: no ckpt_best.pt in this folder (give the out_dir of a train_policy.py run)"),
     "run-without-best": (["{only_last}", "--prompt=describe tea ."], None,

@@ -185,6 +185,29 @@ def test_bayes_reference_moves_from_the_majority_to_the_user(users):
     assert steer_eval.bayes_correct(users, users.rows[2][1:], users.rows[2][:1], 2).tolist() == [1.0]
 
 
+def test_posterior_latents_follow_the_answers_and_draw_npdpos_contexts(users, monkeypatch):
+    """The few-shot ceiling's z: the prior mean (0, 0) with no answers; after t0's short
+    answers, below the middle in length (latent < 0), after t2's long ones above it; the
+    tone latent stays 0 (short and long have the same tone). Drawn from the same generator
+    state, its contexts are NP-DPO's."""
+    none = users.posterior_latents([users.rows[u][:0] for u in range(3)])
+    assert none.abs().max().item() < 1e-6
+    after = users.posterior_latents([users.rows[u][1:] for u in range(3)])
+    assert after[0, 0] < -0.3 and after[2, 0] > 0.3 and after[1, 0] > 0.3  # t1 (3.5) chose long, as t2
+    assert after[:, 1].abs().max().item() < 1e-6
+    monkeypatch.setattr(steer_eval, "sample_texts", stub_texts)
+    seen = []
+    monkeypatch.setattr(steer_eval.TestUsers, "posterior_latents", lambda self, picked: seen.append(picked) or
+                        torch.tensor([[1.0], [3.5], [6.0]]))
+    config = {"samples": 1, "temperature": 1.0, "max_new_tokens": 8}
+    policy = StubPolicy()
+    for role, who in (("np_dpo", policy.contexts), ("posterior", seen)):
+        steer_eval.generation_attributes(policy, role, users, None, PROMPTS[:1], 3, config,
+                                         torch.Generator().manual_seed(5), "cpu")
+    np_rows = policy.contexts[0][:, :, 0, 0].floor().long()
+    assert [r.tolist() for r in seen[0]] == np_rows.tolist()
+
+
 def test_question_curves_by_hand(users, monkeypatch):
     """Steering against questions asked: the stub policy reads each user's length off their answers,
     so from one answer on every user gets their own length; with none, everyone gets 3.5 -> 4. The
