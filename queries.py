@@ -249,14 +249,18 @@ def belief_options(query):
     return {k: query[k] for k in ("samples", "screen", "lookahead")}
 
 
-def run_belief(path, dim, device="cpu", where="the data", particles=0, data=None, **options):
+def run_belief(path, dim, device="cpu", where="the data", particles=0, data=None, adaptive=False, **options):
     """The belief of a trained reward run (its NP-BTL) on options of dimension `dim` (from `where`):
     a ModelBelief (`options` as its), or with particles > 0 a ParticleBelief under that many
-    particles of the training users of `data` (training_particles)."""
+    particles of the training users of `data` (training_particles); adaptive: an AdaptiveBelief,
+    that many particles following the posterior over 2,048 training users' latents."""
     model, config = load_reward_model(path, dim, device, where)
     if not hasattr(model, "encoder"):
         raise DataError(f"{path} reads no context (a {type(model).__name__}): its rewards are the same for "
                         "everyone, so there is nothing to ask")
+    if particles and adaptive:
+        latents = training_particles(model, data, config["train"]["max_context"], 2048)
+        return AdaptiveBelief(model, latents, particles)
     if particles:
         return ParticleBelief(model, training_particles(model, data, config["train"]["max_context"], particles))
     return ModelBelief(model, **options)

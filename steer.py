@@ -8,6 +8,7 @@ want, a reward run says what it learned about them. The choices come from a file
     python steer.py runs/steer_world_dpo --prompt="Tell me about owls."     # plain DPO reads no context
     python steer.py runs/synthetic_np_btl --ask=5 --save=me.jsonl           # a reward run asks, then says what it learned
     python steer.py runs/three_types_np_btl --ask=3 --particles=32          # ... asking and predicting under particles
+    python steer.py runs/population_np_btl --ask=6 --particles=32 --adaptive  # ... particles that follow the posterior
 
 A user's context is embedded exactly as the run's training features were
 (text.embed_pairs, with the run's embedder), then encoded into z.
@@ -239,11 +240,13 @@ REWARD_CLI = {
     "score": "",  # JSONL of pairs to score: {"option_a": [...], "option_b": [...]}
     "seed": 0,  # which pairs form the pool; ties between questions
     "particles": 0,  # > 0: ask and predict under this many particles of the training users (particles.py)
+    "adaptive": False,  # with --particles=S: the S particles follow the posterior over 2,048 training users'
+    # latents, summarised anew at every question (queries.AdaptiveBelief); predictions under all 2,048
 }
 
 
 REWARD_USAGE = ("usage: python steer.py REWARD_RUN [--ask=K] [--strategy=infogain] [--pool=N] [--context=FILE] "
-                "[--save=FILE] [--score=FILE] [--seed=S] [--particles=S]")
+                "[--save=FILE] [--score=FILE] [--seed=S] [--particles=S [--adaptive]]")
 
 
 MAX_SHOWN_DIM = 8  # options with more features than this (embeddings of text) cannot be shown to a person
@@ -334,10 +337,12 @@ def steer_reward(argv):
     check(not config["save"] or config["ask"] > 0, "save", "saves the answers to --ask's questions: give --ask=K")
     check(config["pool"] >= 1, "pool", "must be at least 1")
     check(config["particles"] >= 0, "particles", "must be 0 (the encoder's belief) or more")
+    check(not config["adaptive"] or config["particles"] > 0, "adaptive", "moves particles: give --particles=S too")
     check(config["strategy"] in queries.STRATEGIES, "strategy", f"must be one of {', '.join(queries.STRATEGIES)}")
     check_save_path(config["save"], config["context"])
     data = load_pairs(run_data_path(rest[0]))
-    belief = queries.run_belief(rest[0], data.dim, where=data.path, particles=config["particles"], data=data)
+    belief = queries.run_belief(rest[0], data.dim, where=data.path, particles=config["particles"], data=data,
+                                adaptive=config["adaptive"])
     predict = belief.log_prob_chosen if config["particles"] else belief.model.log_prob_chosen
     given = read_feature_pairs(config["context"], data.dim, True) if config["context"] else []
     scored = read_feature_pairs(config["score"], data.dim, False) if config["score"] else []

@@ -15,6 +15,7 @@ import torch
 
 import data
 import dialogue
+import queries
 import steer
 import text
 import toy
@@ -457,12 +458,16 @@ def test_reward_dialogue_asks_well_chosen_questions_and_saves(np_btl_run, monkey
         assert len(f.readlines()) == 3
 
 
-def test_reward_dialogue_under_particles(np_btl_run, monkeypatch, capsys, tmp_path):
-    """--particles: the training users' particles choose the question (one the two types answer
-    differently) and give the predictions: after it, the model sides with the type that answered."""
-    save = str(tmp_path / "me.jsonl")
-    out = reward_cli(monkeypatch, capsys, "1\n", np_btl_run[0], "--ask=1", "--pool=200", "--particles=32",
-                     f"--save={save}")
+@pytest.mark.parametrize("belief", [["--particles=32"], ["--particles=32", "--adaptive"]])
+def test_reward_dialogue_under_particles(np_btl_run, monkeypatch, capsys, tmp_path, belief):
+    """--particles (fixed, or --adaptive: following the posterior): the training users' particles
+    choose the question (one the two types answer differently) and give the predictions: after
+    it, the model sides with the type that answered."""
+    save, summaries = str(tmp_path / "me.jsonl"), []
+    summary = queries.AdaptiveBelief.summary
+    monkeypatch.setattr(queries.AdaptiveBelief, "summary", lambda self, *a: summaries.append(1) or summary(self, *a))
+    out = reward_cli(monkeypatch, capsys, "1\n", np_btl_run[0], "--ask=1", "--pool=200", *belief, f"--save={save}")
+    assert bool(summaries) == ("--adaptive" in belief)  # the particles moved with the posterior, or stayed
     with open(save) as f:
         row = json.loads(f.readline())
     a, b = row["option_a"][0], row["option_b"][0]
@@ -489,6 +494,7 @@ def test_reward_dialogue_scores_pairs(np_btl_run, monkeypatch, capsys, tmp_path)
     ([], "give --ask=K to be asked K questions"),
     (["--ask=1", "--strategy=best"], "strategy"),
     (["--ask=1", "--particles=-1"], "particles"),
+    (["--ask=1", "--adaptive"], "config key 'adaptive': moves particles: give --particles=S too"),
     (["--context={tmp}/bad.jsonl"], "bad.jsonl:1: each line is a JSON object"),
     (["--context={tmp}/text.jsonl"], "this looks like a text pair, for a policy run"),
     (["--context={tmp}/wrong_dim.jsonl"], "options of 2 features, the run's have 1"),
