@@ -435,5 +435,7 @@ def test_evaluate_scores_the_world_for_every_policy(world_runs, tmp_path):
     assert set(by_model) == {"reference", "np", "dpo", "known", "gold", "bayes"}
     assert {k for k in by_model["np"] if k.startswith("normalised@")} == {"normalised@0", "normalised@3"}
     assert "normalised@None" in by_model["dpo"] and "interpolation_length" in by_model["known"]
+    assert {k for k in by_model["known"] if k.startswith("posterior_normalised@")} == {  # the few-shot ceiling
+        "posterior_normalised@0", "posterior_normalised@3"}
     assert "implicit_conflict@3" in by_model["gold"] and "implicit_agree@0" in by_model["bayes"]
     assert json.load(open(tmp_path / "eval.json")) == json.loads(json.dumps(rows))
