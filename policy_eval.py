@@ -7,6 +7,7 @@ known-preference ceiling. The steering world's own protocol is steer_eval.py.
 
 import functools
 import os
+import statistics
 
 import torch
 
@@ -266,4 +267,17 @@ def evaluate_policy_queries(paths, strategies, config, device):
         cells = [f"{100 * r['normalised']:.1f} ± {100 * r['normalised_sem']:.1f} (rel {100 * r['relevance']:.0f})"
                  for r in rows if (r["model"], r["strategy"]) == key]
         print(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    groups = steer_eval.seed_groups(run_config["run_configs"])
+    if any(len(names) > 1 for names in groups.values()):
+        print("\nNormalised gold reward (%), mean ± sd over training seeds (models trained with several):\n")
+        print("| model | strategy | " + " | ".join(f"n={n}" for n in sizes) + " |\n|---|---|" + "---|" * len(sizes))
+        for group, names in ((g, m) for g, m in groups.items() if len(m) > 1):
+            for suffix in ("", "@posterior"):
+                for s in strategies:
+                    values = [[100 * curves[(m + suffix, s, n)]["normalised"][0] for m in names] for n in sizes
+                              if all((m + suffix, s, n) in curves for m in names)]
+                    if values:
+                        label = group + (" (few-shot ceiling: z = posterior mean)" if suffix else "")
+                        print(f"| {label} | {s} | " + " | ".join(
+                            f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" for v in values) + " |")
     return rows, None

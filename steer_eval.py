@@ -381,45 +381,52 @@ def evaluate_world(policies, users, token_pairs, tokenizer, config, device):
 
 
 def question_contexts(users, belief, strategy, prompt, questions, seed):
-    """(U, K, 2, D) each user's answers, chosen first, to K questions picked by `strategy` from
-    their own answered pairs not on `prompt`; infogain is about 16 random pairs of the split."""
+    """Each user's answers, chosen first, to K questions picked by `strategy` from their own
+    answered pairs not on `prompt` (U, K, 2, D), and the asked rows (U, K); infogain is about
+    16 random pairs of the split."""
     import queries
 
     split_rows = torch.cat(users.rows)
-    out = []
+    contexts, asked = [], []
     for u in range(len(users.labels)):
         rows = torch.tensor([r for r in users.rows[u].tolist() if users.prompt_of[r] != prompt])
         gen = torch.Generator().manual_seed(seed + u)
         cand, answers = queries.shown(users.oriented(rows, u)[None], gen)
         targets = users.data.pairs[split_rows[torch.randint(len(split_rows), (16,), generator=gen)]][None]
-        out.append(queries.ask(belief, strategy, cand, answers, questions, targets, gen)[0][0])
-    return torch.stack(out)
+        context, picks = queries.ask(belief, strategy, cand, answers, questions, targets, gen)
+        contexts.append(context[0])
+        asked.append(rows[picks[0]])
+    return torch.stack(contexts), torch.stack(asked)
 
 
 @torch.no_grad()
 def question_curves(policies, belief, users, tokenizer, strategies, config, device):
-    """{(model, strategy, n): {'normalised', 'relevance'} (mean, SEM over users)} for each NP-DPO
-    policy: generations steered by the user's answers to the first n questions that `belief`
-    (a reward model on the same context features) chose by `strategy`. The same users, prompts and
-    sampling seeds for every strategy; random questions are today's random contexts."""
+    """{(model, strategy, n): {'normalised', 'relevance'} (mean, SEM over users)}: generations
+    steered by the user's answers to the first n questions that `belief` (a reward model on the
+    same context features) chose by `strategy`. NP-DPO reads the answers with its encoder; a
+    known-preference policy is scored as the few-shot ceiling, at the Bayes posterior mean of
+    the same answers (model 'NAME@posterior'). The same users, prompts and sampling seeds for
+    every strategy; random questions are today's random contexts."""
     p, sizes, seed = config["policy_eval"], sorted(config["num_context"]), config["seed"]
     prompts = eval_prompts(users.split, p["prompts"])
     torch.manual_seed(seed)
     _, reference, best = reference_and_best(next(iter(policies.values()))[0], users, tokenizer, prompts, p, device)
-    contexts = {(s, q): question_contexts(users, belief, s, q, max(sizes), seed) for s in strategies for q in prompts}
+    asked = {(s, q): question_contexts(users, belief, s, q, max(sizes), seed) for s in strategies for q in prompts}
     out = {}
     for name, (policy, role) in policies.items():
-        if role != "np_dpo":
+        if role not in ("np_dpo", "known"):
             continue
         for strategy in strategies:
             for n in sizes:
                 torch.manual_seed(seed + n)
+                latents = {q: policy.infer_latent(asked[(strategy, q)][0][:, :n].to(device)) if role == "np_dpo"
+                           else users.posterior_latents(asked[(strategy, q)][1][:, :n]).to(device) for q in prompts}
                 attrs = torch.stack([attribute_table([(q, t) for t in sample_texts(
-                    policy, tokenizer, q, policy.infer_latent(contexts[(strategy, q)][:, :n].to(device)),
-                    len(users.labels), p["samples"], p, device)]).view(len(users.labels), p["samples"], 3)
-                    for q in prompts], 1)
+                    policy, tokenizer, q, latents[q], len(users.labels), p["samples"], p, device)]).view(
+                    len(users.labels), p["samples"], 3) for q in prompts], 1)
                 scores = user_scores(attrs, users, reference, best)
-                out[(name, strategy, n)] = {k: mean_sem(scores[k]) for k in ("normalised", "relevance")}
+                model = name if role == "np_dpo" else f"{name}@posterior"
+                out[(model, strategy, n)] = {k: mean_sem(scores[k]) for k in ("normalised", "relevance")}
     return out
 
 

@@ -238,3 +238,24 @@ def test_question_curves_by_hand(users, monkeypatch):
     for i, context in enumerate(policy.contexts):
         rows = context[:, :, 0, 0].floor().long().flatten().tolist()
         assert all(users.prompt_of[r] != PROMPTS[i % 2] for r in rows)  # never a pair on the evaluated prompt
+
+
+def test_question_curves_ceiling_reads_the_same_asked_rows(users, monkeypatch):
+    """The known-preference policy against questions is the few-shot ceiling: conditioned on the
+    Bayes posterior mean of the very rows NP-DPO was asked (model 'NAME@posterior'), n of them."""
+    monkeypatch.setattr(steer_eval, "sample_texts", stub_texts)
+    monkeypatch.setattr(steer_eval, "eval_prompts", lambda split, count: PROMPTS[:count])
+    seen = []
+    monkeypatch.setattr(steer_eval.TestUsers, "posterior_latents", lambda self, picked: seen.append(picked) or
+                        torch.tensor([[1.0], [3.5], [6.0]]))
+    np_policy, known = StubPolicy(), StubPolicy()
+    config = {"num_context": [0, 2], "seed": 0, "policy_eval": {
+        "prompts": 1, "samples": 1, "reference_samples": 1, "temperature": 1.0, "max_new_tokens": 8}}
+    out = steer_eval.question_curves({"np": (np_policy, "np_dpo"), "k": (known, "known")}, None, users, None,
+                                     ["random"], config, "cpu")
+    assert set(out) == {(m, "random", n) for m in ("np", "k@posterior") for n in (0, 2)}
+    assert known.contexts == []  # the known policy never reads a context with an encoder
+    assert [len(rows) for rows in seen[0]] == [0, 0, 0] and [len(rows) for rows in seen[1]] == [2, 2, 2]
+    np_rows = np_policy.contexts[1][:, :, 0, 0].floor().long()  # NP-DPO's n = 2 context: the same rows
+    assert torch.as_tensor(seen[1]).tolist() == np_rows.tolist()
+    assert out[("k@posterior", "random", 2)]["normalised"][0] == pytest.approx(out[("np", "random", 2)]["normalised"][0])

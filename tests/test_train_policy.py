@@ -439,3 +439,20 @@ def test_evaluate_scores_the_world_for_every_policy(world_runs, tmp_path):
         "posterior_normalised@0", "posterior_normalised@3"}
     assert "implicit_conflict@3" in by_model["gold"] and "implicit_agree@0" in by_model["bayes"]
     assert json.load(open(tmp_path / "eval.json")) == json.loads(json.dumps(rows))
+
+
+def test_evaluate_queries_on_the_world_scores_npdpo_and_the_ceiling(world_runs, tmp_path, capsys):
+    """evaluate.py --queries on world policies: NP-DPO and the known-preference policy at the
+    posterior mean of the same answers, per run, and a mean ± sd table over training seeds."""
+    root, runs = world_runs
+    seed1 = str(tmp_path / "np_s1")
+    train_policy.main(world_args(root, f"--out_dir={seed1}", "--policy.encoder.latent_dim=4", "--seed=1"))
+    capsys.readouterr()
+    rows = evaluate.main([runs["np"], seed1, runs["known"], "--queries=random", "--num-context=[0,2]",
+                          "--policy_eval.prompts=1", "--policy_eval.samples=1", "--policy_eval.reference_samples=2",
+                          "--policy_eval.max_new_tokens=8", f"--out={tmp_path}/q"])
+    assert {(r["model"], r["questions"]) for r in rows} == {
+        (m, n) for m in ("np", "np_s1", "known@posterior") for n in (0, 2)}
+    out = capsys.readouterr().out
+    assert "mean ± sd over training seeds" in out
+    assert "| known (few-shot ceiling: z = posterior mean) | random |" not in out  # one seed: no sd
