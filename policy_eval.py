@@ -7,13 +7,12 @@ known-preference ceiling. The steering world's own protocol is steer_eval.py.
 
 import functools
 import os
-import statistics
 
 import torch
 
 from common import ConfigError, check
 from data import DataError, EpisodeSampler, chosen_first
-from report import markdown, plot_steering, plot_world, sem, table_rows, world_tables
+from report import cell, markdown, plot_steering, plot_world, sem, table_rows, world_tables
 from runs import check_runs, load_checkpoint, resolve_path, run_dir_of
 
 
@@ -269,15 +268,16 @@ def evaluate_policy_queries(paths, strategies, config, device):
         print(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
     groups = steer_eval.seed_groups(run_config["run_configs"])
     if any(len(names) > 1 for names in groups.values()):
+        pooled = {}
+        for (model, s, n), res in curves.items():
+            pooled.setdefault(model, {})[f"{s}@{n}"] = res["normalised"]
         print("\nNormalised gold reward (%), mean ± sd over training seeds (models trained with several):\n")
         print("| model | strategy | " + " | ".join(f"n={n}" for n in sizes) + " |\n|---|---|" + "---|" * len(sizes))
         for group, names in ((g, m) for g, m in groups.items() if len(m) > 1):
-            for suffix in ("", "@posterior"):
+            for suffix, label in (("", group), ("@posterior", f"{group} (few-shot ceiling: z = posterior mean)")):
+                models = [m + suffix for m in names]
+                if not all(m in pooled for m in models):
+                    continue
                 for s in strategies:
-                    values = [[100 * curves[(m + suffix, s, n)]["normalised"][0] for m in names] for n in sizes
-                              if all((m + suffix, s, n) in curves for m in names)]
-                    if values:
-                        label = group + (" (few-shot ceiling: z = posterior mean)" if suffix else "")
-                        print(f"| {label} | {s} | " + " | ".join(
-                            f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" for v in values) + " |")
+                    print(f"| {label} | {s} | " + " | ".join(cell(pooled, models, f"{s}@{n}", 100) for n in sizes) + " |")
     return rows, None

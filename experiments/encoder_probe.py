@@ -50,7 +50,8 @@ def main(counts, standardise=False):
                                             context_dim=d.dim)
         train_policy.warm_up_encoder(policy, sampler, config, torch.device("cpu"))
         r2 = read_out_r2(policy, d, text.read_text_pairs(config["data"]["pairs"]), torch.Generator().manual_seed(0))
-        print(f"{steps} warm-up steps{' (standardised features)' if standardise else ''}: validation R^2 of a linear read-out, length {r2[0]:.2f}, tone {r2[1]:.2f}")
+        print(f"{steps} warm-up steps{' (standardised features)' if standardise else ''}: validation R^2 of "
+              f"a linear read-out, length {r2[0]:.2f}, tone {r2[1]:.2f}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -455,4 +456,8 @@ def test_evaluate_queries_on_the_world_scores_npdpo_and_the_ceiling(world_runs, 
         (m, n) for m in ("np", "np_s1", "known@posterior") for n in (0, 2)}
     out = capsys.readouterr().out
     assert "mean ± sd over training seeds" in out
+    per_seed = {n: [100 * r["normalised"] for r in rows if r["model"] in ("np", "np_s1") and r["questions"] == n]
+                for n in (0, 2)}
+    expected = " | ".join(f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" for v in per_seed.values())
+    assert f"| np | random | {expected} |" in out  # the two seeds pooled
     assert "| known (few-shot ceiling: z = posterior mean) | random |" not in out  # one seed: no sd
