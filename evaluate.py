@@ -10,8 +10,9 @@ reward models, side by side on identical episodes.
 With --queries, accuracy is scored against the number of questions asked, each chosen by
 a strategy (queries.py) from a pool of the user's pairs, beside Bayes-random and
 Bayes-active; policies of the steering world are scored by normalised gold reward, their
-questions chosen by the reward run query.selector. It writes queries.json (and
-queries.png), never over eval.json.
+questions chosen by the reward run query.selector from the user's own answered pairs, or
+(--query.world_pool=N) from N pairs of the split that the simulated user answers. It
+writes queries.json (and queries.png), never over eval.json.
 
 Each context size n gets `episodes` episodes (a count fixed in advance, so there is no
 stopping on a lucky batch) of one label each: n context pairs and num_targets target
@@ -80,6 +81,8 @@ DEFAULTS = {
         "particles": 32,  # particles, adaptive: summarised in this many (queries.py)
         "bayes_samples": 2000,  # prior draws of the Bayes belief that chooses questions (populations)
         "selector": "",  # policy runs: the reward run that chooses the questions (NP-BTL on the same features)
+        "world_pool": 0,  # policy runs: candidates are the user's own answered pairs (0), or this many pairs of the
+        # split, answered by the simulated user (Bradley-Terry on their gold reward, as the world draws choices)
     },
     "policy_eval": {  # policies only
         "episodes": 256,  # implicit-reward episodes per n (labels balanced)
@@ -305,10 +308,14 @@ def check_arguments(config, paths):
     check(config["query"]["questions"] <= config["query"]["pool"], "query.questions",
           f"must be at most query.pool = {config['query']['pool']}: a question is asked once")
     check_positive(config, "num_targets", *(f"policy_eval.{k}" for k in config["policy_eval"]),
-                   *(f"query.{k}" for k in config["query"] if k not in ("selector", "lookahead", "screen", "belief")))
+                   *(f"query.{k}" for k in config["query"]
+                     if k not in ("selector", "lookahead", "screen", "belief", "world_pool")))
     check(config["query"]["belief"] in ("lookahead", "particles", "adaptive"), "query.belief",
           "must be lookahead, particles or adaptive")
     check(config["query"]["screen"] >= 0, "query.screen", "must be non-negative (0 = every candidate over draws)")
+    pool = config["query"]["world_pool"]
+    check(pool == 0 or pool >= max(config["num_context"]), "query.world_pool",
+          f"must be 0 (the user's own pairs) or at least the largest num_context, {max(config['num_context'])}")
 
 
 def main(argv):
@@ -332,10 +339,9 @@ def main(argv):
     check(len(kinds) == 1, "run", "give reward runs or policy runs, not both")
     strategies = query_strategies(config)
     policy_runs = kinds.pop()
-    check(not (strategies and policy_runs and config["query"]["belief"] != "lookahead"), "query.belief",
-          f"{config['query']['belief']} is for reward runs: a policy's questions are chosen by its query.selector's "
-          "look-ahead")
     check(not (config["particles"] and policy_runs), "particles", "is for reward runs (an NP-BTL's predictions)")
+    check(not (config["query"]["world_pool"] and not (strategies and policy_runs)), "query.world_pool",
+          "is for --queries on steering-world policies (reward runs: query.pool)")
     check(not (config["particles"] and strategies), "particles",
           "scores the context-size table; questions are chosen under particles with --query.belief=particles")
     if strategies:

@@ -252,7 +252,10 @@ def evaluate_policy_queries(paths, strategies, config, device):
     belief = None
     if selector:
         check_runs([selector])
-        belief = queries.run_belief(selector, data.dim, device, data.path, **queries.belief_options(config["query"]))
+        q = config["query"]  # particles: the selector's latents of the training users of these features
+        belief = queries.run_belief(selector, data.dim, device, data.path, **queries.belief_options(q), data=data,
+                                    particles=q["particles"] if q["belief"] != "lookahead" else 0,
+                                    adaptive=q["belief"] == "adaptive")
     users = steer_eval.TestUsers(data, read_text_pairs(run_config["data"]["pairs"]), config["split"])
     curves = steer_eval.question_curves(policies, belief, users, tokenizer, strategies, config, device)
     check(len(curves) > 0, "run", "--queries scores NP-DPO policies (steered by answers): give at least one")
@@ -278,6 +281,6 @@ def evaluate_policy_queries(paths, strategies, config, device):
                 models = [m + suffix for m in names]
                 if not all(m in pooled for m in models):
                     continue
-                for s in strategies:
+                for s in dict.fromkeys(s for _, s, _ in curves):  # with infogain, bayes-active too
                     print(f"| {label} | {s} | " + " | ".join(cell(pooled, models, f"{s}@{n}", 100) for n in sizes) + " |")
     return rows, None

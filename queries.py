@@ -293,6 +293,23 @@ class BayesBelief:
         return epig(probs[..., :cand.shape[1]], probs[..., cand.shape[1]:], weights)
 
 
+def exact_active(p_cand, p_targ, answers, num_questions, gen):
+    """Bayes-active questions over a finite set of G user hypotheses (a grid), uniform prior:
+    p_cand (G, C) and p_targ (G, T) P(second option chosen) under each; answers (C,) bool, the
+    user's (read once asked). Greedy EPIG under the exact posterior; returns the picks (K,)."""
+    log_post, asked, picks = torch.zeros(len(p_cand), dtype=torch.float64), torch.zeros(p_cand.shape[1], dtype=bool), []
+    for _ in range(num_questions):
+        weights = torch.softmax(log_post, 0)[None].float()
+        worth = epig(p_cand[None].float(), p_targ[None].float(), weights)[0]
+        worth += 1e-6 * torch.rand(worth.shape, generator=gen)  # ties broken at random
+        pick = int(worth.masked_fill(asked, -math.inf).argmax())
+        asked[pick] = True
+        picks.append(pick)
+        p = p_cand[:, pick].double().clamp(1e-12, 1 - 1e-12)
+        log_post += (p if answers[pick] else 1 - p).log()
+    return torch.tensor(picks, dtype=torch.long)
+
+
 def scores(belief, strategy, context, mask, cand, targets, gen):
     """(B, C) how much each candidate is worth asking; the largest is asked."""
     if strategy == "random":

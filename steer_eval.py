@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import world
+from common import ConfigError
 from data import choice_correct, chosen_first
 from policy import implicit_reward, policy_and_reference_logprobs
 from text import collate_pairs, tokenize_prompt
@@ -100,7 +101,7 @@ class TestUsers:
         self.preferences = torch.tensor([prefs[label] for label in self.labels], dtype=torch.float64)  # (U, 2)
         self.latents = world.user_latents(self.labels, prefs)  # (U, 2) scaled, for the known-preference policy
         self.prompt_of = [row["prompt"] for row in text_rows]
-        self._margins = {}
+        self._margins, self._attrs = {}, {}
 
     def margins(self, rows):
         """(len(rows), G) gold reward of response b minus response a at every grid preference."""
@@ -128,18 +129,35 @@ class TestUsers:
         return self.oriented(picked, user), picked
 
     def oriented(self, rows, user):
-        return chosen_first(self.data.pairs[rows], self.data.choices[rows, self.columns[user]].bool())  # (n, 2, D)
+        return chosen_first(self.data.pairs[rows], self.answers(rows, user))  # (n, 2, D)
 
-    def posterior_latents(self, picked):
+    def answers(self, rows, user):
+        """(n,) bool: the user's recorded answers to their rows, True where b was chosen."""
+        return self.data.choices[rows, self.columns[user]].bool()
+
+    def simulated_answers(self, rows, user, gen):
+        """(n,) bool: the user's answers to any rows of the data, True where b is chosen, drawn
+        anew as the world draws choices (Bradley-Terry on their gold reward, temperature 1)."""
+        for r in rows.tolist():
+            if r not in self._attrs:
+                row = self.text_rows[r]
+                self._attrs[r] = [world.attributes(row["prompt"], row[k]) for k in ("response_a", "response_b")]
+        pref = self.preferences[user].tolist()
+        margin = torch.tensor([world.reward_of(self._attrs[r][1], pref) - world.reward_of(self._attrs[r][0], pref)
+                               for r in rows.tolist()], dtype=torch.float64)
+        return torch.rand(len(rows), generator=gen, dtype=torch.float64) < torch.sigmoid(margin)
+
+    def posterior_latents(self, picked, answers=None):
         """(U, 2) the known-preference latent of each user's posterior-mean preference given
-        their answers to the rows picked[u] (BAYES_GRID, uniform prior; n = 0: the prior mean).
+        their answers to the rows picked[u] (BAYES_GRID, uniform prior; n = 0: the prior mean):
+        the recorded ones, or answers[u] (bool, True = b chosen) where given.
         The world's reward is quadratic in the preference, so the response that maximises a
         user's expected reward under the posterior is the posterior-mean user's best response."""
         out = []
         for u, rows in enumerate(picked):
             log_post = torch.zeros(len(BAYES_GRID), dtype=torch.float64)
             if len(rows):
-                sign = 2 * self.data.choices[rows, self.columns[u]].double() - 1  # 1 = b chosen
+                sign = 2 * (self.answers(rows, u) if answers is None else answers[u]).double() - 1  # 1 = b chosen
                 log_post = F.logsigmoid(sign[:, None] * self.margins(rows)).sum(0)
             out.append(world.preference_latent((torch.softmax(log_post, 0) @ BAYES_GRID.double()).tolist()))
         return torch.tensor(out, dtype=torch.float32)
@@ -380,23 +398,42 @@ def evaluate_world(policies, users, token_pairs, tokenizer, config, device):
 # steering against questions asked (queries.py)
 
 
-def question_contexts(users, belief, strategy, prompt, questions, seed):
-    """Each user's answers, chosen first, to K questions picked by `strategy` from their own
-    answered pairs not on `prompt` (U, K, 2, D), and the asked rows (U, K); infogain is about
-    16 random pairs of the split."""
+def question_contexts(users, belief, strategy, prompt, questions, seed, pool=0):
+    """Each user's answers, chosen first, to K questions picked by `strategy` (U, K, 2, D), the
+    asked rows (U, K) and the answers (U, K; True = b chosen). The candidates: the user's own
+    answered pairs not on `prompt`, or (pool > 0) `pool` random pairs of the split not on it,
+    answered by the simulated user (TestUsers.simulated_answers). The same candidates and
+    answers for every strategy; infogain is about 16 random pairs of the split, and so is
+    'bayes-active', the limit: greedy EPIG under the exact posterior (BAYES_GRID), no model."""
     import queries
 
-    split_rows = torch.cat(users.rows)
-    contexts, asked = [], []
+    split_rows = torch.cat(users.rows)  # a pair once per user who answered it
+    off_prompt = torch.tensor([r for r in torch.unique(split_rows).tolist() if users.prompt_of[r] != prompt])
+    if pool > len(off_prompt):
+        raise ConfigError(f"query.world_pool = {pool}, but split '{users.split}' has {len(off_prompt)} pairs off "
+                         f"the prompt '{prompt}'")
+    contexts, asked, chosen = [], [], []
     for u in range(len(users.labels)):
-        rows = torch.tensor([r for r in users.rows[u].tolist() if users.prompt_of[r] != prompt])
         gen = torch.Generator().manual_seed(seed + u)
-        cand, answers = queries.shown(users.oriented(rows, u)[None], gen)
-        targets = users.data.pairs[split_rows[torch.randint(len(split_rows), (16,), generator=gen)]][None]
-        context, picks = queries.ask(belief, strategy, cand, answers, questions, targets, gen)
+        if pool:
+            rows = off_prompt[torch.randperm(len(off_prompt), generator=gen)[:pool]]
+            second = users.simulated_answers(rows, u, gen)
+        else:
+            rows = torch.tensor([r for r in users.rows[u].tolist() if users.prompt_of[r] != prompt])
+            second = users.answers(rows, u)
+        cand, answers = queries.shown(chosen_first(users.data.pairs[rows], second)[None], gen)
+        target_rows = split_rows[torch.randint(len(split_rows), (16,), generator=gen)]
+        if strategy == "bayes-active":  # the limit: the exact posterior chooses
+            p_b = [torch.sigmoid(users.margins(r)).T for r in (rows, target_rows)]  # (G, C), (G, 16)
+            picks = queries.exact_active(*p_b, second, questions, gen)[None]
+            context = chosen_first(users.data.pairs[rows[picks]], second[picks])
+        else:
+            targets = users.data.pairs[target_rows][None]
+            context, picks = queries.ask(belief, strategy, cand, answers, questions, targets, gen)
         contexts.append(context[0])
         asked.append(rows[picks[0]])
-    return torch.stack(contexts), torch.stack(asked)
+        chosen.append(second[picks[0]])
+    return torch.stack(contexts), torch.stack(asked), torch.stack(chosen)
 
 
 @torch.no_grad()
@@ -406,12 +443,15 @@ def question_curves(policies, belief, users, tokenizer, strategies, config, devi
     same context features) chose by `strategy`. NP-DPO reads the answers with its encoder; a
     known-preference policy is scored as the few-shot ceiling, at the Bayes posterior mean of
     the same answers (model 'NAME@posterior'). The same users, prompts and sampling seeds for
-    every strategy; random questions are today's random contexts."""
+    every strategy; random questions are today's random contexts. With infogain, the
+    Bayes-active questions are scored too (strategy 'bayes-active')."""
     p, sizes, seed = config["policy_eval"], sorted(config["num_context"]), config["seed"]
     prompts = eval_prompts(users.split, p["prompts"])
     torch.manual_seed(seed)
     _, reference, best = reference_and_best(next(iter(policies.values()))[0], users, tokenizer, prompts, p, device)
-    asked = {(s, q): question_contexts(users, belief, s, q, max(sizes), seed) for s in strategies for q in prompts}
+    pool = config.get("query", {}).get("world_pool", 0)
+    strategies = [*strategies, "bayes-active"] if "infogain" in strategies else strategies
+    asked = {(s, q): question_contexts(users, belief, s, q, max(sizes), seed, pool) for s in strategies for q in prompts}
     out = {}
     for name, (policy, role) in policies.items():
         if role not in ("np_dpo", "known"):
@@ -420,7 +460,8 @@ def question_curves(policies, belief, users, tokenizer, strategies, config, devi
             for n in sizes:
                 torch.manual_seed(seed + n)
                 latents = {q: policy.infer_latent(asked[(strategy, q)][0][:, :n].to(device)) if role == "np_dpo"
-                           else users.posterior_latents(asked[(strategy, q)][1][:, :n]).to(device) for q in prompts}
+                           else users.posterior_latents(*(a[:, :n] for a in asked[(strategy, q)][1:])).to(device)
+                           for q in prompts}
                 attrs = torch.stack([attribute_table([(q, t) for t in sample_texts(
                     policy, tokenizer, q, latents[q], len(users.labels), p["samples"], p, device)]).view(
                     len(users.labels), p["samples"], 3) for q in prompts], 1)

@@ -354,7 +354,8 @@ def test_evaluate_queries_with_adaptive_particles(np_btl_run, tmp_path, monkeypa
 @pytest.mark.parametrize("flag, message", [("--queries=infogian", "unknown strategy 'infogian'"),
                                            ("--queries=random,random", "names a strategy twice"),
                                            ("--query.pool=0", "query.pool"),
-                                           ("--query.belief=particle", "query.belief")])
+                                           ("--query.belief=particle", "query.belief"),
+                                           ("--query.world_pool=12", "for --queries on steering-world policies")])
 def test_query_mistakes_are_one_line(np_btl_run, tmp_path, flag, message):
     with pytest.raises(ConfigError, match=message):
         evaluate.main([np_btl_run[0], flag, f"--out={tmp_path}/q"])
@@ -503,3 +504,18 @@ def test_one_users_pruned_lookahead_picks_what_the_full_one_picks(np_btl_run):
         assert pruned.argmax() == full.argmax() and pruned.max() == pytest.approx(full.max().item(), abs=1e-6)
         looked_at = pruned[0] >= 0
         assert torch.allclose(pruned[0][looked_at], full[0][looked_at], atol=1e-6)
+
+
+def test_exact_active_asks_about_what_the_targets_depend_on():
+    """Four hypotheses, two bits (h = 2 * b1 + b2). The targets depend on b1 only; candidate 0 reveals
+    b2, candidate 1 reveals b1, candidate 2 nothing: candidate 1 first. Once b1 is known nothing
+    is left to learn about the targets. Ignoring the targets (any informative candidate) fails."""
+    bit1, bit2 = torch.tensor([0.0, 0, 1, 1]), torch.tensor([0.0, 1, 0, 1])
+    p_cand = torch.stack([0.05 + 0.9 * bit2, 0.05 + 0.9 * bit1, torch.full((4,), 0.5)], 1)  # (G, C)
+    p_targ = torch.stack([0.1 + 0.8 * bit1, 0.9 - 0.8 * bit1], 1)  # (G, T)
+    for seed in range(5):
+        picks = queries.exact_active(p_cand, p_targ, torch.tensor([True, True, False]), 2,
+                                     torch.Generator().manual_seed(seed))
+        assert picks[0].item() == 1 and len(set(picks.tolist())) == 2
+    gains = queries.epig(p_cand[None], p_targ[None], torch.full((1, 4), 0.25))[0]
+    assert gains[1] > 0.1 and gains[0].abs() < 1e-6 and gains[2].abs() < 1e-6

@@ -366,15 +366,11 @@ def test_dialogue_asks_saves_and_resumes(cli_runs, selector, monkeypatch, capsys
     assert len(set(asked)) == 3  # an answered question is not asked again
 
 
-def test_policy_questions_refuse_particles(cli_runs, tmp_path):
-    """query.belief=particles is for reward runs; a policy's selector looks ahead. Said, not ignored."""
+def test_policy_questions_refuse_particles_for_the_table(cli_runs, tmp_path):
+    """--particles scores a reward run's predictions; a policy has none. Said, not ignored."""
     import evaluate
     from common import ConfigError
 
-    with pytest.raises(ConfigError, match="query.belief"):
-        evaluate.main([cli_runs["np"], "--queries=infogain", "--query.belief=particles", f"--out={tmp_path}/q"])
-    with pytest.raises(ConfigError, match="adaptive is for reward runs"):
-        evaluate.main([cli_runs["np"], "--queries=infogain", "--query.belief=adaptive", f"--out={tmp_path}/q"])
     with pytest.raises(ConfigError, match="config key 'particles'.*for reward runs"):
         evaluate.main([cli_runs["np"], "--particles=64", f"--out={tmp_path}/q"])
     assert not os.path.exists(tmp_path / "q")

@@ -9,6 +9,7 @@ import torch
 
 import steer_eval
 import world
+from common import ConfigError
 from data import PreferenceData
 
 # -----------------------------------------------------------------------------
@@ -197,7 +198,7 @@ def test_posterior_latents_follow_the_answers_and_draw_npdpos_contexts(users, mo
     assert after[:, 1].abs().max().item() < 1e-6
     monkeypatch.setattr(steer_eval, "sample_texts", stub_texts)
     seen = []
-    monkeypatch.setattr(steer_eval.TestUsers, "posterior_latents", lambda self, picked: seen.append(picked) or
+    monkeypatch.setattr(steer_eval.TestUsers, "posterior_latents", lambda self, picked, answers=None: seen.append(picked) or
                         torch.tensor([[1.0], [3.5], [6.0]]))
     config = {"samples": 1, "temperature": 1.0, "max_new_tokens": 8}
     policy = StubPolicy()
@@ -246,7 +247,7 @@ def test_question_curves_ceiling_reads_the_same_asked_rows(users, monkeypatch):
     monkeypatch.setattr(steer_eval, "sample_texts", stub_texts)
     monkeypatch.setattr(steer_eval, "eval_prompts", lambda split, count: PROMPTS[:count])
     seen = []
-    monkeypatch.setattr(steer_eval.TestUsers, "posterior_latents", lambda self, picked: seen.append(picked) or
+    monkeypatch.setattr(steer_eval.TestUsers, "posterior_latents", lambda self, picked, answers=None: seen.append(picked) or
                         torch.tensor([[1.0], [3.5], [6.0]]))
     np_policy, known = StubPolicy(), StubPolicy()
     config = {"num_context": [0, 2], "seed": 0, "policy_eval": {
@@ -259,3 +260,76 @@ def test_question_curves_ceiling_reads_the_same_asked_rows(users, monkeypatch):
     np_rows = np_policy.contexts[1][:, :, 0, 0].floor().long()  # NP-DPO's n = 2 context: the same rows
     assert torch.as_tensor(seen[1]).tolist() == np_rows.tolist()
     assert out[("k@posterior", "random", 2)]["normalised"][0] == pytest.approx(out[("np", "random", 2)]["normalised"][0])
+
+
+def test_simulated_answers_are_bradley_terry_on_the_users_gold_reward(users):
+    """Short (1 sentence) against long (3), the same tone: P(long) = sigmoid(gold margin), 0.23 for
+    t0 (length 1), 0.86 for t1 (3.5), 0.99 for t2 (6). An inverted margin, or the recorded choices
+    (t0: never long), fails."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.zeros(4000, dtype=torch.long)  # row 0, asked again and again
+    for u, margin in enumerate([-1.2, 1.8, 4.8]):
+        share = users.simulated_answers(rows, u, gen).double().mean().item()
+        assert share == pytest.approx(1 / (1 + math.exp(-margin)), abs=0.025)
+
+
+def test_question_contexts_from_a_pool_of_the_splits_pairs(users):
+    """world_pool: candidates are the split's pairs off the evaluated prompt, other users' included;
+    the contexts are oriented by the returned (simulated) answers; the same for every strategy."""
+    out = steer_eval.question_contexts(users, None, "random", PROMPTS[0], 5, seed=3, pool=12)
+    contexts, asked, answers = out
+    assert contexts.shape == (3, 5, 2, 1) and asked.shape == answers.shape == (3, 5)
+    assert all(users.prompt_of[r] != PROMPTS[0] for r in asked.flatten().tolist())
+    owners = {r: u for u in range(3) for r in users.rows[u].tolist()}
+    assert any(owners[r] != u for u in range(3) for r in asked[u].tolist())  # not only the user's own pairs
+    chosen_b = contexts[:, :, 0, 0] - asked.double() == 0.5  # feature = row (+ 0.5 for response b)
+    assert torch.equal(chosen_b, answers)
+    again = steer_eval.question_contexts(users, None, "random", PROMPTS[0], 5, seed=3, pool=12)
+    assert all(torch.equal(a, b) for a, b in zip(out, again))
+    with pytest.raises(ConfigError, match="world_pool = 13"):
+        steer_eval.question_contexts(users, None, "random", PROMPTS[0], 5, seed=3, pool=13)
+
+
+def test_question_curves_ceiling_reads_the_simulated_answers(users, monkeypatch):
+    """With query.world_pool the few-shot ceiling's posterior is given the answers NP-DPO's context
+    holds (not the recorded choices, which pairs of other users do not have)."""
+    monkeypatch.setattr(steer_eval, "sample_texts", stub_texts)
+    monkeypatch.setattr(steer_eval, "eval_prompts", lambda split, count: PROMPTS[:count])
+    seen = []
+    monkeypatch.setattr(steer_eval.TestUsers, "posterior_latents", lambda self, picked, answers=None:
+                        seen.append((picked, answers)) or torch.tensor([[1.0], [3.5], [6.0]]))
+    np_policy, known = StubPolicy(), StubPolicy()
+    config = {"num_context": [0, 4], "seed": 0, "query": {"world_pool": 12}, "policy_eval": {
+        "prompts": 1, "samples": 1, "reference_samples": 1, "temperature": 1.0, "max_new_tokens": 8}}
+    steer_eval.question_curves({"np": (np_policy, "np_dpo"), "k": (known, "known")}, None, users, None,
+                               ["random"], config, "cpu")
+    picked, answers = seen[1]
+    context = np_policy.contexts[1][:, :, 0, 0]
+    assert torch.equal(picked, context.floor().long())
+    assert torch.equal(answers, context - context.floor() == 0.5)
+
+
+def test_bayes_active_questions_are_the_users_answers_off_the_prompt(users):
+    """The limit's questions: rows off the evaluated prompt, oriented by the user's answers."""
+    contexts, asked, answers = steer_eval.question_contexts(users, None, "bayes-active", PROMPTS[0], 3, seed=1)
+    assert all(users.prompt_of[r] != PROMPTS[0] for r in asked.flatten().tolist())
+    assert all(set(asked[u].tolist()) <= set(users.rows[u].tolist()) and len(set(asked[u].tolist())) == 3
+               for u in range(3))
+    assert answers.tolist() == [[False] * 3, [True] * 3, [True] * 3]  # t0 chose short, the others long
+    assert torch.equal(contexts[:, :, 0, 0] - asked.double() == 0.5, answers)
+
+
+def test_question_curves_add_the_bayes_active_limit_to_infogain(users, monkeypatch):
+    monkeypatch.setattr(steer_eval, "sample_texts", stub_texts)
+    monkeypatch.setattr(steer_eval, "eval_prompts", lambda split, count: PROMPTS[:count])
+
+    class AnyBelief:  # a selector that likes every question alike
+        def infogain(self, context, mask, cand, targets):
+            return torch.zeros(cand.shape[:2])
+
+    config = {"num_context": [0, 2], "seed": 0, "policy_eval": {
+        "prompts": 1, "samples": 1, "reference_samples": 1, "temperature": 1.0, "max_new_tokens": 8}}
+    out = steer_eval.question_curves({"np": (StubPolicy(), "np_dpo"), "k": (StubPolicy(), "known")}, AnyBelief(),
+                                     users, None, ["random", "infogain"], config, "cpu")
+    assert {s for _, s, _ in out} == {"random", "infogain", "bayes-active"}
+    assert ("k@posterior", "bayes-active", 2) in out

@@ -461,3 +461,41 @@ def test_evaluate_queries_on_the_world_scores_npdpo_and_the_ceiling(world_runs, 
     expected = " | ".join(f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" for v in per_seed.values())
     assert f"| np | random | {expected} |" in out  # the two seeds pooled
     assert "| known (few-shot ceiling: z = posterior mean) | random |" not in out  # one seed: no sd
+
+
+def test_evaluate_queries_on_the_world_from_a_pool_of_the_split(world_runs, tmp_path, capsys):
+    """--query.world_pool=N: questions from N pairs of the split, answered by the simulated user;
+    a pool smaller than the largest n, or one on reward-style keys, is one error line."""
+    root, runs = world_runs
+    common = ["--num-context=[0,2]", "--policy_eval.prompts=1", "--policy_eval.samples=1",
+              "--policy_eval.reference_samples=2", "--policy_eval.max_new_tokens=8"]
+    rows = evaluate.main([runs["np"], runs["known"], "--queries=random", "--query.world_pool=12", *common,
+                          f"--out={tmp_path}/q"])
+    assert {(r["model"], r["questions"]) for r in rows} == {(m, n) for m in ("np", "known@posterior") for n in (0, 2)}
+    for args, message in ((["--queries=random", "--query.world_pool=1"], "at least the largest num_context, 2"),
+                          (["--query.world_pool=12"], "is for --queries on steering-world policies"),
+                          (["--queries=random", "--query.world_pool=100000"], "world_pool = 100000, but split")):
+        with pytest.raises(ConfigError, match=message):
+            evaluate.main([runs["np"], *args, *common, f"--out={tmp_path}/bad"])
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def test_policy_questions_under_the_selectors_particles(world_runs, tmp_path, monkeypatch):
+    """--query.belief=adaptive on policies: the selector's belief is built with adaptive particles of
+    the training users of the policies' features (run_belief's arguments), and it chooses."""
+    import queries
+    root, runs = world_runs
+    made, asked = [], []
+
+    class Chooser:
+        def infogain(self, context, mask, cand, targets):
+            asked.append(cand.shape)
+            return torch.zeros(cand.shape[:2])
+
+    monkeypatch.setattr(policy_eval, "check_runs", lambda paths: None)
+    monkeypatch.setattr(queries, "run_belief", lambda *a, **k: made.append(k) or Chooser())
+    evaluate.main([runs["np"], "--queries=infogain", "--query.selector=sel", "--query.belief=adaptive",
+                   "--query.particles=8", "--num-context=[0,1]", "--policy_eval.prompts=1", "--policy_eval.samples=1",
+                   "--policy_eval.reference_samples=2", "--policy_eval.max_new_tokens=8", f"--out={tmp_path}/q"])
+    assert made[0]["adaptive"] is True and made[0]["particles"] == 8 and made[0]["data"].dim > 0
+    assert len(asked) > 0
