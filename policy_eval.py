@@ -255,7 +255,7 @@ def evaluate_policy_queries(paths, strategies, config, device):
         q = config["query"]  # particles: the selector's latents of the training users of these features
         belief = queries.run_belief(selector, data.dim, device, data.path, **queries.belief_options(q), data=data,
                                     particles=q["particles"] if q["belief"] != "lookahead" else 0,
-                                    adaptive=q["belief"] == "adaptive")
+                                    adaptive=q["belief"] == "adaptive", latents=config["particle_latents"])
     users = steer_eval.TestUsers(data, read_text_pairs(run_config["data"]["pairs"]), config["split"])
     curves = steer_eval.question_curves(policies, belief, users, tokenizer, strategies, config, device)
     check(len(curves) > 0, "run", "--queries scores NP-DPO policies (steered by answers): give at least one")

@@ -249,18 +249,19 @@ def belief_options(query):
     return {k: query[k] for k in ("samples", "screen", "lookahead")}
 
 
-def run_belief(path, dim, device="cpu", where="the data", particles=0, data=None, adaptive=False, **options):
+def run_belief(path, dim, device="cpu", where="the data", particles=0, data=None, adaptive=False, latents=2048,
+               **options):
     """The belief of a trained reward run (its NP-BTL) on options of dimension `dim` (from `where`):
     a ModelBelief (`options` as its), or with particles > 0 a ParticleBelief under that many
     particles of the training users of `data` (training_particles); adaptive: an AdaptiveBelief,
-    that many particles following the posterior over 2,048 training users' latents."""
+    that many particles following the posterior over `latents` training users' latents."""
     model, config = load_reward_model(path, dim, device, where)
     if not hasattr(model, "encoder"):
         raise DataError(f"{path} reads no context (a {type(model).__name__}): its rewards are the same for "
                         "everyone, so there is nothing to ask")
     if particles and adaptive:
-        latents = training_particles(model, data, config["train"]["max_context"], 2048)
-        return AdaptiveBelief(model, latents, particles)
+        cloud = training_particles(model, data, config["train"]["max_context"], latents)
+        return AdaptiveBelief(model, cloud, particles)
     if particles:
         return ParticleBelief(model, training_particles(model, data, config["train"]["max_context"], particles))
     return ModelBelief(model, **options)
@@ -298,9 +299,9 @@ def exact_active(p_cand, p_targ, answers, num_questions, gen):
     p_cand (G, C) and p_targ (G, T) P(second option chosen) under each; answers (C,) bool, the
     user's (read once asked). Greedy EPIG under the exact posterior; returns the picks (K,)."""
     log_post, asked, picks = torch.zeros(len(p_cand), dtype=torch.float64), torch.zeros(p_cand.shape[1], dtype=bool), []
+    cand, targ = p_cand[None].float(), p_targ[None].float()
     for _ in range(num_questions):
-        weights = torch.softmax(log_post, 0)[None].float()
-        worth = epig(p_cand[None].float(), p_targ[None].float(), weights)[0]
+        worth = epig(cand, targ, torch.softmax(log_post, 0)[None].float())[0]
         worth += 1e-6 * torch.rand(worth.shape, generator=gen)  # ties broken at random
         pick = int(worth.masked_fill(asked, -math.inf).argmax())
         asked[pick] = True

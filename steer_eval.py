@@ -103,12 +103,18 @@ class TestUsers:
         self.prompt_of = [row["prompt"] for row in text_rows]
         self._margins, self._attrs = {}, {}
 
+    def pair_attributes(self, r):
+        """The attributes of row r's responses a and b, read from the text once."""
+        if r not in self._attrs:
+            row = self.text_rows[r]
+            self._attrs[r] = [world.attributes(row["prompt"], row[k]) for k in ("response_a", "response_b")]
+        return self._attrs[r]
+
     def margins(self, rows):
         """(len(rows), G) gold reward of response b minus response a at every grid preference."""
         for r in rows.tolist():
             if r not in self._margins:
-                row = self.text_rows[r]
-                a, b = (world.attributes(row["prompt"], row[k]) for k in ("response_a", "response_b"))
+                a, b = self.pair_attributes(r)
                 grid = (BAYES_GRID[:, 0].double(), BAYES_GRID[:, 1].double())
                 self._margins[r] = world.reward_of(b, grid) - world.reward_of(a, grid)
         return torch.stack([self._margins[r] for r in rows.tolist()])
@@ -138,13 +144,9 @@ class TestUsers:
     def simulated_answers(self, rows, user, gen):
         """(n,) bool: the user's answers to any rows of the data, True where b is chosen, drawn
         anew as the world draws choices (Bradley-Terry on their gold reward, temperature 1)."""
-        for r in rows.tolist():
-            if r not in self._attrs:
-                row = self.text_rows[r]
-                self._attrs[r] = [world.attributes(row["prompt"], row[k]) for k in ("response_a", "response_b")]
         pref = self.preferences[user].tolist()
-        margin = torch.tensor([world.reward_of(self._attrs[r][1], pref) - world.reward_of(self._attrs[r][0], pref)
-                               for r in rows.tolist()], dtype=torch.float64)
+        margin = torch.tensor([world.reward_of(b, pref) - world.reward_of(a, pref)
+                               for a, b in map(self.pair_attributes, rows.tolist())], dtype=torch.float64)
         return torch.rand(len(rows), generator=gen, dtype=torch.float64) < torch.sigmoid(margin)
 
     def posterior_latents(self, picked, answers=None):
@@ -409,7 +411,7 @@ def question_contexts(users, belief, strategy, prompt, questions, seed, pool=0):
 
     split_rows = torch.cat(users.rows)  # a pair once per user who answered it
     off_prompt = torch.tensor([r for r in torch.unique(split_rows).tolist() if users.prompt_of[r] != prompt])
-    if pool > len(off_prompt):
+    if pool > len(off_prompt):  # pool 0: the user's own pairs below
         raise ConfigError(f"query.world_pool = {pool}, but split '{users.split}' has {len(off_prompt)} pairs off "
                          f"the prompt '{prompt}'")
     contexts, asked, chosen = [], [], []
@@ -421,7 +423,7 @@ def question_contexts(users, belief, strategy, prompt, questions, seed, pool=0):
         else:
             rows = torch.tensor([r for r in users.rows[u].tolist() if users.prompt_of[r] != prompt])
             second = users.answers(rows, u)
-        cand, answers = queries.shown(chosen_first(users.data.pairs[rows], second)[None], gen)
+        cand, answers = queries.shown(chosen_first(users.data.pairs[rows], second)[None], gen)  # all: same targets
         target_rows = split_rows[torch.randint(len(split_rows), (16,), generator=gen)]
         if strategy == "bayes-active":  # the limit: the exact posterior chooses
             p_b = [torch.sigmoid(users.margins(r)).T for r in (rows, target_rows)]  # (G, C), (G, 16)
@@ -451,7 +453,8 @@ def question_curves(policies, belief, users, tokenizer, strategies, config, devi
     _, reference, best = reference_and_best(next(iter(policies.values()))[0], users, tokenizer, prompts, p, device)
     pool = config.get("query", {}).get("world_pool", 0)
     strategies = [*strategies, "bayes-active"] if "infogain" in strategies else strategies
-    asked = {(s, q): question_contexts(users, belief, s, q, max(sizes), seed, pool) for s in strategies for q in prompts}
+    asked = {(s, q): question_contexts(users, belief, s, q, max(sizes), seed, pool)
+             for s in strategies for q in prompts}
     out = {}
     for name, (policy, role) in policies.items():
         if role not in ("np_dpo", "known"):

@@ -495,7 +495,8 @@ def test_policy_questions_under_the_selectors_particles(world_runs, tmp_path, mo
     monkeypatch.setattr(policy_eval, "check_runs", lambda paths: None)
     monkeypatch.setattr(queries, "run_belief", lambda *a, **k: made.append(k) or Chooser())
     evaluate.main([runs["np"], "--queries=infogain", "--query.selector=sel", "--query.belief=adaptive",
-                   "--query.particles=8", "--num-context=[0,1]", "--policy_eval.prompts=1", "--policy_eval.samples=1",
+                   "--query.particles=8", "--particle_latents=256", "--num-context=[0,1]", "--policy_eval.prompts=1", "--policy_eval.samples=1",
                    "--policy_eval.reference_samples=2", "--policy_eval.max_new_tokens=8", f"--out={tmp_path}/q"])
     assert made[0]["adaptive"] is True and made[0]["particles"] == 8 and made[0]["data"].dim > 0
+    assert made[0]["latents"] == 256  # --particle_latents, not ignored
     assert len(asked) > 0
