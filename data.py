@@ -369,6 +369,7 @@ class EpisodeSampler:
         self.table = torch.zeros(shape, dtype=torch.long).index_put_((table_row, position), rows)  # pair indices
         self.choice_table = torch.zeros(shape, dtype=torch.int8).index_put_((table_row, position), values)
         self.gen = torch.Generator().manual_seed(seed)
+        self.active, self.active_fraction = None, 0.0  # set by train_policy.py's train.active_selector
 
     @property
     def labels(self):
@@ -405,6 +406,10 @@ class EpisodeSampler:
         counts = self.counts[label_rows]  # (B,)
         keys = torch.rand(len(label_rows), self.table.shape[1], generator=self.gen)
         keys[torch.arange(self.table.shape[1])[None] >= counts[:, None]] = 2.0
+        if self.active is not None:  # in a share of episodes the context is the questions asked first, in order
+            first = torch.rand(len(label_rows), generator=self.gen) < self.active_fraction
+            order = torch.linspace(-2.0, -1.0, self.active.shape[1]).expand(int(first.sum()), -1)
+            keys[first] = keys[first].scatter(1, self.active[label_rows[first]], order)
         return keys.topk(k, dim=1, largest=False).indices  # (B, k)
 
 

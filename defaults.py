@@ -96,6 +96,9 @@ POLICY_RUN = {
         "precompute_ref_logps": False,  # reference log-probs once per pair before training, not every step
         "encoder_warmup_steps": 12000,  # NP-DPO: first train the encoder by the NP-BTL loss on the context
         # features (a throwaway reward head, batches of 64 episodes), then DPO; 0 = off
+        "active_selector": None,  # a reward run on these context features (runs/steer_world_reward): in a share
+        # active_fraction of episodes the context is the questions it asks the user first by infogain; null = off
+        "active_fraction": 0.5,  # with active_selector: the share of episodes whose context is chosen
         "steering_lr_scale": 1.0,  # FiLM and encoder learn at this multiple of train.lr (LoRA at train.lr)
         "condition_on": "context",  # context: NP-DPO's encoder infers z | preferences: z = the user's true
         # preference vector from data.preferences (the known-preference policy, a ceiling); plain DPO ignores it

@@ -434,6 +434,38 @@ def evaluate(models, data, split, strategies, config, device, bayes=None, partic
     return {key: torch.cat(parts) for key, parts in out.items()}
 
 
+@torch.no_grad()
+def active_positions(belief, sampler, num_questions, seed, chunk=100, num_targets=16):
+    """(L, K) for each user of an EpisodeSampler, the positions (columns of sampler.table) of the
+    K pairs that `belief` asks first by infogain, in asking order: a user's own answered pairs are
+    the candidates, their recorded answers are read once asked, and infogain is about
+    `num_targets` random pairs of the sampler's split (train_policy.py's train.active_selector)."""
+    gen = torch.Generator().manual_seed(seed)
+    split_rows = sampler.table[torch.arange(sampler.table.shape[1]) < sampler.counts[:, None]]  # every answered cell
+    out = torch.zeros(len(sampler.counts), num_questions, dtype=torch.long)
+    for count in sampler.counts.unique().tolist():  # users with as many pairs are one batch
+        users = (sampler.counts == count).nonzero().squeeze(1)
+        for part in users.split(chunk):
+            rows, second = sampler.table[part, :count], sampler.choice_table[part, :count].bool()
+            cand, answers = shown(chosen_first(sampler.data.pairs[rows], second), gen)
+            targets = sampler.data.pairs[split_rows[torch.randint(len(split_rows), (len(part), num_targets),
+                                                                  generator=gen)]]
+            out[part] = ask(belief, "infogain", cand, answers, num_questions, targets, gen)[1]
+    return out
+
+
+def ask_training_users(sampler, selector, fraction, num_questions, seed):
+    """train_policy.py's train.active_selector: in a share `fraction` of the sampler's episodes (warm-up
+    and DPO alike) the context is the first questions the reward run `selector` asks the user by
+    infogain (active_positions), so the policy's encoder also learns to read chosen answers."""
+    import time
+    start = time.time()
+    belief = run_belief(selector, sampler.data.dim, where=sampler.data.path)
+    sampler.active, sampler.active_fraction = active_positions(belief, sampler, num_questions, seed), fraction
+    print(f"active contexts: {num_questions} questions to each of {len(sampler.labels)} train users chosen by "
+          f"{selector} in {time.time() - start:.0f} s; {fraction:.0%} of episodes read them")
+
+
 def questions_to_reach(curve, level):
     """The fewest questions whose mean accuracy reaches `level`, or None."""
     hits = (curve >= level).nonzero()

@@ -4,6 +4,7 @@ Train a steerable policy with NP-DPO (or plain DPO, the baseline) on text pairs.
     python train_policy.py                                     # configs/steer_world.yaml: the steering world, CPU
     python train_policy.py configs/steer_world_dpo.yaml        # plain DPO on the same data (the baseline)
     python train_policy.py configs/steer_world_known.yaml      # FiLM on the users' true preferences (the ceiling)
+    python train_policy.py configs/steer_world_active.yaml     # half the contexts: a reward run's chosen questions
     python train_policy.py configs/steer_text.yaml             # the one-bit two-type world (concise vs detailed)
     python train_policy.py configs/uf_hh_dpo.yaml              # the paper's LLM setting (GPU and hub)
     python train_policy.py --train.steps=100 --resume          # dotted overrides, continue a run
@@ -69,13 +70,14 @@ import torch
 from tqdm import tqdm
 
 import policy as policy_lib
+import queries
 from common import (ConfigError, check, check_finite, check_positive, graceful_stop, load_config, log, lr_at,
                     print_config, run_script, save_config, seed_everything)
 from data import DataError, train_val_samplers
 from defaults import POLICY_RUN as DEFAULTS
 from dist import (any_rank, average_gradients, check_replicas_agree, is_main, mean_over_ranks, restore_rng_states,
                   rng_states, setup_distributed, start_replicas)
-from runs import check_resume, check_run_folder, claimed_run_folder, load_checkpoint
+from runs import check_resume, check_run_folder, check_runs, claimed_run_folder, load_checkpoint
 from text import autocast, episode_batch, known_latents, load_inputs, make_batch, micro_batches, reference_logprobs
 from toy import WORLD_PATHS, build_missing, toy_inputs_to_build
 
@@ -109,6 +111,9 @@ def validate_config(config, world_size=1):
           "data.world_users", "must be three positive numbers of users: [train, val, test]")
     check_positive(config, "data.world_pairs_per_user", "data.world_answers_per_pair", "data.world_corpus")
     check(t["condition_on"] in ("context", "preferences"), "train.condition_on", "must be context or preferences")
+    check(0 < t["active_fraction"] <= 1, "train.active_fraction", "must lie in (0, 1]")
+    check(not t["active_selector"] or (p["encoder"]["latent_dim"] > 0 and t["condition_on"] == "context"),
+          "train.active_selector", "chooses an NP-DPO's contexts: this policy reads none (plain DPO or known)")
 
 
 # -----------------------------------------------------------------------------
@@ -274,6 +279,7 @@ def main(argv):
     main_process = is_main(rank)
     validate_config(config, world_size)
     check_run_folder(config, "policy")  # read-only: nothing is written to out_dir before the loop
+    check_runs([config["train"]["active_selector"]] if config["train"]["active_selector"] else [])  # before inputs
     checkpoint = load_checkpoint(os.path.join(config["out_dir"], "ckpt_last.pt")) if config["resume"] else None
     if checkpoint:
         checkpoint["config"]["policy"] = policy_lib.current_layout(checkpoint["config"]["policy"])
@@ -291,6 +297,8 @@ def main(argv):
     data, token_pairs, tokenizer = load_inputs(config)
     t, p = config["train"], config["policy"]
     sampler, val_sampler = train_val_samplers(data, config)
+    if t["active_selector"]:
+        queries.ask_training_users(sampler, t["active_selector"], t["active_fraction"], t["max_context"], config["seed"])
     if main_process:
         print(f"data: {len(sampler.labels)} train labels {sampler.labels[:5]}, context features of dimension "
               f"{data.dim}, {world_size} process(es)")

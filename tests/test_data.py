@@ -293,6 +293,23 @@ def test_context_mask_matches_n(paper):
     assert sampler.sample(5, num_context=0)["context"].shape == (5, 0, 2, 1)
 
 
+def test_a_share_of_episodes_reads_the_chosen_questions_in_order(paper):
+    """train.active_selector: with sampler.active set, a share of episodes has as its context the
+    given positions of the user's pairs, in their order; the targets stay random and disjoint."""
+    sampler = EpisodeSampler(paper, "train", num_targets=6, max_context=4, seed=2)
+    gen = torch.Generator().manual_seed(0)
+    sampler.active = torch.stack([torch.randperm(int(c), generator=gen)[:4] for c in sampler.counts])
+    sampler.active_fraction = 1.0
+    batch = sampler.sample(64)
+    asked = sampler.table[batch["label_rows"][:, None], sampler.active[batch["label_rows"]]]
+    assert torch.equal(batch["pair_idx"][:, :4], asked)
+    assert all(len(set(row.tolist())) == 10 for row in batch["pair_idx"])
+    assert len({tuple(r) for r in batch["pair_idx"][:, 4:].tolist()}) > 2  # random targets
+    sampler.active_fraction = 0.5
+    share = (sampler.sample(2000)["pair_idx"][:, :4] == asked[:1]).all(1).float().mean()
+    assert 0.2 < share < 0.3  # label row 0 in half the episodes, the chosen ones in half of those
+
+
 def test_sampler_is_seeded(paper):
     def batches(seed):
         sampler = EpisodeSampler(paper, "train", num_targets=4, max_context=3, seed=seed)

@@ -519,3 +519,25 @@ def test_exact_active_asks_about_what_the_targets_depend_on():
         assert picks[0].item() == 1 and len(set(picks.tolist())) == 2
     gains = queries.epig(p_cand[None], p_targ[None], torch.full((1, 4), 0.25))[0]
     assert gains[1] > 0.1 and gains[0].abs() < 1e-6 and gains[2].abs() < 1e-6
+
+
+def test_active_positions_are_each_users_best_questions_in_order_with_their_answers(paper_path):
+    """train_policy.py's train.active_selector: every user of a sampler is asked, from their own
+    answered pairs, what the belief values most, in order; the belief reads the recorded answers."""
+    from data import EpisodeSampler, chosen_first
+    sampler = EpisodeSampler(load_pairs(paper_path), "train", 4, 3, seed=0)
+    seen = []
+
+    class Likes:  # values a pair by the sum of its two options, whichever is shown first
+        def infogain(self, context, mask, cand, targets):
+            seen.append(context)
+            return cand.sum((2, 3))
+
+    positions = queries.active_positions(Likes(), sampler, 3, seed=1)
+    users = torch.arange(len(sampler.counts))
+    value = sampler.data.pairs[sampler.table].sum((2, 3))  # (L, W), every column answered here
+    assert positions.shape == (len(users), 3)
+    assert torch.equal(positions, value.topk(3, 1).indices)
+    answered = chosen_first(sampler.data.pairs[sampler.table[users[:, None], positions]],
+                            sampler.choice_table[users[:, None], positions].bool())
+    assert torch.equal(torch.cat([c for c in seen if c.shape[1] == 2]), answered[:, :2])

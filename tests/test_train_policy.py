@@ -500,3 +500,39 @@ def test_policy_questions_under_the_selectors_particles(world_runs, tmp_path, mo
     assert made[0]["adaptive"] is True and made[0]["particles"] == 8 and made[0]["data"].dim > 0
     assert made[0]["latents"] == 256  # --particle_latents, not ignored
     assert len(asked) > 0
+
+
+def test_active_contexts_come_from_the_selectors_questions_and_mistakes_are_refused(world_runs, tmp_path, monkeypatch, capsys):
+    """train.active_selector: a reward run on the same features chooses each training user's first
+    questions (queries.active_positions), and the share of episodes it is given reads them, in the
+    warm-up and in DPO; a missing selector or a policy that reads no context is refused up front."""
+    import queries
+    import train_reward
+    from conftest import TINY
+    root, _ = world_runs
+    sel = str(tmp_path / "sel")
+    train_reward.main([f"--out_dir={sel}", f"--data.path={root}/features.npz", "--data.synthetic=null", *TINY,
+                       "--train.num_targets=4", "--eval.num_targets=4"])
+    samplers, drawn = [], []
+    real_positions, real_sample = queries.active_positions, data.EpisodeSampler.sample
+    monkeypatch.setattr(queries, "active_positions", lambda b, s, *a, **k: samplers.append(s) or real_positions(
+        b, s, *a, **k))
+    monkeypatch.setattr(data.EpisodeSampler, "sample", lambda self, *a, **k: drawn.append(
+        (self, real_sample(self, *a, **k))) or drawn[-1][1])
+    args = ["--policy.encoder.latent_dim=4", "--train.encoder_warmup_steps=3", f"--train.active_selector={sel}",
+            "--train.active_fraction=1.0"]
+    train_policy.main(world_args(root, f"--out_dir={tmp_path}/np", *args))
+    assert "active contexts: 10 questions to each of 40 train users" in capsys.readouterr().out
+    sampler = samplers[0]
+    train = [b for s, b in drawn if s is sampler]
+    assert len(train) == 3 + 4  # warm-up and DPO steps
+    for batch in train:  # every episode's context is the user's first questions, in order
+        n = batch["context_mask"].shape[1]
+        assert torch.equal(batch["pair_idx"][:, :n], sampler.table[batch["label_rows"][:, None],
+                                                                   sampler.active[batch["label_rows"]]][:, :n])
+    for bad, message in (([f"--train.active_selector={tmp_path}/nope"], "no such run dir"),
+                         ([f"--train.active_selector={sel}", "--policy.encoder.latent_dim=0"], "reads none"),
+                         ([f"--train.active_selector={sel}", "--train.active_fraction=0"], "active_fraction")):
+        with pytest.raises(UserError, match=message):
+            train_policy.main(world_args(root, f"--out_dir={tmp_path}/bad", *bad))
+    assert not os.path.exists(f"{tmp_path}/bad")
