@@ -383,7 +383,7 @@ class EpisodeSampler:
         if label_rows is None:
             label_rows = torch.randint(len(self.label_ids), (batch_size,), generator=self.gen)
         n_max = self.max_context if num_context is None else num_context
-        positions = self._distinct_positions(label_rows, n_max + self.num_targets)
+        positions = self._distinct_positions(label_rows, n_max + self.num_targets, n_max)
         pair_idx = self.table[label_rows[:, None], positions]  # (B, n_max + T)
         choice = self.choice_table[label_rows[:, None], positions].long()  # (B, n_max + T)
         oriented = chosen_first(self.data.pairs[pair_idx], choice.bool())  # (B, n_max + T, 2, D)
@@ -401,15 +401,16 @@ class EpisodeSampler:
             "flipped": choice.bool(),  # (B, n_max + T) True where the second option was chosen
         }
 
-    def _distinct_positions(self, label_rows, k):
-        """k distinct positions < counts[label] per row, uniformly without replacement."""
+    def _distinct_positions(self, label_rows, k, n_max):
+        """k distinct positions < counts[label] per row, uniformly without replacement (in a share of
+        rows with self.active set, the first n_max are the chosen ones, in order)."""
         counts = self.counts[label_rows]  # (B,)
         keys = torch.rand(len(label_rows), self.table.shape[1], generator=self.gen)
         keys[torch.arange(self.table.shape[1])[None] >= counts[:, None]] = 2.0
         if self.active is not None:  # in a share of episodes the context is the questions asked first, in order
             first = torch.rand(len(label_rows), generator=self.gen) < self.active_fraction
-            order = torch.linspace(-2.0, -1.0, self.active.shape[1]).expand(int(first.sum()), -1)
-            keys[first] = keys[first].scatter(1, self.active[label_rows[first]], order)
+            chosen = self.active[label_rows[first], :n_max]  # the rest stay random: never targets by being chosen
+            keys[first] = keys[first].scatter(1, chosen, torch.linspace(-2.0, -1.0, n_max).expand_as(chosen))
         return keys.topk(k, dim=1, largest=False).indices  # (B, k)
 
 

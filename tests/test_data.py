@@ -307,7 +307,13 @@ def test_a_share_of_episodes_reads_the_chosen_questions_in_order(paper):
     assert len({tuple(r) for r in batch["pair_idx"][:, 4:].tolist()}) > 2  # random targets
     sampler.active_fraction = 0.5
     share = (sampler.sample(2000)["pair_idx"][:, :4] == asked[:1]).all(1).float().mean()
-    assert 0.2 < share < 0.3  # label row 0 in half the episodes, the chosen ones in half of those
+    assert 0.2 < share < 0.3  # the first episode's label in half the episodes, the chosen ones in half of those
+    sampler.active_fraction = 1.0
+    fixed = sampler.sample(400, num_context=2)  # the 2 first questions; the other 2 chosen are not favoured as targets
+    asked = sampler.table[fixed["label_rows"][:, None], sampler.active[fixed["label_rows"]]]
+    assert torch.equal(fixed["pair_idx"][:, :2], asked[:, :2])
+    later = (fixed["pair_idx"][:, 2:, None] == asked[:, None, 2:]).any(1).float().mean()
+    assert later < 0.5  # targets are random pairs: they rarely hit the two later chosen ones
 
 
 def test_sampler_is_seeded(paper):
