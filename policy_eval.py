@@ -260,8 +260,8 @@ def evaluate_policy_queries(paths, strategies, config, device):
     curves = steer_eval.question_curves(policies, belief, users, tokenizer, strategies, config, device)
     check(len(curves) > 0, "run", "--queries scores NP-DPO policies (steered by answers): give at least one")
     sizes = sorted(config["num_context"])
-    rows = [{"model": name, "strategy": s, "questions": n, **{k: v[0] for k, v in res.items()},
-             **{f"{k}_sem": v[1] for k, v in res.items()}} for (name, s, n), res in curves.items()]
+    rows = [{"model": name, "strategy": s, "questions": n, **{k: res[k][0] for k in ("normalised", "relevance")},
+             **{f"{k}_sem": res[k][1] for k in ("normalised", "relevance")}} for (name, s, n), res in curves.items()]
     print(f"Steering world, split '{config['split']}', {len(users.labels)} users; questions chosen by {selector or '-'}"
           f"\n\nNormalised gold reward (%) ± SEM over users, against the number of questions answered:\n")
     print("| model | strategy | " + " | ".join(f"n={n}" for n in sizes) + " |\n|---|---|" + "---|" * len(sizes))
@@ -283,4 +283,23 @@ def evaluate_policy_queries(paths, strategies, config, device):
                     continue
                 for s in dict.fromkeys(s for _, s, _ in curves):  # with infogain, bayes-active too
                     print(f"| {label} | {s} | " + " | ".join(cell(pooled, models, f"{s}@{n}", 100) for n in sizes) + " |")
+    if "random" in strategies:
+        paired_gaps(curves, groups, sizes)
     return rows, None
+
+
+def paired_gaps(curves, groups, sizes):
+    """Each strategy's normalised gold reward after n questions minus random's after the most, per
+    test user (the same users, prompts and sampling seeds), pooled over a model's training seeds:
+    mean ± SEM over users x seeds. Positive: fewer chosen questions do better than all the random."""
+    top = max(sizes)
+    print(f"\nPaired gap to random's n={top} (points; mean ± SEM over users x training seeds):\n")
+    print("| model | strategy | " + " | ".join(f"n={n}" for n in sizes) + " |\n|---|---|" + "---|" * len(sizes))
+    for group, names in groups.items():
+        for suffix in ("", "@posterior"):
+            models = [m + suffix for m in names if (m + suffix, "random", top) in curves]
+            for s in dict.fromkeys(s for m, s, _ in curves if s != "random" and m in models):
+                gaps = [torch.cat([curves[(m, s, n)]["users"] - curves[(m, "random", top)]["users"] for m in models])
+                        for n in sizes]
+                print(f"| {group}{suffix} | {s} | " + " | ".join(
+                    f"{100 * g.mean():+.1f} ± {100 * g.std() / len(g) ** 0.5:.1f}" for g in gaps) + " |")

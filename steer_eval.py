@@ -440,13 +440,12 @@ def question_contexts(users, belief, strategy, prompt, questions, seed, pool=0):
 
 @torch.no_grad()
 def question_curves(policies, belief, users, tokenizer, strategies, config, device):
-    """{(model, strategy, n): {'normalised', 'relevance'} (mean, SEM over users)}: generations
-    steered by the user's answers to the first n questions that `belief` (a reward model on the
-    same context features) chose by `strategy`. NP-DPO reads the answers with its encoder; a
-    known-preference policy is scored as the few-shot ceiling, at the Bayes posterior mean of
-    the same answers (model 'NAME@posterior'). The same users, prompts and sampling seeds for
-    every strategy; random questions are today's random contexts. With infogain, the
-    Bayes-active questions are scored too (strategy 'bayes-active')."""
+    """{(model, strategy, n): {'normalised', 'relevance'} (mean, SEM over users), 'users': normalised (U,)}:
+    generations steered by the user's answers to the first n questions that `belief` (a reward model
+    on the same context features) chose by `strategy`. NP-DPO reads the answers with its encoder; a
+    known-preference policy is scored as the few-shot ceiling, at the Bayes posterior mean of the
+    same answers (model 'NAME@posterior'). The same users, prompts and sampling seeds for every
+    strategy; random questions are today's random contexts. With infogain, Bayes-active too."""
     p, sizes, seed = config["policy_eval"], sorted(config["num_context"]), config["seed"]
     prompts = eval_prompts(users.split, p["prompts"])
     torch.manual_seed(seed)
@@ -470,7 +469,8 @@ def question_curves(policies, belief, users, tokenizer, strategies, config, devi
                     len(users.labels), p["samples"], 3) for q in prompts], 1)
                 scores = user_scores(attrs, users, reference, best)
                 model = name if role == "np_dpo" else f"{name}@posterior"
-                out[(model, strategy, n)] = {k: mean_sem(scores[k]) for k in ("normalised", "relevance")}
+                out[(model, strategy, n)] = {"normalised": mean_sem(scores["normalised"]), "users": scores["normalised"],
+                                             "relevance": mean_sem(scores["relevance"])}
     return out
 
 

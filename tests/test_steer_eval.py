@@ -333,3 +333,18 @@ def test_question_curves_add_the_bayes_active_limit_to_infogain(users, monkeypat
                                      users, None, ["random", "infogain"], config, "cpu")
     assert {s for _, s, _ in out} == {"random", "infogain", "bayes-active"}
     assert ("k@posterior", "bayes-active", 2) in out
+
+
+def test_paired_gaps_by_hand(capsys):
+    """The paired gap to random's largest n: per user, pooled over a model's seeds, mean ± SEM."""
+    import policy_eval
+    users = {("a_s0", "random", 3): [0.1, 0.2], ("a_s1", "random", 3): [0.3, 0.5],
+             ("a_s0", "infogain", 3): [0.2, 0.2], ("a_s1", "infogain", 3): [0.3, 0.9],
+             ("a_s0", "random", 1): [0.0, 0.0], ("a_s1", "random", 1): [0.0, 0.0],
+             ("a_s0", "infogain", 1): [0.1, 0.2], ("a_s1", "infogain", 1): [0.3, 0.5]}
+    curves = {k: {"users": torch.tensor(v)} for k, v in users.items()}
+    policy_eval.paired_gaps(curves, {"a": ["a_s0", "a_s1"]}, [1, 3])
+    out = capsys.readouterr().out
+    gaps = torch.tensor([0.1, 0.0, 0.0, 0.4]) * 100  # infogain@3 - random@3, per user and seed
+    assert f"| a | infogain | +0.0 ± 0.0 | +{gaps.mean():.1f} ± {gaps.std() / 2:.1f} |" in out
+    assert "| a | random |" not in out
