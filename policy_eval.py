@@ -264,7 +264,7 @@ def evaluate_policy_queries(paths, strategies, config, device):
              **{f"{k}_sem": res[k][1] for k in ("normalised", "relevance")}} for (name, s, n), res in curves.items()]
     print(f"Steering world, split '{config['split']}', {len(users.labels)} users; questions chosen by {selector or '-'}"
           f"\n\nNormalised gold reward (%) ± SEM over users, against the number of questions answered:\n")
-    print("| model | strategy | " + " | ".join(f"n={n}" for n in sizes) + " |\n|---|---|" + "---|" * len(sizes))
+    print(strategy_header(sizes))
     for key in dict.fromkeys((r["model"], r["strategy"]) for r in rows):
         cells = [f"{100 * r['normalised']:.1f} ± {100 * r['normalised_sem']:.1f} (rel {100 * r['relevance']:.0f})"
                  for r in rows if (r["model"], r["strategy"]) == key]
@@ -275,7 +275,7 @@ def evaluate_policy_queries(paths, strategies, config, device):
         for (model, s, n), res in curves.items():
             pooled.setdefault(model, {})[f"{s}@{n}"] = res["normalised"]
         print("\nNormalised gold reward (%), mean ± sd over training seeds (models trained with several):\n")
-        print("| model | strategy | " + " | ".join(f"n={n}" for n in sizes) + " |\n|---|---|" + "---|" * len(sizes))
+        print(strategy_header(sizes))
         for group, names in ((g, m) for g, m in groups.items() if len(m) > 1):
             for suffix, label in (("", group), ("@posterior", f"{group} (few-shot ceiling: z = posterior mean)")):
                 models = [m + suffix for m in names]
@@ -292,14 +292,20 @@ def paired_gaps(curves, groups, sizes):
     """Each strategy's normalised gold reward after n questions minus random's after the most, per
     test user (the same users, prompts and sampling seeds), pooled over a model's training seeds:
     mean ± SEM over users x seeds. Positive: fewer chosen questions do better than all the random."""
+    import steer_eval
     top = max(sizes)
     print(f"\nPaired gap to random's n={top} (points; mean ± SEM over users x training seeds):\n")
-    print("| model | strategy | " + " | ".join(f"n={n}" for n in sizes) + " |\n|---|---|" + "---|" * len(sizes))
+    print(strategy_header(sizes))
     for group, names in groups.items():
         for suffix in ("", "@posterior"):
             models = [m + suffix for m in names if (m + suffix, "random", top) in curves]
             for s in dict.fromkeys(s for m, s, _ in curves if s != "random" and m in models):
                 gaps = [torch.cat([curves[(m, s, n)]["users"] - curves[(m, "random", top)]["users"] for m in models])
                         for n in sizes]
-                print(f"| {group}{suffix} | {s} | " + " | ".join(
-                    f"{100 * g.mean():+.1f} ± {100 * g.std() / len(g) ** 0.5:.1f}" for g in gaps) + " |")
+                cells = [f"{100 * mean:+.1f} ± {100 * err:.1f}" for mean, err in map(steer_eval.mean_sem, gaps)]
+                print(f"| {group}{suffix} | {s} | " + " | ".join(cells) + " |")
+
+
+def strategy_header(sizes):
+    """The head of a table with a row per (model, strategy) and a column per number of questions."""
+    return "| model | strategy | " + " | ".join(f"n={n}" for n in sizes) + " |\n|---|---|" + "---|" * len(sizes)

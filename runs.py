@@ -41,9 +41,13 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, foreign pickle, ...
+    except Exception as e:  # truncated file, foreign pickle, a config given for a run, ...
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line})") from None
+        with open(path, "rb") as f:  # torch.save writes a zip (PK) or, in the legacy format, a pickle (0x80)
+            saved_by_torch = f.read(2) in (b"PK", b"\x80\x02")
+        reason = f"{type(e).__name__}: {first_line}" if saved_by_torch else \
+            "not a file torch.save wrote: give a run folder or its ckpt_best.pt"
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict) or not {"model", "config", "step"} <= checkpoint.keys():
         raise CheckpointError(f"{path}: not a checkpoint of this codebase (missing model/config/step)")
     return checkpoint

@@ -55,6 +55,14 @@ def test_truncated_checkpoint_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_text_file_given_as_a_checkpoint_is_named_as_such(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("stage: reward\n")
+    with pytest.raises(RuntimeError, match="config.yaml: not a readable checkpoint .not a file torch.save wrote: give "
+                                           "a run folder or its ckpt_best.pt.$"):
+        load_checkpoint(str(path))
+
+
 def test_foreign_dict_is_refused(tmp_path):
     path = str(tmp_path / "foreign.pt")
     torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
