@@ -12,7 +12,9 @@ a strategy (queries.py) from a pool of the user's pairs, beside Bayes-random and
 Bayes-active; policies of the steering world are scored by normalised gold reward, their
 questions chosen by the reward run query.selector from the user's own answered pairs, or
 (--query.world_pool=N) from N pairs of the split that the simulated user answers. It
-writes queries.json (and queries.png), never over eval.json.
+writes queries.json (and queries.png), never over eval.json. Policies are scored on the
+test users of their world, or with --world_data=DIR on that world built again with more
+(prepare/steer_world.py): the same training pairs, new users, a smaller SEM.
 
 Each context size n gets `episodes` episodes (a count fixed in advance, so there is no
 stopping on a lucky batch) of one label each: n context pairs and num_targets target
@@ -67,6 +69,8 @@ DEFAULTS = {
     "plot": False,  # write accuracy.png (and reward_curves.png for 1-D options)
     "out": None,  # where eval.json and plots go; default: the first run dir
     "device": "cpu",  # cpu | cuda | auto
+    "world_data": "",  # policy runs: score on this folder's pairs.jsonl, features.npz and users.json, the runs'
+    # world built again with other test users (--data.world_users); its train and val pairs must be the runs'
     "queries": "",  # reward runs: compare question strategies instead, e.g. random,uncertainty,infogain (queries.py)
     "query": {  # --queries only; writes queries.json (and queries.png), not eval.json
         "pool": 100,  # candidate questions per episode: answered pairs of the user, disjoint from the targets
@@ -340,6 +344,8 @@ def main(argv):
     strategies = query_strategies(config)
     policy_runs = kinds.pop()
     check(not (config["particles"] and policy_runs), "particles", "is for reward runs (an NP-BTL's predictions)")
+    check(not (config["world_data"] and not policy_runs), "world_data", "is for policy runs of the steering world "
+          "(reward runs are scored on the data file they name)")
     check(not (config["query"]["world_pool"] and not (strategies and policy_runs)), "query.world_pool",
           "is for --queries on steering-world policies (reward runs: query.pool)")
     check(not (config["particles"] and strategies), "particles",

@@ -31,8 +31,9 @@ def policy_role(policy, run_config):
     return f"oracle:{labels[0]}" if labels and len(labels) == 1 else "dpo"
 
 
-def load_policies(paths, device):
-    """{name: (policy, role)}, and the shared evaluation inputs of the first run."""
+def load_policies(paths, device, world_data=""):
+    """{name: (policy, role)}, and the shared evaluation inputs of the first run, or of the
+    folder world_data: the same world built with other test users (same_training_pairs)."""
     from policy import load_policy
     from text import load_inputs
 
@@ -49,10 +50,33 @@ def load_policies(paths, device):
     d = first["config"]["data"]
     first_config = dict(first["config"], data=dict(d, pairs=resolve_path(d["pairs"], first),
                                                    features=resolve_path(d["features"], first)))
+    if world_data:
+        files = {k: os.path.join(world_data, f) for k, f in WORLD_FILES.items()}
+        missing = [f for f in files.values() if not os.path.isfile(f)]
+        if os.path.isfile(world_data):
+            raise DataError(f"world_data: {world_data} is a file: give the folder prepare/steer_world.py wrote")
+        if missing:
+            raise DataError(f"world_data: {missing[0]} not found (the folder holds {', '.join(WORLD_FILES.values())})")
+        same_training_pairs(first_config["data"]["pairs"], files["pairs"])
+        first_config["data"].update(files)
     inputs_config = dict(first_config, data=dict(first_config["data"], labels=None, toy=False))
     data, token_pairs, tokenizer = load_inputs(inputs_config)
     first_config["run_configs"] = configs
     return policies, data, token_pairs, tokenizer, first_config
+
+
+WORLD_FILES = {"pairs": "pairs.jsonl", "features": "features.npz", "preferences": "users.json"}
+
+
+def same_training_pairs(trained_on, path):
+    """Other test users of the runs' world, never another world: the train and val pairs of
+    `path` must be those of the runs' pairs file, row for row (a DataError otherwise)."""
+    from text import read_text_pairs
+
+    seen = [[r for r in read_text_pairs(p) if r["split"] != "test"] for p in (trained_on, path)]
+    if seen[0] != seen[1]:
+        raise DataError(f"world_data: the train and val pairs of {path} are not those of {trained_on}, which the "
+                        "runs were trained on: give the runs' world built again with other test users only")
 
 
 def conflicting_only(data):
@@ -193,7 +217,7 @@ def evaluate_policies(paths, config, device):
     """Rows for eval.json and the function that draws the plots into a folder (None: no plots)."""
     from text import read_text_pairs
 
-    policies, data, token_pairs, tokenizer, run_config = load_policies(paths, device)
+    policies, data, token_pairs, tokenizer, run_config = load_policies(paths, device, config["world_data"])
     sizes = sorted(config["num_context"])
     if run_config["data"].get("world") == "continuum":
         return evaluate_world_policies(policies, data, token_pairs, tokenizer, run_config, config, device)
@@ -243,7 +267,7 @@ def evaluate_policy_queries(paths, strategies, config, device):
     import steer_eval
     from text import read_text_pairs
 
-    policies, data, _, tokenizer, run_config = load_policies(paths, device)
+    policies, data, _, tokenizer, run_config = load_policies(paths, device, config["world_data"])
     check(run_config["data"].get("world") == "continuum", "queries", "policies are scored against questions on "
           "the steering world only (data.world: continuum), where gold rewards are known")
     selector = config["query"]["selector"]
@@ -289,21 +313,23 @@ def evaluate_policy_queries(paths, strategies, config, device):
 
 
 def paired_gaps(curves, groups, sizes):
-    """Each strategy's normalised gold reward after n questions minus random's after the most, per
-    test user (the same users, prompts and sampling seeds), pooled over a model's training seeds:
-    mean ± SEM over users x seeds. Positive: fewer chosen questions do better than all the random."""
+    """Per test user, pooled over a model's training seeds, mean ± SEM over users x seeds: each
+    strategy's normalised gold reward after n questions, and its gap to random's after the most
+    (the same users, prompts and sampling seeds). Positive gap: fewer chosen questions do better."""
     import steer_eval
     top = max(sizes)
-    print(f"\nPaired gap to random's n={top} (points; mean ± SEM over users x training seeds):\n")
-    print(strategy_header(sizes))
-    for group, names in groups.items():
-        for suffix in ("", "@posterior"):
-            models = [m + suffix for m in names if (m + suffix, "random", top) in curves]
-            for s in dict.fromkeys(s for m, s, _ in curves if s != "random" and m in models):
-                gaps = [torch.cat([curves[(m, s, n)]["users"] - curves[(m, "random", top)]["users"] for m in models])
-                        for n in sizes]
-                cells = [f"{100 * mean:+.1f} ± {100 * err:.1f}" for mean, err in map(steer_eval.mean_sem, gaps)]
-                print(f"| {group}{suffix} | {s} | " + " | ".join(cells) + " |")
+    for title, paired in (("Normalised gold reward (%), mean ± SEM over users x training seeds", False),
+                          (f"Paired gap to random's n={top} (points; mean ± SEM over users x training seeds)", True)):
+        print(f"\n{title}:\n\n{strategy_header(sizes)}")
+        for group, names in groups.items():
+            for suffix in ("", "@posterior"):
+                models = [m + suffix for m in names if (m + suffix, "random", top) in curves]
+                for s in dict.fromkeys(s for m, s, _ in curves if m in models and not (paired and s == "random")):
+                    scores = [torch.cat([curves[(m, s, n)]["users"] - paired * curves[(m, "random", top)]["users"]
+                                         for m in models]) for n in sizes]
+                    sign = "+" if paired else ""
+                    cells = [f"{100 * mean:{sign}.1f} ± {100 * err:.1f}" for mean, err in map(steer_eval.mean_sem, scores)]
+                    print(f"| {group}{suffix} | {s} | " + " | ".join(cells) + " |")
 
 
 def strategy_header(sizes):

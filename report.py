@@ -265,7 +265,7 @@ def world_tables(results, groups, roles, sizes):
             lines.append("| the user's own gold reward (known preference) | - | "
                          + " | ".join(gold_cell(results, metric, n) for n in sizes) + " |")
         out.append("\n".join(lines))
-    lines = ["Continuum (Spearman over test users at n = max, and along the interpolation path):\n",
+    lines = ["Continuum (Spearman over the split's users at n = max, and along the interpolation path):\n",
              "| model | seeds | length | tone | interpolation: length | interpolation: tone |", "|---|---|---|---|---|---|"]
     for group, names in groups.items():
         n = sizes[-1]

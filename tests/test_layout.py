@@ -10,7 +10,7 @@ from conftest import REPO
 LIBRARY = {"common", "dist", "runs", "defaults", "np_encoder", "data", "bayes", "text", "world", "toy", "reward",
            "particles", "policy", "queries", "dialogue", "steer_eval", "policy_eval", "report"}
 SCRIPTS = {"train_reward", "train_policy", "evaluate", "bench", "steer",
-           "prepare.synthetic", "prepare.ultrafeedback", "prepare.embed"}
+           "prepare.synthetic", "prepare.ultrafeedback", "prepare.embed", "prepare.steer_world"}
 METHOD_PATH = ("np_encoder.py", "reward.py", "policy.py", "train_reward.py", "train_policy.py")
 
 

@@ -346,5 +346,9 @@ def test_paired_gaps_by_hand(capsys):
     policy_eval.paired_gaps(curves, {"a": ["a_s0", "a_s1"]}, [1, 3])
     out = capsys.readouterr().out
     gaps = torch.tensor([0.1, 0.0, 0.0, 0.4]) * 100  # infogain@3 - random@3, per user and seed
-    assert f"| a | infogain | +0.0 ± 0.0 | +{gaps.mean():.1f} ± {gaps.std() / 2:.1f} |" in out
-    assert "| a | random |" not in out
+    pooled, paired = out.split("Paired gap")
+    assert f"| a | infogain | +0.0 ± 0.0 | +{gaps.mean():.1f} ± {gaps.std() / 2:.1f} |" in paired
+    assert "| a | random |" not in paired
+    scores = torch.tensor([0.2, 0.2, 0.3, 0.9]) * 100  # infogain@3 per user and seed
+    assert f"| a | infogain | 27.5 ± 8.5 | {scores.mean():.1f} ± {scores.std() / 2:.1f} |" in pooled
+    assert "| a | random | 0.0 ± 0.0 | 27.5 ± 8.5 |" in pooled

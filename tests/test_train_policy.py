@@ -22,7 +22,7 @@ import steer
 import text
 import train_policy
 from common import ConfigError, TrainingError, UserError
-from conftest import REPO, folder_hashes, run_torchrun, small
+from conftest import REPO, folder_hashes, prepare_main, run_torchrun, small
 from runs import load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -477,6 +477,29 @@ def test_evaluate_queries_on_the_world_from_a_pool_of_the_split(world_runs, tmp_
                           (["--queries=random", "--query.world_pool=100000"], "world_pool = 100000, but split")):
         with pytest.raises(ConfigError, match=message):
             evaluate.main([runs["np"], *args, *common, f"--out={tmp_path}/bad"])
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def test_evaluate_on_more_test_users_of_the_same_world_refuses_another(world_runs, tmp_path, capsys):
+    """prepare/steer_world.py builds a run's world again with more test users, and evaluate.py
+    --world_data scores them (its users, not the runs' own); another world (other training
+    pairs) or a folder without its files is one error line, and nothing is written."""
+    root, runs = world_runs
+    prepare_main(["steer_world", f"--run={runs['np']}", f"--out={tmp_path}/more", "--test_users=9"])
+    prepare_main(["steer_world", f"--run={runs['np']}", f"--out={tmp_path}/other", "--test_users=9", "--seed=1"])
+    with pytest.raises(ConfigError, match="exists"):
+        prepare_main(["steer_world", f"--run={runs['np']}", f"--out={tmp_path}/more", "--test_users=9"])
+    common = ["--queries=random", "--num-context=[0,2]", "--policy_eval.prompts=1", "--policy_eval.samples=1",
+              "--policy_eval.reference_samples=2", "--policy_eval.max_new_tokens=8"]
+    capsys.readouterr()
+    rows = evaluate.main([runs["np"], f"--world_data={tmp_path}/more", *common, f"--out={tmp_path}/q"])
+    assert "split 'test', 9 users" in capsys.readouterr().out and len(rows) == 2
+    evaluate.main([runs["np"], *common, f"--out={tmp_path}/q0"])
+    assert "split 'test', 6 users" in capsys.readouterr().out
+    for folder, message in (("other", "are not those of"), ("missing", "missing/pairs.jsonl not found"),
+                            ("more/pairs.jsonl", "is a file: give the folder")):
+        with pytest.raises(data.DataError, match=message):
+            evaluate.main([runs["np"], f"--world_data={tmp_path}/{folder}", *common, f"--out={tmp_path}/bad"])
     assert not os.path.exists(tmp_path / "bad")
 
 
