@@ -37,7 +37,7 @@ def load_policies(paths, device, world_data=""):
     from policy import load_policy
     from text import load_inputs
 
-    policies, first, configs = {}, None, {}
+    policies, first, configs, trained_on = {}, None, {}, set()
     for path in paths:
         policy, checkpoint = load_policy(path if not os.path.isdir(path) else os.path.join(path, "ckpt_best.pt"),
                                          device=device)
@@ -47,6 +47,7 @@ def load_policies(paths, device, world_data=""):
             raise ConfigError(f"two runs are named {name}: give runs in folders of different names")
         policies[name] = (policy.eval(), policy_role(policy, checkpoint["config"]))
         configs[name] = checkpoint["config"]
+        trained_on.add(resolve_path(checkpoint["config"]["data"]["pairs"], checkpoint))
     d = first["config"]["data"]
     first_config = dict(first["config"], data=dict(d, pairs=resolve_path(d["pairs"], first),
                                                    features=resolve_path(d["features"], first)))
@@ -57,7 +58,8 @@ def load_policies(paths, device, world_data=""):
             raise DataError(f"world_data: {world_data} is a file: give the folder prepare/steer_world.py wrote")
         if missing:
             raise DataError(f"world_data: {missing[0]} not found (the folder holds {', '.join(WORLD_FILES.values())})")
-        same_training_pairs(first_config["data"]["pairs"], files["pairs"])
+        for pairs in sorted(trained_on):  # every run's world, not only the first's
+            same_training_pairs(pairs, files["pairs"])
         first_config["data"].update(files)
     inputs_config = dict(first_config, data=dict(first_config["data"], labels=None, toy=False))
     data, token_pairs, tokenizer = load_inputs(inputs_config)
@@ -76,7 +78,8 @@ def same_training_pairs(trained_on, path):
     seen = [[r for r in read_text_pairs(p) if r["split"] != "test"] for p in (trained_on, path)]
     if seen[0] != seen[1]:
         raise DataError(f"world_data: the train and val pairs of {path} are not those of {trained_on}, which the "
-                        "runs were trained on: give the runs' world built again with other test users only")
+                        "runs were trained on: give their world built again with other test users only "
+                        "(prepare/steer_world.py)")
 
 
 def conflicting_only(data):
@@ -286,7 +289,8 @@ def evaluate_policy_queries(paths, strategies, config, device):
     sizes = sorted(config["num_context"])
     rows = [{"model": name, "strategy": s, "questions": n, **{k: res[k][0] for k in ("normalised", "relevance")},
              **{f"{k}_sem": res[k][1] for k in ("normalised", "relevance")}} for (name, s, n), res in curves.items()]
-    print(f"Steering world, split '{config['split']}', {len(users.labels)} users; questions chosen by {selector or '-'}"
+    print(f"Steering world {run_config['data']['pairs']}, split '{config['split']}', {len(users.labels)} users; "
+          f"questions chosen by {selector or '-'}"
           f"\n\nNormalised gold reward (%) ± SEM over users, against the number of questions answered:\n")
     print(strategy_header(sizes))
     for key in dict.fromkeys((r["model"], r["strategy"]) for r in rows):
@@ -315,7 +319,9 @@ def evaluate_policy_queries(paths, strategies, config, device):
 def paired_gaps(curves, groups, sizes):
     """Per test user, pooled over a model's training seeds, mean ± SEM over users x seeds: each
     strategy's normalised gold reward after n questions, and its gap to random's after the most
-    (the same users, prompts and sampling seeds). Positive gap: fewer chosen questions do better."""
+    (the same users, prompts and sampling seeds). Positive gap: fewer chosen questions do better.
+    The same users recur under every seed, so the SEM is a lower bound for these trained models
+    and leaves out how seeds differ (the mean ± sd table above has that)."""
     import steer_eval
     top = max(sizes)
     for title, paired in (("Normalised gold reward (%), mean ± SEM over users x training seeds", False),

@@ -484,11 +484,25 @@ def test_evaluate_on_more_test_users_of_the_same_world_refuses_another(world_run
     """prepare/steer_world.py builds a run's world again with more test users, and evaluate.py
     --world_data scores them (its users, not the runs' own); another world (other training
     pairs) or a folder without its files is one error line, and nothing is written."""
+    import shutil
     root, runs = world_runs
-    prepare_main(["steer_world", f"--run={runs['np']}", f"--out={tmp_path}/more", "--test_users=9"])
-    prepare_main(["steer_world", f"--run={runs['np']}", f"--out={tmp_path}/other", "--test_users=9", "--seed=1"])
-    with pytest.raises(ConfigError, match="exists"):
-        prepare_main(["steer_world", f"--run={runs['np']}", f"--out={tmp_path}/more", "--test_users=9"])
+    build = ["steer_world", f"--run={runs['np']}", "--test_users=9"]
+    prepare_main([*build, f"--out={tmp_path}/more"])
+    built = folder_hashes(tmp_path / "more")
+    for args, error, message in (([f"--out={tmp_path}/more"], ConfigError, "exists"),
+                                 ([f"--out={tmp_path}/other", "--seed=1"], data.DataError, "--seed=1 builds another"),
+                                 ([f"--out={runs['np']}", "--overwrite"], ConfigError, "holds other files"),
+                                 ([f"--out={root}", "--overwrite"], ConfigError, "is the world")):
+        with pytest.raises(error, match=message):
+            prepare_main([*build, *args])
+    assert folder_hashes(tmp_path / "more") == built and os.listdir(tmp_path) == ["more"]  # no half-built folder
+    assert os.path.isfile(os.path.join(runs["np"], "ckpt_best.pt")) and os.path.isfile(f"{root}/pairs.jsonl")
+    shutil.copytree(tmp_path / "more", tmp_path / "other")  # another world: one training answer differs
+    rows = text.read_text_pairs(f"{tmp_path}/other/pairs.jsonl")
+    train = next(r for r in rows if r["split"] == "train")
+    user = next(iter(train["choices"]))
+    train["choices"][user] = 1 - train["choices"][user]
+    text.write_text_pairs(f"{tmp_path}/other/pairs.jsonl", rows)
     common = ["--queries=random", "--num-context=[0,2]", "--policy_eval.prompts=1", "--policy_eval.samples=1",
               "--policy_eval.reference_samples=2", "--policy_eval.max_new_tokens=8"]
     capsys.readouterr()
