@@ -52,10 +52,10 @@ def load_policies(paths, device, world_data=""):
     first_config = dict(first["config"], data=dict(d, pairs=resolve_path(d["pairs"], first),
                                                    features=resolve_path(d["features"], first)))
     if world_data:
-        files = {k: os.path.join(world_data, f) for k, f in WORLD_FILES.items()}
-        missing = [f for f in files.values() if not os.path.isfile(f)]
         if os.path.isfile(world_data):
             raise DataError(f"world_data: {world_data} is a file: give the folder prepare/steer_world.py wrote")
+        files = {k: os.path.join(world_data, f) for k, f in WORLD_FILES.items()}
+        missing = [f for f in files.values() if not os.path.isfile(f)]
         if missing:
             raise DataError(f"world_data: {missing[0]} not found (the folder holds {', '.join(WORLD_FILES.values())})")
         for pairs in sorted(trained_on):  # every run's world, not only the first's
@@ -331,8 +331,8 @@ def paired_gaps(curves, groups, sizes):
             for suffix in ("", "@posterior"):
                 models = [m + suffix for m in names if (m + suffix, "random", top) in curves]
                 for s in dict.fromkeys(s for m, s, _ in curves if m in models and not (paired and s == "random")):
-                    scores = [torch.cat([curves[(m, s, n)]["users"] - paired * curves[(m, "random", top)]["users"]
-                                         for m in models]) for n in sizes]
+                    baseline = {m: curves[(m, "random", top)]["users"] if paired else 0.0 for m in models}
+                    scores = [torch.cat([curves[(m, s, n)]["users"] - baseline[m] for m in models]) for n in sizes]
                     sign = "+" if paired else ""
                     cells = [f"{100 * mean:{sign}.1f} ± {100 * err:.1f}" for mean, err in map(steer_eval.mean_sem, scores)]
                     print(f"| {group}{suffix} | {s} | " + " | ".join(cells) + " |")
