@@ -317,25 +317,33 @@ def evaluate_policy_queries(paths, strategies, config, device):
 
 
 def paired_gaps(curves, groups, sizes):
-    """Per test user, pooled over a model's training seeds, mean ± SEM over users x seeds: each
-    strategy's normalised gold reward after n questions, and its gap to random's after the most
-    (the same users, prompts and sampling seeds). Positive gap: fewer chosen questions do better.
-    The same users recur under every seed, so the SEM is a lower bound for these trained models
-    and leaves out how seeds differ (the mean ± sd table above has that)."""
+    """Per test user, over a model's training seeds: each strategy's normalised gold reward after n
+    questions, and its gap to random's after the most (the same users, prompts and sampling seeds;
+    positive: fewer chosen questions do better). Mean ± SEM over users, each user's score averaged
+    over the seeds first (the same users recur under every seed), and in brackets the SEM over the
+    seeds' means (none for one seed): the first is how well these trained models are measured,
+    the second how the training recipe varies."""
     import steer_eval
     top = max(sizes)
-    for title, paired in (("Normalised gold reward (%), mean ± SEM over users x training seeds", False),
-                          (f"Paired gap to random's n={top} (points; mean ± SEM over users x training seeds)", True)):
-        print(f"\n{title}:\n\n{strategy_header(sizes)}")
+    for title, paired in (("Normalised gold reward (%)", False), (f"Paired gap to random's n={top} (points)", True)):
+        print(f"\n{title}, mean ± SEM over users, each averaged over the seeds (± SEM over seeds):\n\n"
+              f"{strategy_header(sizes)}")
         for group, names in groups.items():
             for suffix in ("", "@posterior"):
                 models = [m + suffix for m in names if (m + suffix, "random", top) in curves]
                 for s in dict.fromkeys(s for m, s, _ in curves if m in models and not (paired and s == "random")):
-                    baseline = {m: curves[(m, "random", top)]["users"] if paired else 0.0 for m in models}
-                    scores = [torch.cat([curves[(m, s, n)]["users"] - baseline[m] for m in models]) for n in sizes]
-                    sign = "+" if paired else ""
-                    cells = [f"{100 * mean:{sign}.1f} ± {100 * err:.1f}" for mean, err in map(steer_eval.mean_sem, scores)]
-                    print(f"| {group}{suffix} | {s} | " + " | ".join(cells) + " |")
+                    print(f"| {group}{suffix} | {s} | " + " | ".join(
+                        gap_cell(curves, models, s, n, top if paired else None) for n in sizes) + " |")
+
+
+def gap_cell(curves, models, strategy, n, top=None):
+    """One cell of paired_gaps: (models' seeds, users) scores minus random's at n = top if given."""
+    import steer_eval
+    scores = torch.stack([curves[(m, strategy, n)]["users"] - (curves[(m, "random", top)]["users"] if top else 0.0)
+                          for m in models])
+    mean, over_users = steer_eval.mean_sem(scores.mean(0))
+    cell = f"{round(100 * mean, 1) + 0.0:{'+' if top else ''}.1f} ± {100 * over_users:.1f}"  # no -0.0
+    return cell + (f" (± {100 * steer_eval.mean_sem(scores.mean(1))[1]:.1f})" if len(models) > 1 else "")
 
 
 def strategy_header(sizes):

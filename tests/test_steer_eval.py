@@ -336,19 +336,26 @@ def test_question_curves_add_the_bayes_active_limit_to_infogain(users, monkeypat
 
 
 def test_paired_gaps_by_hand(capsys):
-    """The paired gap to random's largest n: per user, pooled over a model's seeds, mean ± SEM."""
+    """The paired gap to random's largest n: each user averaged over a model's seeds, then mean ±
+    SEM over users; in brackets the SEM over the seeds' means."""
     import policy_eval
     users = {("a_s0", "random", 3): [0.1, 0.2], ("a_s1", "random", 3): [0.3, 0.5],
              ("a_s0", "infogain", 3): [0.2, 0.2], ("a_s1", "infogain", 3): [0.3, 0.9],
              ("a_s0", "random", 1): [0.0, 0.0], ("a_s1", "random", 1): [0.0, 0.0],
-             ("a_s0", "infogain", 1): [0.1, 0.2], ("a_s1", "infogain", 1): [0.3, 0.5]}
+             ("a_s0", "infogain", 1): [0.1, 0.2], ("a_s1", "infogain", 1): [0.3, 0.5],
+             ("b", "random", 3): [0.4, 0.6], ("b", "infogain", 3): [0.5, 0.5],
+             ("b", "random", 1): [0.0, 0.0], ("b", "infogain", 1): [0.0, 0.0]}
     curves = {k: {"users": torch.tensor(v)} for k, v in users.items()}
-    policy_eval.paired_gaps(curves, {"a": ["a_s0", "a_s1"]}, [1, 3])
+    policy_eval.paired_gaps(curves, {"a": ["a_s0", "a_s1"], "b": ["b"]}, [1, 3])
     out = capsys.readouterr().out
-    gaps = torch.tensor([0.1, 0.0, 0.0, 0.4]) * 100  # infogain@3 - random@3, per user and seed
-    pooled, paired = out.split("Paired gap")
-    assert f"| a | infogain | +0.0 ± 0.0 | +{gaps.mean():.1f} ± {gaps.std() / 2:.1f} |" in paired
+    levels, paired = out.split("Paired gap")
+    # infogain@3 - random@3: seed 0 per user (0.1, 0.0), seed 1 (0.0, 0.4); per user over seeds
+    # (0.05, 0.2): mean 12.5 points, SEM over users 7.5; seed means (0.05, 0.2): SEM 7.5 as well
+    assert "| a | infogain | +0.0 ± 0.0 (± 0.0) | +12.5 ± 7.5 (± 7.5) |" in paired
     assert "| a | random |" not in paired
-    scores = torch.tensor([0.2, 0.2, 0.3, 0.9]) * 100  # infogain@3 per user and seed
-    assert f"| a | infogain | 27.5 ± 8.5 | {scores.mean():.1f} ± {scores.std() / 2:.1f} |" in pooled
-    assert "| a | random | 0.0 ± 0.0 | 27.5 ± 8.5 |" in pooled
+    # one seed, no bracket: (0 - 0.4, 0 - 0.6) and (0.5 - 0.4, 0.5 - 0.6)
+    assert "| b | infogain | -50.0 ± 10.0 | +0.0 ± 10.0 |" in paired
+    # infogain@3 per user over seeds (0.25, 0.55): mean 40.0, SEM over users 15.0; seed means
+    # (0.2, 0.6): SEM 20.0. A pooled SEM over the 4 user-seeds would say 16.8: not what is printed
+    assert "| a | infogain | 27.5 ± 7.5 (± 12.5) | 40.0 ± 15.0 (± 20.0) |" in levels
+    assert "| a | random | 0.0 ± 0.0 (± 0.0) | 27.5 ± 7.5 (± 12.5) |" in levels
