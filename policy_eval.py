@@ -323,7 +323,6 @@ def paired_gaps(curves, groups, sizes):
     over the seeds first (the same users recur under every seed), and in brackets the SEM over the
     seeds' means (none for one seed): the first is how well these trained models are measured,
     the second how the training recipe varies."""
-    import steer_eval
     top = max(sizes)
     for title, paired in (("Normalised gold reward (%)", False), (f"Paired gap to random's n={top} (points)", True)):
         print(f"\n{title}, mean ± SEM over users, each averaged over the seeds (± SEM over seeds):\n\n"
@@ -339,10 +338,11 @@ def paired_gaps(curves, groups, sizes):
 def gap_cell(curves, models, strategy, n, top=None):
     """One cell of paired_gaps: (models' seeds, users) scores minus random's at n = top if given."""
     import steer_eval
-    scores = torch.stack([curves[(m, strategy, n)]["users"] - (curves[(m, "random", top)]["users"] if top else 0.0)
+    paired = top is not None
+    scores = torch.stack([curves[(m, strategy, n)]["users"] - (curves[(m, "random", top)]["users"] if paired else 0.0)
                           for m in models])
     mean, over_users = steer_eval.mean_sem(scores.mean(0))
-    cell = f"{round(100 * mean, 1) + 0.0:{'+' if top else ''}.1f} ± {100 * over_users:.1f}"  # no -0.0
+    cell = f"{round(100 * mean, 1) + 0.0:{'+' if paired else ''}.1f} ± {100 * over_users:.1f}"  # no -0.0
     return cell + (f" (± {100 * steer_eval.mean_sem(scores.mean(1))[1]:.1f})" if len(models) > 1 else "")
 
 
