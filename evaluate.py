@@ -35,7 +35,8 @@ Writes eval.json (a list of rows: model, num_context, label, accuracy, sem, epis
 to `out` (default: the first run dir); --plot also writes accuracy.png and, for
 one-dimensional options, reward_curves.png (the learned r(y) per user type given
 10 context pairs, the paper's figure); policy runs of the toy task get steering.png.
-eval.json is written before the plots. A relative data path recorded in a run is
+An explicit `out` already holding this evaluation's file is refused (--overwrite replaces
+it); a run folder's own is replaced. eval.json is written before the plots. A relative data path recorded in a run is
 looked up from here, then from the folder the run was trained in.
 """
 
@@ -68,6 +69,7 @@ DEFAULTS = {
     "seed": 1234,  # episode sampling
     "plot": False,  # write accuracy.png (and reward_curves.png for 1-D options)
     "out": None,  # where eval.json and plots go; default: the first run dir
+    "overwrite": False,  # replace eval.json / queries.json already in an explicit --out
     "device": "cpu",  # cpu | cuda | auto
     "world_data": "",  # policy runs: score on this folder's pairs.jsonl, features.npz and users.json, the runs'
     # world built again with other test users (--data.world_users); its train and val pairs must be the runs'
@@ -342,6 +344,9 @@ def main(argv):
     kinds = {is_policy_checkpoint(p) for p in paths}
     check(len(kinds) == 1, "run", "give reward runs or policy runs, not both")
     strategies = query_strategies(config)
+    name = "queries.json" if strategies else "eval.json"
+    check(not (config["out"] and os.path.exists(os.path.join(out, name)) and not config["overwrite"]), "out",
+          f"{os.path.join(out, name)} holds another evaluation's results: choose another --out, or add --overwrite")
     policy_runs = kinds.pop()
     check(not (config["particles"] and policy_runs), "particles", "is for reward runs (an NP-BTL's predictions)")
     check(not (config["world_data"] and not policy_runs), "world_data", "is for policy runs of the steering world "
@@ -354,7 +359,6 @@ def main(argv):
         rows, draw = (evaluate_policy_queries if policy_runs else evaluate_queries)(paths, strategies, config, device)
     else:
         rows, draw = (evaluate_policies if policy_runs else evaluate_rewards)(paths, config, device)
-    name = "queries.json" if strategies else "eval.json"
     write_json(os.path.join(out, name), rows)
     print(f"\nwrote {out}/{name}")
     if config["plot"] and draw is not None:

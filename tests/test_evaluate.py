@@ -225,6 +225,24 @@ def test_bad_out_is_refused_before_any_work(run_copy, no_work, out, message):
     assert folder_hashes(run) == hashes
 
 
+def test_an_explicit_out_holding_results_is_refused_unless_overwrite(run_copy, no_work, tmp_path):
+    """An --out folder (say experiments/X) holding an earlier evaluation's results is not replaced
+    by a rerun: one line, nothing written; --overwrite replaces them. The run's own folder is."""
+    run, _ = run_copy
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "queries.json").write_text("earlier results")
+    hashes = folder_hashes(str(tmp_path / "kept"))
+    with pytest.raises(ConfigError, match=r"config key 'out': .*queries.json holds another evaluation's results"):
+        evaluate.main([run, "--queries=random", f"--out={tmp_path / 'kept'}"])
+    assert folder_hashes(str(tmp_path / "kept")) == hashes
+
+
+def test_overwrite_replaces_an_explicit_outs_results(np_btl_run, tmp_path):
+    (tmp_path / "eval.json").write_text("earlier results")
+    rows = evaluate.main([np_btl_run[0], *FAST, "--num-context=[0]", f"--out={tmp_path}", "--overwrite"])
+    assert json.loads((tmp_path / "eval.json").read_text()) == json.loads(json.dumps(rows))
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
 def test_out_without_permission_is_refused(run_copy, no_work, tmp_path):
     os.chmod(tmp_path / "np_btl", 0o500)
