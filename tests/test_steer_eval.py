@@ -157,8 +157,8 @@ def test_seed_groups_pool_runs_that_differ_only_in_seed():
     assert steer_eval.seed_groups(configs) == {"np": ["np_s0", "np_s1"], "pure": ["pure"]}
 
 
-def test_sampled_texts_are_the_generated_responses_not_the_prompt():
-    """Decoding the wrong slice (the prompt, or nothing: every generation empty) fails."""
+def tiny_world_policy():
+    """A random 1-layer policy on the world's vocabulary, with a 2-d latent."""
     from transformers import LlamaConfig
 
     import policy as policy_lib
@@ -168,12 +168,32 @@ def test_sampled_texts_are_the_generated_responses_not_the_prompt():
                                                    num_attention_heads=2, num_key_value_heads=2,
                                                    intermediate_size=32, max_position_embeddings=64))
     config = dict(policy_lib.DEFAULTS, base="tiny", encoder=dict(policy_lib.DEFAULTS["encoder"], latent_dim=2))
-    policy = policy_lib.SteerablePolicy(base, config).eval()
+    return policy_lib.SteerablePolicy(base, config).eval(), tokenizer
+
+
+def test_sampled_texts_are_the_generated_responses_not_the_prompt():
+    """Decoding the wrong slice (the prompt, or nothing: every generation empty) fails."""
+    policy, tokenizer = tiny_world_policy()
     texts = steer_eval.sample_texts(policy, tokenizer, "Describe owls.", torch.zeros(3, 2), 3, 2,
                                     {"temperature": 1.0, "max_new_tokens": 6}, "cpu")
     assert len(texts) == 6
     assert sum(len(t.split()) for t in texts) > 12  # a random model rarely stops at once
     assert not any(t.startswith("describe owls") for t in texts)
+
+
+def test_the_reference_and_the_policy_decode_at_the_configs_temperature():
+    """policy_eval.temperature decodes the reference (the normalised reward's 0 %) and the policy
+    alike: near 0, a prompt's samples are one response; at 1, a random model's differ. A
+    reference left at temperature 1 (or a policy), or the key ignored, fails."""
+    policy, tokenizer = tiny_world_policy()
+    for reference in (False, True):
+        def distinct(temperature):
+            texts = steer_eval.sample_texts(policy, tokenizer, "Describe owls.", torch.zeros(1, 2), 1, 8,
+                                            {"temperature": temperature, "max_new_tokens": 6}, "cpu",
+                                            reference=reference)
+            return len(set(texts))
+        assert distinct(1e-4) == 1
+        assert distinct(1.0) > 1
 
 
 def test_bayes_reference_moves_from_the_majority_to_the_user(users):
