@@ -253,8 +253,8 @@ def evaluate_world_policies(policies, data, token_pairs, tokenizer, run_config, 
     roles = {name: role for name, (_, role) in policies.items()}
     sizes = sorted(config["num_context"])
     print(f"Steering world, split '{config['split']}': {len(users.labels)} users never seen in training, "
-          f"prompts {steer_eval.eval_prompts(users.split, config['policy_eval']['prompts'])}; "
-          "mean ± sd over training seeds (one seed: ± SEM over users)\n")
+          f"prompts {steer_eval.eval_prompts(users.split, config['policy_eval']['prompts'])}; sampled at temperature "
+          f"{config['policy_eval']['temperature']:g}; mean ± sd over training seeds (one seed: ± SEM over users)\n")
     print(world_tables(results, groups, roles, sizes))
     ref = results["reference"]
     print(f"\nreference (the fine-tuned base): gold reward {ref['reference_reward']:.3f}, relevance "
@@ -287,10 +287,11 @@ def evaluate_policy_queries(paths, strategies, config, device):
     curves = steer_eval.question_curves(policies, belief, users, tokenizer, strategies, config, device)
     check(len(curves) > 0, "run", "--queries scores NP-DPO policies (steered by answers): give at least one")
     sizes = sorted(config["num_context"])
-    rows = [{"model": name, "strategy": s, "questions": n, **{k: res[k][0] for k in ("normalised", "relevance")},
+    rows = [{"model": name, "strategy": s, "questions": n, "temperature": config["policy_eval"]["temperature"],
+             **{k: res[k][0] for k in ("normalised", "relevance")},
              **{f"{k}_sem": res[k][1] for k in ("normalised", "relevance")}} for (name, s, n), res in curves.items()]
     print(f"Steering world {run_config['data']['pairs']}, split '{config['split']}', {len(users.labels)} users; "
-          f"questions chosen by {selector or '-'}"
+          f"questions chosen by {selector or '-'}; sampled at temperature {config['policy_eval']['temperature']:g}"
           f"\n\nNormalised gold reward (%) ± SEM over users, against the number of questions answered:\n")
     print(strategy_header(sizes))
     for key in dict.fromkeys((r["model"], r["strategy"]) for r in rows):

@@ -366,7 +366,7 @@ def evaluate_world(policies, users, token_pairs, tokenizer, config, device):
     torch.manual_seed(seed)
     ref_attrs, reference, best = reference_and_best(next(iter(policies.values()))[0], users, tokenizer, prompts, p, device)
     results = {"reference": {"relevance": ref_attrs[..., 2].mean().item(), "reference_reward": reference.mean().item(),
-                             "best_reward": best.mean().item()}}
+                             "best_reward": best.mean().item(), "temperature": p["temperature"]}}
     for name, (policy, role) in policies.items():
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)

@@ -426,13 +426,14 @@ def test_encoder_warm_up_trains_the_encoder_only_on_a_fresh_run(world_runs, tmp_
     assert calls == [1]  # a resumed run continues its own encoder
 
 
-def test_evaluate_scores_the_world_for_every_policy(world_runs, tmp_path):
+def test_evaluate_scores_the_world_for_every_policy(world_runs, tmp_path, capsys):
     _, runs = world_runs
     rows = evaluate.main([runs["np"], runs["dpo"], runs["known"], "--num-context=[0,3]", "--policy_eval.prompts=2",
                           "--policy_eval.samples=1", "--policy_eval.reference_samples=4",
                           "--policy_eval.interpolation_samples=1", "--policy_eval.repeats=1",
-                          "--policy_eval.max_new_tokens=12", f"--out={tmp_path}"])
+                          "--policy_eval.max_new_tokens=12", "--policy_eval.temperature=0.5", f"--out={tmp_path}"])
     by_model = {r["model"]: r for r in rows}
+    assert by_model["reference"]["temperature"] == 0.5 and "sampled at temperature 0.5;" in capsys.readouterr().out
     assert set(by_model) == {"reference", "np", "dpo", "known", "gold", "bayes"}
     assert {k for k in by_model["np"] if k.startswith("normalised@")} == {"normalised@0", "normalised@3"}
     assert "normalised@None" in by_model["dpo"] and "interpolation_length" in by_model["known"]
@@ -456,6 +457,7 @@ def test_evaluate_queries_on_the_world_scores_npdpo_and_the_ceiling(world_runs, 
         (m, n) for m in ("np", "np_s1", "known@posterior") for n in (0, 2)}
     out = capsys.readouterr().out
     assert "mean ± sd over training seeds" in out
+    assert "sampled at temperature 1\n" in out and {r["temperature"] for r in rows} == {1.0}
     per_seed = {n: [100 * r["normalised"] for r in rows if r["model"] in ("np", "np_s1") and r["questions"] == n]
                 for n in (0, 2)}
     expected = " | ".join(f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" for v in per_seed.values())
