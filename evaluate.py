@@ -36,8 +36,9 @@ to `out` (default: the first run dir); --plot also writes accuracy.png and, for
 one-dimensional options, reward_curves.png (the learned r(y) per user type given
 10 context pairs, the paper's figure); policy runs of the toy task get steering.png.
 An explicit `out` already holding this evaluation's file is refused (--overwrite replaces
-it); a run folder's own is replaced. eval.json is written before the plots. A relative data path recorded in a run is
-looked up from here, then from the folder the run was trained in.
+it); a run folder's own is replaced. eval.json is written before the plots. A relative
+data path recorded in a run is looked up from here, then from the folder the run was
+trained in.
 """
 
 import functools

@@ -186,14 +186,14 @@ def test_the_reference_and_the_policy_decode_at_the_configs_temperature():
     alike: near 0, a prompt's samples are one response; at 1, a random model's differ. A
     reference left at temperature 1 (or a policy), or the key ignored, fails."""
     policy, tokenizer = tiny_world_policy()
+
+    def distinct(temperature, reference):
+        texts = steer_eval.sample_texts(policy, tokenizer, "Describe owls.", torch.zeros(1, 2), 1, 8,
+                                        {"temperature": temperature, "max_new_tokens": 6}, "cpu", reference=reference)
+        return len(set(texts))
     for reference in (False, True):
-        def distinct(temperature):
-            texts = steer_eval.sample_texts(policy, tokenizer, "Describe owls.", torch.zeros(1, 2), 1, 8,
-                                            {"temperature": temperature, "max_new_tokens": 6}, "cpu",
-                                            reference=reference)
-            return len(set(texts))
-        assert distinct(1e-4) == 1
-        assert distinct(1.0) > 1
+        assert distinct(1e-4, reference) == 1
+        assert distinct(1.0, reference) > 1
 
 
 def test_bayes_reference_moves_from_the_majority_to_the_user(users):
