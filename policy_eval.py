@@ -12,7 +12,7 @@ import torch
 
 from common import ConfigError, check
 from data import DataError, EpisodeSampler, chosen_first
-from report import cell, markdown, plot_steering, plot_world, sem, table_rows, world_tables
+from report import cell, markdown, plot_steering, plot_world, seed_groups, sem, table_rows, world_tables
 from runs import check_runs, load_checkpoint, resolve_path, run_dir_of
 
 
@@ -249,7 +249,7 @@ def evaluate_world_policies(policies, data, token_pairs, tokenizer, run_config, 
         raise DataError(f"{run_config['data']['preferences']}: the users' preferences are needed to score steering")
     users = steer_eval.TestUsers(data, text_rows, config["split"])
     results = steer_eval.evaluate_world(policies, users, token_pairs, tokenizer, config, device)
-    groups = steer_eval.seed_groups(run_config["run_configs"])
+    groups = seed_groups(run_config["run_configs"])
     roles = {name: role for name, (_, role) in policies.items()}
     sizes = sorted(config["num_context"])
     print(f"Steering world, split '{config['split']}': {len(users.labels)} users never seen in training, "
@@ -283,9 +283,10 @@ def evaluate_policy_queries(paths, strategies, config, device):
         belief = queries.run_belief(selector, data.dim, device, data.path, **queries.belief_options(q), data=data,
                                     particles=q["particles"] if q["belief"] != "lookahead" else 0,
                                     adaptive=q["belief"] == "adaptive", latents=config["particle_latents"])
+    check(any(role in ("np_dpo", "known") for _, role in policies.values()), "run", "--queries scores policies "
+          "steered by answers (NP-DPO, or known preference at the posterior mean): give at least one")
     users = steer_eval.TestUsers(data, read_text_pairs(run_config["data"]["pairs"]), config["split"])
     curves = steer_eval.question_curves(policies, belief, users, tokenizer, strategies, config, device)
-    check(len(curves) > 0, "run", "--queries scores NP-DPO policies (steered by answers): give at least one")
     sizes = sorted(config["num_context"])
     rows = [{"model": name, "strategy": s, "questions": n, "temperature": config["policy_eval"]["temperature"],
              **{k: res[k][0] for k in ("normalised", "relevance")},
@@ -298,7 +299,7 @@ def evaluate_policy_queries(paths, strategies, config, device):
         cells = [f"{100 * r['normalised']:.1f} ± {100 * r['normalised_sem']:.1f} (rel {100 * r['relevance']:.0f})"
                  for r in rows if (r["model"], r["strategy"]) == key]
         print(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
-    groups = steer_eval.seed_groups(run_config["run_configs"])
+    groups = seed_groups(run_config["run_configs"])
     if any(len(names) > 1 for names in groups.values()):
         pooled = {}
         for (model, s, n), res in curves.items():
@@ -328,7 +329,7 @@ def paired_gaps(curves, groups, sizes):
     for title, paired in (("Normalised gold reward (%)", False), (f"Paired gap to random's n={top} (points)", True)):
         print(f"\n{title}, mean ± SEM over users, each averaged over the seeds (± SEM over seeds):\n\n"
               f"{strategy_header(sizes)}")
-        for group, names in groups.items():
+        for group, names in {**groups, "exact limit (a perfect decoder)": ["exact limit"]}.items():
             for suffix in ("", "@posterior"):
                 models = [m + suffix for m in names if (m + suffix, "random", top) in curves]
                 for s in dict.fromkeys(s for m, s, _ in curves if m in models and not (paired and s == "random")):

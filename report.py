@@ -7,6 +7,7 @@ optional: only --plot needs it).
 import json
 import math
 import os
+import re
 
 import torch
 
@@ -259,6 +260,10 @@ def world_tables(results, groups, roles, sizes):
             if roles[names[0]] == "known" and not metric.startswith("implicit"):
                 lines.append(f"| {group}, z = Bayes posterior mean of the n pairs (few-shot ceiling) | {len(names)} | "
                              + " | ".join(cell(results, names, f"posterior_{metric}@{n}", scale) for n in sizes) + " |")
+        if metric == "normalised" and f"bayes_limit@{sizes[0]}" in results.get("reference", {}):
+            lines.append("| exact limit: the best response for the Bayes posterior mean of the n pairs (a perfect "
+                         "decoder; ± SEM over users) | - | "
+                         + " | ".join(gold_cell(results, "bayes_limit", n, "reference") for n in sizes) + " |")
         if metric.startswith("implicit"):
             lines.append("| Bayes-optimal given the n pairs (the world's reward family and prior) | - | "
                          + " | ".join(gold_cell(results, metric, n, "bayes") for n in sizes) + " |")
@@ -312,6 +317,9 @@ def plot_world(results, groups, roles, sizes, out):
             axes[3].plot(path["weights"], path["length"], color=style["color"], marker="o", label=f"{group}: length")
             axes[3].plot(path["weights"], [3.5 + 2.5 * t for t in path["tone"]], color=style["color"], marker="s",
                          linestyle="--", label=f"{group}: tone (scaled to 1-6)")
+    if f"bayes_limit@{sizes[0]}" in results.get("reference", {}):
+        axes[0].plot(sizes, [100 * results["reference"][f"bayes_limit@{n}"][0] for n in sizes], color="black",
+                     linestyle=":", label="exact limit (perfect decoder, posterior mean)")
     axes[0].set(xlabel="context pairs n", ylabel="normalised gold reward (%)", xticks=sizes,
                 title="0 % = reference, 100 % = each user's optimum")
     axes[1].set(xlabel="user's preferred length", ylabel="mean sentences generated", title=f"n = {sizes[-1]}")
@@ -342,3 +350,28 @@ def plot_queries(rows, where, path):
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     save_figure(plt, fig, path)
     return ["queries.png"]
+
+
+# -----------------------------------------------------------------------------
+# training seeds
+
+RUN_ONLY_KEYS = ("seed", "out_dir", "resume", "overwrite", "device")
+
+
+def seed_groups(run_configs):
+    """{group name: [run names]}: runs whose configs differ only in seed and run folder are one
+    model trained with several seeds. A group is named by its runs' common name prefix."""
+    groups = {}
+    for name, config in run_configs.items():
+        key = json.dumps({k: v for k, v in config.items() if k not in RUN_ONLY_KEYS}, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(name)
+    named = {}
+    for names in groups.values():
+        prefix = names[0]
+        for other in names[1:]:
+            while not other.startswith(prefix):
+                prefix = prefix[:-1]
+        if len(names) > 1 and all(len(prefix) < len(n) for n in names):  # x_s1, x_s2 -> x
+            prefix = re.sub(r"[_-]*(seed|s)?$", "", prefix)
+        named[prefix or names[0]] = names
+    return named

@@ -23,7 +23,6 @@ For every test user (never seen in training) and context size n:
 """
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
@@ -149,20 +148,24 @@ class TestUsers:
                                for a, b in map(self.pair_attributes, rows.tolist())], dtype=torch.float64)
         return torch.rand(len(rows), generator=gen, dtype=torch.float64) < torch.sigmoid(margin)
 
-    def posterior_latents(self, picked, answers=None):
-        """(U, 2) the known-preference latent of each user's posterior-mean preference given
-        their answers to the rows picked[u] (BAYES_GRID, uniform prior; n = 0: the prior mean):
-        the recorded ones, or answers[u] (bool, True = b chosen) where given.
-        The world's reward is quadratic in the preference, so the response that maximises a
-        user's expected reward under the posterior is the posterior-mean user's best response."""
+    def posterior_preferences(self, picked, answers=None):
+        """(U, 2) each user's posterior-mean preference given their answers to the rows picked[u]
+        (BAYES_GRID, uniform prior; n = 0: the prior mean): the recorded ones, or answers[u] (True =
+        b chosen) where given. The reward is quadratic in the preference, so the response that
+        maximises a user's expected reward under the posterior is the posterior mean's best one."""
         out = []
         for u, rows in enumerate(picked):
             log_post = torch.zeros(len(BAYES_GRID), dtype=torch.float64)
             if len(rows):
                 sign = 2 * (self.answers(rows, u) if answers is None else answers[u]).double() - 1  # 1 = b chosen
                 log_post = F.logsigmoid(sign[:, None] * self.margins(rows)).sum(0)
-            out.append(world.preference_latent((torch.softmax(log_post, 0) @ BAYES_GRID.double()).tolist()))
-        return torch.tensor(out, dtype=torch.float32)
+            out.append(torch.softmax(log_post, 0) @ BAYES_GRID.double())
+        return torch.stack(out)
+
+    def posterior_latents(self, picked, answers=None):
+        """(U, 2) the known-preference latent of posterior_preferences()."""
+        return torch.tensor([world.preference_latent(p) for p in self.posterior_preferences(picked, answers).tolist()],
+                            dtype=torch.float32)
 
 
 def latents_for(policy, role, users, contexts, device, picked=None):
@@ -173,9 +176,7 @@ def latents_for(policy, role, users, contexts, device, picked=None):
         return policy.infer_latent(contexts.to(device))
     if role == "posterior":
         return users.posterior_latents(picked).to(device)
-    if role == "known":
-        return users.latents.to(device)
-    return None
+    return users.latents.to(device) if role == "known" else None
 
 
 # -----------------------------------------------------------------------------
@@ -319,6 +320,20 @@ def user_scores(attrs, users, reference, best):
             "relevance": attrs[..., 2].mean((1, 2))}
 
 
+def bayes_limit(users, prompts, n, gen):
+    """(U,) each user's gold reward of the best response for the Bayes posterior mean of n of their
+    pairs (NP-DPO's draws in generation_attributes): a perfect decoder. It maximises the user's
+    expected reward under the posterior, so no policy given the same n pairs does better."""
+    return torch.stack([best_response_rewards(users, users.posterior_preferences(
+        [users.context(u, n, gen, exclude_prompt=q)[1] for u in range(len(users.labels))])) for q in prompts]).mean(0)
+
+
+def best_response_rewards(users, preferences):
+    """(U,) each user's gold reward (true preference) of the best response for preferences[u]."""
+    return torch.tensor([world.reward_of(world.best_response(p), truth) for p, truth in
+                         zip(preferences.tolist(), users.preferences.tolist())], dtype=torch.float64)
+
+
 def interpolation(policy, role, users, tokenizer, prompts, config, gen, device, points=11):
     """Attributes along the latent path between the two users at opposite corners of the
     population: {'weights', 'length', 'tone', 'relevance'} (points,), and the two users."""
@@ -367,6 +382,10 @@ def evaluate_world(policies, users, token_pairs, tokenizer, config, device):
     ref_attrs, reference, best = reference_and_best(next(iter(policies.values()))[0], users, tokenizer, prompts, p, device)
     results = {"reference": {"relevance": ref_attrs[..., 2].mean().item(), "reference_reward": reference.mean().item(),
                              "best_reward": best.mean().item(), "temperature": p["temperature"]}}
+    limit_gen = torch.Generator().manual_seed(seed)  # NP-DPO's draws, in NP-DPO's order
+    for n in sizes:
+        results["reference"][f"bayes_limit@{n}"] = mean_sem(normalised(bayes_limit(users, prompts, n, limit_gen),
+                                                                       reference, best))
     for name, (policy, role) in policies.items():
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
@@ -444,7 +463,8 @@ def question_curves(policies, belief, users, tokenizer, strategies, config, devi
     generations steered by the user's answers to the first n questions that `belief` (a reward model
     on the same context features) chose by `strategy`. NP-DPO reads the answers with its encoder; a
     known-preference policy is scored as the few-shot ceiling, at the Bayes posterior mean of the
-    same answers (model 'NAME@posterior'). The same users, prompts and sampling seeds for every
+    same answers (model 'NAME@posterior'), and model 'exact limit' is that mean's best response
+    (a perfect decoder; bayes_limit). The same users, prompts and sampling seeds for every
     strategy; random questions are today's random contexts. With infogain, Bayes-active too."""
     p, sizes, seed = config["policy_eval"], sorted(config["num_context"]), config["seed"]
     prompts = eval_prompts(users.split, p["prompts"])
@@ -455,6 +475,11 @@ def question_curves(policies, belief, users, tokenizer, strategies, config, devi
     asked = {(s, q): question_contexts(users, belief, s, q, max(sizes), seed, pool)
              for s in strategies for q in prompts}
     out = {}
+    for strategy, n in ((s, n) for s in strategies for n in sizes):  # the exact limit: a perfect decoder
+        reward = torch.stack([best_response_rewards(users, users.posterior_preferences(
+            *(a[:, :n] for a in asked[(strategy, q)][1:]))) for q in prompts]).mean(0)
+        scores = normalised(reward, reference, best)
+        out[("exact limit", strategy, n)] = {"normalised": mean_sem(scores), "users": scores, "relevance": (1.0, 0.0)}
     for name, (policy, role) in policies.items():
         if role not in ("np_dpo", "known"):
             continue
@@ -472,29 +497,3 @@ def question_curves(policies, belief, users, tokenizer, strategies, config, devi
                 out[(model, strategy, n)] = {"normalised": mean_sem(scores["normalised"]), "users": scores["normalised"],
                                              "relevance": mean_sem(scores["relevance"])}
     return out
-
-
-# -----------------------------------------------------------------------------
-# training seeds
-
-RUN_ONLY_KEYS = ("seed", "out_dir", "resume", "overwrite", "device")
-
-
-def seed_groups(run_configs):
-    """{group name: [run names]}: runs whose configs differ only in seed and run folder are one
-    model trained with several seeds. A group is named by its runs' common name prefix."""
-    import json
-    groups = {}
-    for name, config in run_configs.items():
-        key = json.dumps({k: v for k, v in config.items() if k not in RUN_ONLY_KEYS}, sort_keys=True, default=str)
-        groups.setdefault(key, []).append(name)
-    named = {}
-    for names in groups.values():
-        prefix = names[0]
-        for other in names[1:]:
-            while not other.startswith(prefix):
-                prefix = prefix[:-1]
-        if len(names) > 1 and all(len(prefix) < len(n) for n in names):  # x_s1, x_s2 -> x
-            prefix = re.sub(r"[_-]*(seed|s)?$", "", prefix)
-        named[prefix or names[0]] = names
-    return named

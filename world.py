@@ -133,16 +133,17 @@ def gold_reward(prompt, text, preference):
     return reward_of(attributes(prompt, text), preference)
 
 
+def best_response(preference):
+    """The attributes of the best response a user can get under this generator: relevance 1,
+    and the best of every length and every count of warm and harsh sentences (exact search)."""
+    candidates = [{"length": k, "tone": (warm - harsh) / k, "relevance": 1.0} for k in range(1, MAX_SENTENCES + 1)
+                  for warm, harsh in itertools.product(range(k + 1), repeat=2) if warm + harsh <= k]
+    return max(candidates, key=lambda attrs: reward_of(attrs, preference))
+
+
 def best_reward(preference):
-    """The largest gold reward any response of the world gets from this user: relevance 1,
-    and the best of every length and every count of warm and harsh sentences (exact)."""
-    best = -math.inf
-    for k in range(1, MAX_SENTENCES + 1):
-        for warm, harsh in itertools.product(range(k + 1), repeat=2):
-            if warm + harsh <= k:
-                attrs = {"length": k, "tone": (warm - harsh) / k, "relevance": 1.0}
-                best = max(best, reward_of(attrs, preference))
-    return best
+    """The largest gold reward any response of the world gets from this user (exact)."""
+    return reward_of(best_response(preference), preference)
 
 
 def preference_posterior(answers, points=41, temperature=1.0):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import report
 import steer_eval
 import world
 from common import ConfigError
@@ -154,7 +155,7 @@ def test_implicit_accuracy_is_split_by_kind_and_not_inverted(users, monkeypatch)
 def test_seed_groups_pool_runs_that_differ_only_in_seed():
     base = {"stage": "policy", "train": {"nll_weight": 1.0}, "seed": 0, "out_dir": "a"}
     configs = {"np_s0": base, "np_s1": dict(base, seed=1, out_dir="b"), "pure": dict(base, train={"nll_weight": 0.0})}
-    assert steer_eval.seed_groups(configs) == {"np": ["np_s0", "np_s1"], "pure": ["pure"]}
+    assert report.seed_groups(configs) == {"np": ["np_s0", "np_s1"], "pure": ["pure"]}
 
 
 def tiny_world_policy():
@@ -229,6 +230,33 @@ def test_posterior_latents_follow_the_answers_and_draw_npdpos_contexts(users, mo
     assert [r.tolist() for r in seen[0]] == np_rows.tolist()
 
 
+def test_bayes_limit_scores_the_best_response_for_the_posterior_mean_by_hand(users, monkeypatch):
+    """The exact limit (a perfect decoder): the best response for the posterior mean, scored by
+    the user's TRUE preference. With no answers, everyone gets the prior mean's best response
+    (3.5, 0) -> length 3 or 4, tone 0: t1 (3.5, 0) gets 4 - 0.3 / 4, and t0 (1, -1) and
+    t2 (6, 1) get 0.8 and -0.7 between them, whichever length wins the tie. Its contexts are
+    NP-DPO's draws, never on the evaluated prompt, and t0's (short) and t2's (long) answers
+    move their limit up."""
+    none = steer_eval.bayes_limit(users, PROMPTS[:1], 0, torch.Generator().manual_seed(0))
+    assert none[1].item() == pytest.approx(4 - 0.3 / 4)
+    assert (none[0] + none[2]).item() == pytest.approx(0.8 - 0.7)
+    after = steer_eval.bayes_limit(users, PROMPTS[:1], 4, torch.Generator().manual_seed(0))
+    assert after[0] > none[0] + 0.5 and after[2] > none[2] + 0.5
+    best = torch.tensor([world.best_reward(p) for p in users.preferences.tolist()], dtype=torch.float64)
+    assert (after <= best + 1e-9).all()
+    seen, truth = [], users.preferences.clone()
+    monkeypatch.setattr(steer_eval.TestUsers, "posterior_preferences",
+                        lambda self, picked, answers=None: seen.append(picked) or truth)
+    assert steer_eval.bayes_limit(users, PROMPTS[:1], 3, torch.Generator().manual_seed(5)).tolist() == best.tolist()
+    monkeypatch.setattr(steer_eval, "sample_texts", stub_texts)
+    policy = StubPolicy()
+    steer_eval.generation_attributes(policy, "np_dpo", users, None, PROMPTS[:1], 3,
+                                     {"samples": 1, "temperature": 1.0, "max_new_tokens": 8},
+                                     torch.Generator().manual_seed(5), "cpu")
+    assert [r.tolist() for r in seen[0]] == policy.contexts[0][:, :, 0, 0].floor().long().tolist()
+    assert all(users.prompt_of[r] != PROMPTS[0] for rows in seen[0] for r in rows.tolist())
+
+
 def test_question_curves_by_hand(users, monkeypatch):
     """Steering against questions asked: the stub policy reads each user's length off their answers,
     so from one answer on every user gets their own length; with none, everyone gets 3.5 -> 4. The
@@ -239,7 +267,7 @@ def test_question_curves_by_hand(users, monkeypatch):
     config = {"num_context": [0, 1, 3], "seed": 0, "policy_eval": {
         "prompts": 2, "samples": 2, "reference_samples": 3, "temperature": 1.0, "max_new_tokens": 8}}
     out = steer_eval.question_curves({"np": (policy, "np_dpo")}, None, users, None, ["random"], config, "cpu")
-    assert set(out) == {("np", "random", n) for n in (0, 1, 3)}
+    assert set(out) == {(m, "random", n) for m in ("np", "exact limit") for n in (0, 1, 3)}
     reference = [world.gold_reward(PROMPTS[0], "owls exist . drums exist .", p) for p in users.preferences.tolist()]
     best = [world.best_reward(p) for p in users.preferences.tolist()]
 
@@ -255,6 +283,11 @@ def test_question_curves_by_hand(users, monkeypatch):
     assert out[("np", "random", 0)]["normalised"][0] == pytest.approx(expected([4, 4, 4]))
     for n in (1, 3):
         assert out[("np", "random", n)]["normalised"][0] == pytest.approx(expected([1, 4, 6]))
+    # no answers: the prior mean (3.5, 0), whose best responses are 3 or 4 plain sentences (a tie)
+    limits = [sum((world.reward_of({"length": k, "tone": 0.0, "relevance": 1.0}, p) - reference[u])
+                  / (best[u] - reference[u]) for u, p in enumerate(users.preferences.tolist())) / 3 for k in (3, 4)]
+    assert min(abs(out[("exact limit", "random", 0)]["normalised"][0] - v) for v in limits) < 1e-9
+    assert out[("exact limit", "random", 3)]["normalised"][0] > out[("exact limit", "random", 0)]["normalised"][0] + 0.1
     assert len(policy.contexts) == 3 * 2  # one latent per n and prompt, in that order
     for i, context in enumerate(policy.contexts):
         rows = context[:, :, 0, 0].floor().long().flatten().tolist()
@@ -274,7 +307,7 @@ def test_question_curves_ceiling_reads_the_same_asked_rows(users, monkeypatch):
         "prompts": 1, "samples": 1, "reference_samples": 1, "temperature": 1.0, "max_new_tokens": 8}}
     out = steer_eval.question_curves({"np": (np_policy, "np_dpo"), "k": (known, "known")}, None, users, None,
                                      ["random"], config, "cpu")
-    assert set(out) == {(m, "random", n) for m in ("np", "k@posterior") for n in (0, 2)}
+    assert set(out) == {(m, "random", n) for m in ("np", "k@posterior", "exact limit") for n in (0, 2)}
     assert known.contexts == []  # the known policy never reads a context with an encoder
     assert [len(rows) for rows in seen[0]] == [0, 0, 0] and [len(rows) for rows in seen[1]] == [2, 2, 2]
     np_rows = np_policy.contexts[1][:, :, 0, 0].floor().long()  # NP-DPO's n = 2 context: the same rows
