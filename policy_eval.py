@@ -12,7 +12,7 @@ import torch
 
 from common import ConfigError, check
 from data import DataError, EpisodeSampler, chosen_first
-from report import cell, markdown, plot_steering, plot_world, seed_groups, sem, table_rows, world_tables
+from report import cell, markdown, mean_sem, plot_steering, plot_world, seed_groups, sem, table_rows, world_tables
 from runs import check_runs, load_checkpoint, resolve_path, run_dir_of
 
 
@@ -329,7 +329,7 @@ def paired_gaps(curves, groups, sizes):
     for title, paired in (("Normalised gold reward (%)", False), (f"Paired gap to random's n={top} (points)", True)):
         print(f"\n{title}, mean ± SEM over users, each averaged over the seeds (± SEM over seeds):\n\n"
               f"{strategy_header(sizes)}")
-        for group, names in {**groups, "exact limit (a perfect decoder)": ["exact limit"]}.items():
+        for group, names in {**groups, "Bayes limit (the best decision given the answers)": ["Bayes limit"]}.items():
             for suffix in ("", "@posterior"):
                 models = [m + suffix for m in names if (m + suffix, "random", top) in curves]
                 for s in dict.fromkeys(s for m, s, _ in curves if m in models and not (paired and s == "random")):
@@ -339,13 +339,12 @@ def paired_gaps(curves, groups, sizes):
 
 def gap_cell(curves, models, strategy, n, top=None):
     """One cell of paired_gaps: (models' seeds, users) scores minus random's at n = top if given."""
-    import steer_eval
     paired = top is not None
     scores = torch.stack([curves[(m, strategy, n)]["users"] - (curves[(m, "random", top)]["users"] if paired else 0.0)
                           for m in models])
-    mean, over_users = steer_eval.mean_sem(scores.mean(0))
+    mean, over_users = mean_sem(scores.mean(0))
     cell = f"{round(100 * mean, 1) + 0.0:{'+' if paired else ''}.1f} ± {100 * over_users:.1f}"  # no -0.0
-    return cell + (f" (± {100 * steer_eval.mean_sem(scores.mean(1))[1]:.1f})" if len(models) > 1 else "")
+    return cell + (f" (± {100 * mean_sem(scores.mean(1))[1]:.1f})" if len(models) > 1 else "")
 
 
 def strategy_header(sizes):

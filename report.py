@@ -23,6 +23,32 @@ def sem(values):
     return (values.std(unbiased=True) / len(values) ** 0.5).item() if len(values) > 1 else float("inf")
 
 
+def ranks(x):
+    """Ranks 0..N-1 of a 1-D tensor, ties given their average rank."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    order = x.argsort(stable=True)
+    r = torch.empty_like(x)
+    r[order] = torch.arange(len(x), dtype=torch.float64)
+    for value in x.unique():
+        tied = x == value
+        r[tied] = r[tied].mean()
+    return r
+
+
+def spearman(x, y):
+    """Spearman's rank correlation; NaN when either side is constant."""
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = (rx.square().sum() * ry.square().sum()).sqrt()
+    return (rx * ry).sum().item() / denom.item() if denom > 0 else math.nan
+
+
+def mean_sem(values):
+    values = torch.as_tensor(values, dtype=torch.float64)
+    sem = values.std(unbiased=True).item() / len(values) ** 0.5 if len(values) > 1 else math.inf
+    return values.mean().item(), sem
+
+
 def table_rows(accs, label_rows, labels, n, max_label_rows, mc=0.0):
     """Rows of accuracy and SEM over episodes; the Bayes reference's SEM includes its Monte Carlo error `mc`."""
     rows = []
@@ -261,8 +287,8 @@ def world_tables(results, groups, roles, sizes):
                 lines.append(f"| {group}, z = Bayes posterior mean of the n pairs (few-shot ceiling) | {len(names)} | "
                              + " | ".join(cell(results, names, f"posterior_{metric}@{n}", scale) for n in sizes) + " |")
         if metric == "normalised" and f"bayes_limit@{sizes[0]}" in results.get("reference", {}):
-            lines.append("| exact limit: the best response for the Bayes posterior mean of the n pairs (a perfect "
-                         "decoder; ± SEM over users) | - | "
+            lines.append("| Bayes limit: the response with the highest expected normalised reward under the "
+                         "posterior of the n pairs (± SEM over users) | - | "
                          + " | ".join(gold_cell(results, "bayes_limit", n, "reference") for n in sizes) + " |")
         if metric.startswith("implicit"):
             lines.append("| Bayes-optimal given the n pairs (the world's reward family and prior) | - | "
@@ -319,7 +345,7 @@ def plot_world(results, groups, roles, sizes, out):
                          linestyle="--", label=f"{group}: tone (scaled to 1-6)")
     if f"bayes_limit@{sizes[0]}" in results.get("reference", {}):
         axes[0].plot(sizes, [100 * results["reference"][f"bayes_limit@{n}"][0] for n in sizes], color="black",
-                     linestyle=":", label="exact limit (perfect decoder, posterior mean)")
+                     linestyle=":", label="Bayes limit of the n pairs")
     axes[0].set(xlabel="context pairs n", ylabel="normalised gold reward (%)", xticks=sizes,
                 title="0 % = reference, 100 % = each user's optimum")
     axes[1].set(xlabel="user's preferred length", ylabel="mean sentences generated", title=f"n = {sizes[-1]}")

@@ -22,7 +22,6 @@ For every test user (never seen in training) and context size n:
   context pairs, and the user's own gold reward (their preference known).
 """
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +30,7 @@ import world
 from common import ConfigError
 from data import choice_correct, chosen_first
 from policy import implicit_reward, policy_and_reference_logprobs
+from report import mean_sem, spearman
 from text import collate_pairs, tokenize_prompt
 
 
@@ -38,35 +38,9 @@ from text import collate_pairs, tokenize_prompt
 # the metrics
 
 
-def ranks(x):
-    """Ranks 0..N-1 of a 1-D tensor, ties given their average rank."""
-    x = torch.as_tensor(x, dtype=torch.float64)
-    order = x.argsort(stable=True)
-    r = torch.empty_like(x)
-    r[order] = torch.arange(len(x), dtype=torch.float64)
-    for value in x.unique():
-        tied = x == value
-        r[tied] = r[tied].mean()
-    return r
-
-
-def spearman(x, y):
-    """Spearman's rank correlation; NaN when either side is constant."""
-    rx, ry = ranks(x), ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = (rx.square().sum() * ry.square().sum()).sqrt()
-    return (rx * ry).sum().item() / denom.item() if denom > 0 else math.nan
-
-
 def normalised(policy_reward, reference_reward, best_reward):
     """Per user: (policy - reference) / (optimum - reference). Inputs (U,)."""
     return (policy_reward - reference_reward) / (best_reward - reference_reward)
-
-
-def mean_sem(values):
-    values = torch.as_tensor(values, dtype=torch.float64)
-    sem = values.std(unbiased=True).item() / len(values) ** 0.5 if len(values) > 1 else math.inf
-    return values.mean().item(), sem
 
 
 def attribute_table(prompt_texts):
@@ -148,24 +122,22 @@ class TestUsers:
                                for a, b in map(self.pair_attributes, rows.tolist())], dtype=torch.float64)
         return torch.rand(len(rows), generator=gen, dtype=torch.float64) < torch.sigmoid(margin)
 
-    def posterior_preferences(self, picked, answers=None):
-        """(U, 2) each user's posterior-mean preference given their answers to the rows picked[u]
-        (BAYES_GRID, uniform prior; n = 0: the prior mean): the recorded ones, or answers[u] (True =
-        b chosen) where given. The reward is quadratic in the preference, so the response that
-        maximises a user's expected reward under the posterior is the posterior mean's best one."""
+    def posterior_weights(self, picked, answers=None):
+        """(U, G) each user's posterior over BAYES_GRID (uniform prior) given their answers to the
+        rows picked[u]: the recorded ones, or answers[u] (True = b chosen) where given."""
         out = []
         for u, rows in enumerate(picked):
             log_post = torch.zeros(len(BAYES_GRID), dtype=torch.float64)
             if len(rows):
                 sign = 2 * (self.answers(rows, u) if answers is None else answers[u]).double() - 1  # 1 = b chosen
                 log_post = F.logsigmoid(sign[:, None] * self.margins(rows)).sum(0)
-            out.append(torch.softmax(log_post, 0) @ BAYES_GRID.double())
+            out.append(torch.softmax(log_post, 0))
         return torch.stack(out)
 
     def posterior_latents(self, picked, answers=None):
-        """(U, 2) the known-preference latent of posterior_preferences()."""
-        return torch.tensor([world.preference_latent(p) for p in self.posterior_preferences(picked, answers).tolist()],
-                            dtype=torch.float32)
+        """(U, 2) the known-preference latent of each user's posterior-mean preference (n = 0: the prior mean)."""
+        means = self.posterior_weights(picked, answers) @ BAYES_GRID.double()
+        return torch.tensor([world.preference_latent(p) for p in means.tolist()], dtype=torch.float32)
 
 
 def latents_for(policy, role, users, contexts, device, picked=None):
@@ -320,18 +292,30 @@ def user_scores(attrs, users, reference, best):
             "relevance": attrs[..., 2].mean((1, 2))}
 
 
-def bayes_limit(users, prompts, n, gen):
-    """(U,) each user's gold reward of the best response for the Bayes posterior mean of n of their
-    pairs (NP-DPO's draws in generation_attributes): a perfect decoder. It maximises the user's
-    expected reward under the posterior, so no policy given the same n pairs does better."""
-    return torch.stack([best_response_rewards(users, users.posterior_preferences(
-        [users.context(u, n, gen, exclude_prompt=q)[1] for u in range(len(users.labels))])) for q in prompts]).mean(0)
+def decision_scores(preferences, ref_attrs):
+    """(P, C) the normalised gold reward of every candidate response (world.candidate_responses)
+    for each preference (P, 2), against the reference's responses ref_attrs (Q, S, 3)."""
+    candidates = torch.tensor([[a["length"], a["tone"], a["relevance"]] for a in world.candidate_responses()],
+                              dtype=torch.float64)
+    reward = rewards_from_attributes(candidates[None], preferences[:, None, :])  # (P, C)
+    reference = rewards_from_attributes(ref_attrs[None], preferences[:, None, None, :]).mean((1, 2))  # (P,)
+    return normalised(reward, reference[:, None], reward.max(1, keepdim=True).values)
 
 
-def best_response_rewards(users, preferences):
-    """(U,) each user's gold reward (true preference) of the best response for preferences[u]."""
-    return torch.tensor([world.reward_of(world.best_response(p), truth) for p, truth in
-                         zip(preferences.tolist(), users.preferences.tolist())], dtype=torch.float64)
+def bayes_decision(weights, grid_scores, true_scores):
+    """(U,) each user's true normalised score of the candidate with the highest expected normalised
+    score under their posterior weights (U, G): the Bayes decision for the reported metric."""
+    return true_scores.gather(1, (weights @ grid_scores).argmax(1, keepdim=True)).squeeze(1)
+
+
+def bayes_limit(users, prompts, n, gen, ref_attrs):
+    """(U,) the Bayes limit of n of each user's pairs (NP-DPO's draws in generation_attributes): their
+    normalised score of the Bayes decision, averaged over prompts. No policy reading the same pairs
+    scores more in expectation (up to the grid prior)."""
+    grid, truth = decision_scores(BAYES_GRID.double(), ref_attrs), decision_scores(users.preferences, ref_attrs)
+    return torch.stack([bayes_decision(users.posterior_weights([users.context(u, n, gen, exclude_prompt=q)[1]
+                                                               for u in range(len(users.labels))]), grid, truth)
+                        for q in prompts]).mean(0)
 
 
 def interpolation(policy, role, users, tokenizer, prompts, config, gen, device, points=11):
@@ -384,8 +368,7 @@ def evaluate_world(policies, users, token_pairs, tokenizer, config, device):
                              "best_reward": best.mean().item(), "temperature": p["temperature"]}}
     limit_gen = torch.Generator().manual_seed(seed)  # NP-DPO's draws, in NP-DPO's order
     for n in sizes:
-        results["reference"][f"bayes_limit@{n}"] = mean_sem(normalised(bayes_limit(users, prompts, n, limit_gen),
-                                                                       reference, best))
+        results["reference"][f"bayes_limit@{n}"] = mean_sem(bayes_limit(users, prompts, n, limit_gen, ref_attrs))
     for name, (policy, role) in policies.items():
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
@@ -463,23 +446,24 @@ def question_curves(policies, belief, users, tokenizer, strategies, config, devi
     generations steered by the user's answers to the first n questions that `belief` (a reward model
     on the same context features) chose by `strategy`. NP-DPO reads the answers with its encoder; a
     known-preference policy is scored as the few-shot ceiling, at the Bayes posterior mean of the
-    same answers (model 'NAME@posterior'), and model 'exact limit' is that mean's best response
-    (a perfect decoder; bayes_limit). The same users, prompts and sampling seeds for every
+    same answers (model 'NAME@posterior'); model 'Bayes limit' is the Bayes decision given them
+    (bayes_limit). The same users, prompts and sampling seeds for every
     strategy; random questions are today's random contexts. With infogain, Bayes-active too."""
     p, sizes, seed = config["policy_eval"], sorted(config["num_context"]), config["seed"]
     prompts = eval_prompts(users.split, p["prompts"])
     torch.manual_seed(seed)
-    _, reference, best = reference_and_best(next(iter(policies.values()))[0], users, tokenizer, prompts, p, device)
+    ref_attrs, reference, best = reference_and_best(next(iter(policies.values()))[0], users, tokenizer, prompts, p,
+                                                    device)
     pool = config.get("query", {}).get("world_pool", 0)
     strategies = [*strategies, "bayes-active"] if "infogain" in strategies else strategies
     asked = {(s, q): question_contexts(users, belief, s, q, max(sizes), seed, pool)
              for s in strategies for q in prompts}
     out = {}
-    for strategy, n in ((s, n) for s in strategies for n in sizes):  # the exact limit: a perfect decoder
-        reward = torch.stack([best_response_rewards(users, users.posterior_preferences(
-            *(a[:, :n] for a in asked[(strategy, q)][1:]))) for q in prompts]).mean(0)
-        scores = normalised(reward, reference, best)
-        out[("exact limit", strategy, n)] = {"normalised": mean_sem(scores), "users": scores, "relevance": (1.0, 0.0)}
+    grid, truth = decision_scores(BAYES_GRID.double(), ref_attrs), decision_scores(users.preferences, ref_attrs)
+    for strategy, n in ((s, n) for s in strategies for n in sizes):  # the Bayes limit of the same answers
+        scores = torch.stack([bayes_decision(users.posterior_weights(*(a[:, :n] for a in asked[(strategy, q)][1:])),
+                                             grid, truth) for q in prompts]).mean(0)
+        out[("Bayes limit", strategy, n)] = {"normalised": mean_sem(scores), "users": scores, "relevance": (1.0, 0.0)}
     for name, (policy, role) in policies.items():
         if role not in ("np_dpo", "known"):
             continue

@@ -133,12 +133,16 @@ def gold_reward(prompt, text, preference):
     return reward_of(attributes(prompt, text), preference)
 
 
+def candidate_responses():
+    """The attributes of every response with relevance 1: each length and each count of warm and
+    harsh sentences. Every user's best response is one of them."""
+    return [{"length": k, "tone": (warm - harsh) / k, "relevance": 1.0} for k in range(1, MAX_SENTENCES + 1)
+            for warm, harsh in itertools.product(range(k + 1), repeat=2) if warm + harsh <= k]
+
+
 def best_response(preference):
-    """The attributes of the best response a user can get under this generator: relevance 1,
-    and the best of every length and every count of warm and harsh sentences (exact search)."""
-    candidates = [{"length": k, "tone": (warm - harsh) / k, "relevance": 1.0} for k in range(1, MAX_SENTENCES + 1)
-                  for warm, harsh in itertools.product(range(k + 1), repeat=2) if warm + harsh <= k]
-    return max(candidates, key=lambda attrs: reward_of(attrs, preference))
+    """The attributes of the best response a user can get under this generator (exact search)."""
+    return max(candidate_responses(), key=lambda attrs: reward_of(attrs, preference))
 
 
 def best_reward(preference):

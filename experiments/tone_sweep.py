@@ -54,12 +54,18 @@ def main(paths):
           f"and preference; mean over runs. Cell: mean tone generated (sd over responses) / gold reward "
           f"(best possible {best.min():.2f}-{best.max():.2f}).\n")
     for temperature in (0.1, 1.0):
-        result = torch.stack([sweep(p, tokenizer, temperature, prompts) for p, _ in policies.values()]).mean(0)
+        runs = torch.stack([sweep(p, tokenizer, temperature, prompts) for p, _ in policies.values()])
+        result = runs.mean(0)
         print(f"Temperature {temperature:g}:\n\n| length \\ tone asked | " + " | ".join(f"{t:+.2f}" for t in TONES)
               + " |\n|---|" + "---|" * len(TONES))
         for i, length in enumerate(LENGTHS):
             print(f"| {length:g} | " + " | ".join(f"{m:+.2f} ({s:.2f}) / {r:.2f}" for m, s, r in result[i].tolist()) + " |")
         print(f"\nmean gold reward over the sweep: {result[..., 2].mean():.2f} (best {best.mean():.2f})\n")
+        print(f"Per run at length {LENGTHS[1]:g} (temperature {temperature:g}), mean tone written / gold reward:\n\n"
+              "| run | " + " | ".join(f"{t:+.2f}" for t in TONES) + " |\n|---|" + "---|" * len(TONES))
+        for name, run in zip(policies, runs):
+            print(f"| {name} | " + " | ".join(f"{m:+.2f} / {r:.2f}" for m, _, r in run[1].tolist()) + " |")
+        print()
 
 
 if __name__ == "__main__":

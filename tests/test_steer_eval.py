@@ -230,24 +230,47 @@ def test_posterior_latents_follow_the_answers_and_draw_npdpos_contexts(users, mo
     assert [r.tolist() for r in seen[0]] == np_rows.tolist()
 
 
-def test_bayes_limit_scores_the_best_response_for_the_posterior_mean_by_hand(users, monkeypatch):
-    """The exact limit (a perfect decoder): the best response for the posterior mean, scored by
-    the user's TRUE preference. With no answers, everyone gets the prior mean's best response
-    (3.5, 0) -> length 3 or 4, tone 0: t1 (3.5, 0) gets 4 - 0.3 / 4, and t0 (1, -1) and
-    t2 (6, 1) get 0.8 and -0.7 between them, whichever length wins the tie. Its contexts are
-    NP-DPO's draws, never on the evaluated prompt, and t0's (short) and t2's (long) answers
-    move their limit up."""
-    none = steer_eval.bayes_limit(users, PROMPTS[:1], 0, torch.Generator().manual_seed(0))
-    assert none[1].item() == pytest.approx(4 - 0.3 / 4)
-    assert (none[0] + none[2]).item() == pytest.approx(0.8 - 0.7)
-    after = steer_eval.bayes_limit(users, PROMPTS[:1], 4, torch.Generator().manual_seed(0))
-    assert after[0] > none[0] + 0.5 and after[2] > none[2] + 0.5
-    best = torch.tensor([world.best_reward(p) for p in users.preferences.tolist()], dtype=torch.float64)
-    assert (after <= best + 1e-9).all()
-    seen, truth = [], users.preferences.clone()
-    monkeypatch.setattr(steer_eval.TestUsers, "posterior_preferences",
-                        lambda self, picked, answers=None: seen.append(picked) or truth)
-    assert steer_eval.bayes_limit(users, PROMPTS[:1], 3, torch.Generator().manual_seed(5)).tolist() == best.tolist()
+REF_ATTRS = torch.tensor([[[2.0, 0.0, 0.5]]])  # the reference writes "owls exist . drums exist ." (Q = S = 1)
+
+
+def test_decision_scores_and_the_bayes_decision_by_hand():
+    """Each candidate's normalised score: 1 for the user's best response, 0 for one as good as the
+    reference; t0 (1, -1) against the reference (reward 2 - 0.3 - 2 = -0.3). The Bayes decision
+    takes the candidate best on average under the weights, and scores it by the user's own row."""
+    scores = steer_eval.decision_scores(torch.tensor([[1.0, -1.0]], dtype=torch.float64), REF_ATTRS)[0]
+    candidates = world.candidate_responses()
+    assert scores[candidates.index({"length": 1, "tone": -1.0, "relevance": 1.0})].item() == pytest.approx(1.0)
+    plain6 = candidates.index({"length": 6, "tone": 0.0, "relevance": 1.0})  # 4 - 0.3 * 25 - 2 = -5.5
+    assert scores[plain6].item() == pytest.approx((-5.5 + 0.3) / (4 + 0.3))
+    grid = torch.tensor([[1.0, 0.0, 0.2], [0.0, 1.0, 0.6]], dtype=torch.float64)  # (G = 2, C = 3)
+    truth = torch.tensor([[0.5, 0.1, 0.9], [0.3, 0.7, 0.2]], dtype=torch.float64)  # (U = 2, C = 3)
+    weights = torch.tensor([[1.0, 0.0], [0.3, 0.7]], dtype=torch.float64)  # expected: [1, 0, .2] and [.3, .7, .48]
+    assert steer_eval.bayes_decision(weights, grid, truth).tolist() == [0.5, 0.7]
+
+
+def grid_index(preference):
+    here = torch.isclose(steer_eval.BAYES_GRID.double(), torch.tensor(preference, dtype=torch.float64), atol=1e-6)
+    return int(here.all(1).nonzero())
+
+
+def test_bayes_limit_is_the_bayes_decision_scored_by_the_true_preference(users, monkeypatch):
+    """The Bayes limit of n pairs: a posterior sure of the truth gives every user their optimum (1);
+    one sure that t0 (1, -1) is t2 (6, 1) gives t0 t2's best response (6 warm sentences) scored
+    by t0: (4 - 0.3 * 25 - 2 * 4 + 0.3) / (4 + 0.3). The answers move t0 (short) and t2 (long)
+    up from n = 0. Its contexts are NP-DPO's draws, never on the evaluated prompt."""
+    none = steer_eval.bayes_limit(users, PROMPTS[:1], 0, torch.Generator().manual_seed(0), REF_ATTRS)
+    after = steer_eval.bayes_limit(users, PROMPTS[:1], 4, torch.Generator().manual_seed(0), REF_ATTRS)
+    assert after[0] > none[0] + 0.1 and after[2] > none[2] + 0.1
+    seen, sure = [], torch.zeros(3, len(steer_eval.BAYES_GRID), dtype=torch.float64)
+    for u, where in enumerate(users.preferences.tolist()):
+        sure[u, grid_index(where)] = 1.0
+    monkeypatch.setattr(steer_eval.TestUsers, "posterior_weights", lambda self, picked, answers=None:
+                        seen.append(picked) or sure)
+    assert steer_eval.bayes_limit(users, PROMPTS[:1], 3, torch.Generator().manual_seed(5), REF_ATTRS).tolist() == \
+        pytest.approx([1.0, 1.0, 1.0])
+    sure[0] = sure[2]
+    wrong = steer_eval.bayes_limit(users, PROMPTS[:1], 3, torch.Generator().manual_seed(5), REF_ATTRS)
+    assert wrong[0].item() == pytest.approx((4 - 0.3 * 25 - 2 * 4 + 0.3) / (4 + 0.3))
     monkeypatch.setattr(steer_eval, "sample_texts", stub_texts)
     policy = StubPolicy()
     steer_eval.generation_attributes(policy, "np_dpo", users, None, PROMPTS[:1], 3,
@@ -267,7 +290,7 @@ def test_question_curves_by_hand(users, monkeypatch):
     config = {"num_context": [0, 1, 3], "seed": 0, "policy_eval": {
         "prompts": 2, "samples": 2, "reference_samples": 3, "temperature": 1.0, "max_new_tokens": 8}}
     out = steer_eval.question_curves({"np": (policy, "np_dpo")}, None, users, None, ["random"], config, "cpu")
-    assert set(out) == {(m, "random", n) for m in ("np", "exact limit") for n in (0, 1, 3)}
+    assert set(out) == {(m, "random", n) for m in ("np", "Bayes limit") for n in (0, 1, 3)}
     reference = [world.gold_reward(PROMPTS[0], "owls exist . drums exist .", p) for p in users.preferences.tolist()]
     best = [world.best_reward(p) for p in users.preferences.tolist()]
 
@@ -283,11 +306,12 @@ def test_question_curves_by_hand(users, monkeypatch):
     assert out[("np", "random", 0)]["normalised"][0] == pytest.approx(expected([4, 4, 4]))
     for n in (1, 3):
         assert out[("np", "random", n)]["normalised"][0] == pytest.approx(expected([1, 4, 6]))
-    # no answers: the prior mean (3.5, 0), whose best responses are 3 or 4 plain sentences (a tie)
-    limits = [sum((world.reward_of({"length": k, "tone": 0.0, "relevance": 1.0}, p) - reference[u])
-                  / (best[u] - reference[u]) for u, p in enumerate(users.preferences.tolist())) / 3 for k in (3, 4)]
-    assert min(abs(out[("exact limit", "random", 0)]["normalised"][0] - v) for v in limits) < 1e-9
-    assert out[("exact limit", "random", 3)]["normalised"][0] > out[("exact limit", "random", 0)]["normalised"][0] + 0.1
+    # the stub reference writes "owls exist . drums exist ." (length 2, tone 0, relevance 0.5); with no
+    # answers everyone gets the same response, and answers move the limit up
+    truth = steer_eval.decision_scores(users.preferences, REF_ATTRS)  # (U, C)
+    limit = out[("Bayes limit", "random", 0)]["users"]
+    assert any(torch.allclose(limit, truth[:, c]) for c in range(truth.shape[1]))
+    assert out[("Bayes limit", "random", 3)]["normalised"][0] > out[("Bayes limit", "random", 0)]["normalised"][0] + 0.1
     assert len(policy.contexts) == 3 * 2  # one latent per n and prompt, in that order
     for i, context in enumerate(policy.contexts):
         rows = context[:, :, 0, 0].floor().long().flatten().tolist()
@@ -307,7 +331,7 @@ def test_question_curves_ceiling_reads_the_same_asked_rows(users, monkeypatch):
         "prompts": 1, "samples": 1, "reference_samples": 1, "temperature": 1.0, "max_new_tokens": 8}}
     out = steer_eval.question_curves({"np": (np_policy, "np_dpo"), "k": (known, "known")}, None, users, None,
                                      ["random"], config, "cpu")
-    assert set(out) == {(m, "random", n) for m in ("np", "k@posterior", "exact limit") for n in (0, 2)}
+    assert set(out) == {(m, "random", n) for m in ("np", "k@posterior", "Bayes limit") for n in (0, 2)}
     assert known.contexts == []  # the known policy never reads a context with an encoder
     assert [len(rows) for rows in seen[0]] == [0, 0, 0] and [len(rows) for rows in seen[1]] == [2, 2, 2]
     np_rows = np_policy.contexts[1][:, :, 0, 0].floor().long()  # NP-DPO's n = 2 context: the same rows
@@ -360,6 +384,11 @@ def test_question_curves_ceiling_reads_the_simulated_answers(users, monkeypatch)
     context = np_policy.contexts[1][:, :, 0, 0]
     assert torch.equal(picked, context.floor().long())
     assert torch.equal(answers, context - context.floor() == 0.5)
+    read = []  # the Bayes limit reads the same simulated answers (the recorded ones do not exist for these pairs)
+    monkeypatch.setattr(steer_eval.TestUsers, "posterior_weights", lambda self, picked, answers=None:
+                        read.append(answers) or torch.ones(len(picked), len(steer_eval.BAYES_GRID), dtype=torch.float64))
+    steer_eval.question_curves({"np": (StubPolicy(), "np_dpo")}, None, users, None, ["random"], config, "cpu")
+    assert torch.equal(read[1], answers)
 
 
 def test_bayes_active_questions_are_the_users_answers_off_the_prompt(users):

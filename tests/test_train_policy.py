@@ -433,7 +433,10 @@ def test_evaluate_scores_the_world_for_every_policy(world_runs, tmp_path, capsys
                           "--policy_eval.interpolation_samples=1", "--policy_eval.repeats=1",
                           "--policy_eval.max_new_tokens=12", "--policy_eval.temperature=0.5", f"--out={tmp_path}"])
     by_model = {r["model"]: r for r in rows}
-    assert by_model["reference"]["temperature"] == 0.5 and "sampled at temperature 0.5;" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert by_model["reference"]["temperature"] == 0.5 and "sampled at temperature 0.5;" in out
+    limit = [by_model["reference"][f"bayes_limit@{n}"] for n in (0, 3)]  # the Bayes limit of the n pairs
+    assert all(len(v) == 2 and v[0] <= 1.0 + 1e-9 for v in limit) and "| Bayes limit: the response with" in out
     assert set(by_model) == {"reference", "np", "dpo", "known", "gold", "bayes"}
     assert {k for k in by_model["np"] if k.startswith("normalised@")} == {"normalised@0", "normalised@3"}
     assert "normalised@None" in by_model["dpo"] and "interpolation_length" in by_model["known"]
@@ -454,10 +457,9 @@ def test_evaluate_queries_on_the_world_scores_npdpo_and_the_ceiling(world_runs, 
                           "--policy_eval.prompts=1", "--policy_eval.samples=1", "--policy_eval.reference_samples=2",
                           "--policy_eval.max_new_tokens=8", f"--out={tmp_path}/q"])
     assert {(r["model"], r["questions"]) for r in rows} == {
-        (m, n) for m in ("np", "np_s1", "known@posterior", "exact limit") for n in (0, 2)}
+        (m, n) for m in ("np", "np_s1", "known@posterior", "Bayes limit") for n in (0, 2)}
     out = capsys.readouterr().out
-    assert {r["relevance"] for r in rows if r["model"] == "exact limit"} == {1.0}  # a best response, never off topic
-    assert "| exact limit (a perfect decoder) | random |" in out
+    assert "| Bayes limit (the best decision given the answers) | random |" in out
     assert "mean ± sd over training seeds" in out
     assert "sampled at temperature 1\n" in out and {r["temperature"] for r in rows} == {1.0}
     per_seed = {n: [100 * r["normalised"] for r in rows if r["model"] in ("np", "np_s1") and r["questions"] == n]
@@ -476,7 +478,7 @@ def test_evaluate_queries_on_the_world_from_a_pool_of_the_split(world_runs, tmp_
     rows = evaluate.main([runs["np"], runs["known"], "--queries=random", "--query.world_pool=12", *common,
                           f"--out={tmp_path}/q"])
     assert {(r["model"], r["questions"]) for r in rows} == {
-        (m, n) for m in ("np", "known@posterior", "exact limit") for n in (0, 2)}
+        (m, n) for m in ("np", "known@posterior", "Bayes limit") for n in (0, 2)}
     with pytest.raises(ConfigError, match="steered by answers"):  # plain DPO reads no answers
         evaluate.main([runs["dpo"], "--queries=random", *common, f"--out={tmp_path}/bad"])
     for args, message in ((["--queries=random", "--query.world_pool=1"], "at least the largest num_context, 2"),
@@ -515,7 +517,7 @@ def test_evaluate_on_more_test_users_of_the_same_world_refuses_another(world_run
     capsys.readouterr()
     rows = evaluate.main([runs["np"], f"--world_data={tmp_path}/more", *common, f"--out={tmp_path}/q"])
     assert "split 'test', 9 users" in capsys.readouterr().out
-    assert sorted((r["model"], r["questions"]) for r in rows) == [("exact limit", 0), ("exact limit", 2), ("np", 0), ("np", 2)]
+    assert sorted((r["model"], r["questions"]) for r in rows) == [("Bayes limit", 0), ("Bayes limit", 2), ("np", 0), ("np", 2)]
     evaluate.main([runs["np"], *common, f"--out={tmp_path}/q0"])
     assert "split 'test', 6 users" in capsys.readouterr().out
     for folder, message in (("other", "are not those of"), ("missing", "missing/pairs.jsonl not found"),
