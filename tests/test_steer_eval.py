@@ -280,6 +280,20 @@ def test_bayes_limit_is_the_bayes_decision_scored_by_the_true_preference(users, 
     assert all(users.prompt_of[r] != PROMPTS[0] for rows in seen[0] for r in rows.tolist())
 
 
+def test_bayes_limit_decides_for_the_normalised_score_not_the_raw_reward(users, monkeypatch):
+    """A posterior split evenly between (1, -0.5) and (6, 1): the raw reward's Bayes decision is the
+    posterior mean's (3.5, 0.25) best response, 4 sentences of tone 0.25; the normalised score's
+    weights each side by 1 / (optimum - reference) (3.5 - 1.2 against 4 + 4.8 here) and picks 2
+    plain sentences (with a reference of reward 0 it would pick 3 of tone 1/3). Scored by t1
+    (3.5, 0): (3.325 - 1.325) / (3.925 - 1.325), and by t0 (1, -1): (1.7 + 0.3) / (4 + 0.3)."""
+    assert len(world.candidate_responses()) == sum((k + 1) * (k + 2) // 2 for k in range(1, 7))  # 83
+    split = torch.zeros(3, len(steer_eval.BAYES_GRID), dtype=torch.float64)
+    split[:, grid_index([1.0, -0.5])] = split[:, grid_index([6.0, 1.0])] = 0.5
+    monkeypatch.setattr(steer_eval.TestUsers, "posterior_weights", lambda self, picked, answers=None: split)
+    limit = steer_eval.bayes_limit(users, PROMPTS[:1], 2, torch.Generator().manual_seed(0), REF_ATTRS)
+    assert limit[1].item() == pytest.approx(2.0 / 2.6) and limit[0].item() == pytest.approx(2.0 / 4.3)
+
+
 def test_question_curves_by_hand(users, monkeypatch):
     """Steering against questions asked: the stub policy reads each user's length off their answers,
     so from one answer on every user gets their own length; with none, everyone gets 3.5 -> 4. The

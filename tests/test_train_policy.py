@@ -436,7 +436,7 @@ def test_evaluate_scores_the_world_for_every_policy(world_runs, tmp_path, capsys
     out = capsys.readouterr().out
     assert by_model["reference"]["temperature"] == 0.5 and "sampled at temperature 0.5;" in out
     limit = [by_model["reference"][f"bayes_limit@{n}"] for n in (0, 3)]  # the Bayes limit of the n pairs
-    assert all(len(v) == 2 and v[0] <= 1.0 + 1e-9 for v in limit) and "| Bayes limit: the response with" in out
+    assert all(len(v) == 2 and math.isfinite(v[0]) for v in limit) and "| Bayes limit: the response with" in out
     assert set(by_model) == {"reference", "np", "dpo", "known", "gold", "bayes"}
     assert {k for k in by_model["np"] if k.startswith("normalised@")} == {"normalised@0", "normalised@3"}
     assert "normalised@None" in by_model["dpo"] and "interpolation_length" in by_model["known"]
