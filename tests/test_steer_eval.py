@@ -280,7 +280,7 @@ def test_bayes_limit_is_the_bayes_decision_scored_by_the_true_preference(users, 
     assert all(users.prompt_of[r] != PROMPTS[0] for rows in seen[0] for r in rows.tolist())
 
 
-def test_bayes_limit_decides_for_the_normalised_score_not_the_raw_reward(users, monkeypatch):
+def test_bayes_limit_decides_for_the_normalised_score_over_the_raw_reward(users, monkeypatch):
     """A posterior split evenly between (1, -0.5) and (6, 1): the raw reward's Bayes decision is the
     posterior mean's (3.5, 0.25) best response, 4 sentences of tone 0.25; the normalised score's
     weights each side by 1 / (optimum - reference) (3.5 - 1.2 against 4 + 4.8 here) and picks 2
