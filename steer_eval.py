@@ -10,7 +10,8 @@ For every test user (never seen in training) and context size n:
   evaluated prompt (generation) or one of the scored pairs (implicit reward);
 - normalised gold reward = (policy - reference) / (the user's optimum - reference),
   per user, averaged over users with the SEM over users; the optimum is exact
-  (world.best_reward) and the reference is the fine-tuned base, sampled alike;
+  (world.best_reward) and the reference is the fine-tuned base, sampled alike; beside it
+  the Bayes limit of the same n pairs (bayes_limit: the best decision any policy can make);
 - continuum: per preference dimension, the Spearman correlation over users between
   the true preference and the attribute of their generations; and along a latent
   path between two users at opposite corners, the Spearman correlation of each
@@ -21,7 +22,6 @@ For every test user (never seen in training) and context size n:
   recorded (Bradley-Terry) choices: the Bayes-optimal prediction from the same n
   context pairs, and the user's own gold reward (their preference known).
 """
-
 
 import torch
 import torch.nn.functional as F
