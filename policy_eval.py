@@ -299,7 +299,8 @@ def evaluate_policy_queries(paths, strategies, config, device):
         cells = [f"{100 * r['normalised']:.1f} ± {100 * r['normalised_sem']:.1f} (rel {100 * r['relevance']:.0f})"
                  for r in rows if (r["model"], r["strategy"]) == key]
         print(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
-    groups = seed_groups(run_config["run_configs"])
+    groups = {**seed_groups(run_config["run_configs"]),
+              "Bayes limit (the best decision given the answers)": ["Bayes limit"]}  # in the paired tables
     if any(len(names) > 1 for names in groups.values()):
         pooled = {}
         for (model, s, n), res in curves.items():
@@ -329,7 +330,7 @@ def paired_gaps(curves, groups, sizes):
     for title, paired in (("Normalised gold reward (%)", False), (f"Paired gap to random's n={top} (points)", True)):
         print(f"\n{title}, mean ± SEM over users, each averaged over the seeds (± SEM over seeds):\n\n"
               f"{strategy_header(sizes)}")
-        for group, names in {**groups, "Bayes limit (the best decision given the answers)": ["Bayes limit"]}.items():
+        for group, names in groups.items():
             for suffix in ("", "@posterior"):
                 models = [m + suffix for m in names if (m + suffix, "random", top) in curves]
                 for s in dict.fromkeys(s for m, s, _ in curves if m in models and not (paired and s == "random")):

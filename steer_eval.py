@@ -308,11 +308,16 @@ def bayes_decision(weights, grid_scores, true_scores):
     return true_scores.gather(1, (weights @ grid_scores).argmax(1, keepdim=True)).squeeze(1)
 
 
+def decision_tables(users, ref_attrs):
+    """decision_scores of the BAYES_GRID preferences (G, C) and of the users' true ones (U, C)."""
+    return decision_scores(BAYES_GRID.double(), ref_attrs), decision_scores(users.preferences, ref_attrs)
+
+
 def bayes_limit(users, prompts, n, gen, ref_attrs):
     """(U,) the Bayes limit of n of each user's pairs (NP-DPO's draws in generation_attributes): their
     normalised score of the Bayes decision, averaged over prompts. No policy reading the same pairs
     scores more in expectation (up to the grid prior)."""
-    grid, truth = decision_scores(BAYES_GRID.double(), ref_attrs), decision_scores(users.preferences, ref_attrs)
+    grid, truth = decision_tables(users, ref_attrs)
     return torch.stack([bayes_decision(users.posterior_weights([users.context(u, n, gen, exclude_prompt=q)[1]
                                                                for u in range(len(users.labels))]), grid, truth)
                         for q in prompts]).mean(0)
@@ -459,7 +464,7 @@ def question_curves(policies, belief, users, tokenizer, strategies, config, devi
     asked = {(s, q): question_contexts(users, belief, s, q, max(sizes), seed, pool)
              for s in strategies for q in prompts}
     out = {}
-    grid, truth = decision_scores(BAYES_GRID.double(), ref_attrs), decision_scores(users.preferences, ref_attrs)
+    grid, truth = decision_tables(users, ref_attrs)
     for strategy, n in ((s, n) for s in strategies for n in sizes):  # the Bayes limit of the same answers
         scores = torch.stack([bayes_decision(users.posterior_weights(*(a[:, :n] for a in asked[(strategy, q)][1:])),
                                              grid, truth) for q in prompts]).mean(0)

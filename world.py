@@ -140,14 +140,9 @@ def candidate_responses():
             for warm, harsh in itertools.product(range(k + 1), repeat=2) if warm + harsh <= k]
 
 
-def best_response(preference):
-    """The attributes of the best response a user can get under this generator (exact search)."""
-    return max(candidate_responses(), key=lambda attrs: reward_of(attrs, preference))
-
-
 def best_reward(preference):
-    """The largest gold reward any response of the world gets from this user (exact)."""
-    return reward_of(best_response(preference), preference)
+    """The largest gold reward any response of the world gets from this user (exact search)."""
+    return max(reward_of(attrs, preference) for attrs in candidate_responses())
 
 
 def preference_posterior(answers, points=41, temperature=1.0):
