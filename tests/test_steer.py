@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -298,7 +299,8 @@ def test_cli_steers_response_length_toward_the_user(cli_runs, toy_root, tmp_path
 
 
 INTERRUPT_DURING_GENERATION = """
-import sys
+import faulthandler, signal, sys
+faulthandler.register(signal.SIGUSR1)  # the test asks where it hangs, if it does
 import common, steer
 import policy
 generate = policy.SteerablePolicy.generate
@@ -322,7 +324,13 @@ def test_cli_ctrl_c_during_generation_exits_130_quietly(cli_runs):
             if line.strip() == "generating":
                 break
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
+        try:
+            out, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # seen once (.ci/run on a fresh clone): say where it hangs, then fail
+            process.send_signal(signal.SIGUSR1)
+            time.sleep(5)
+            process.kill()
+            pytest.fail("no exit 60 s after Ctrl-C; its stacks:\n" + process.communicate()[1][-4000:])
     finally:
         if process.poll() is None:
             process.kill()
