@@ -16,27 +16,34 @@ import shutil
 import sys
 import time
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from common import ConfigError, run_script  # noqa: E402
+from runs import load_checkpoint  # noqa: E402
 
 KEEP = {250, 500, 750, 1000, 1500, 2000, 3000}
 
 
-def main(out, runs):
+def main(args):
+    if len(args) < 2 or any(a.startswith("-") for a in args):
+        raise ConfigError("usage: keep_checkpoints.py OUT RUN [RUN ...]")
+    out, runs = args[0], args[1:]
+    if os.path.exists(out):
+        raise ConfigError(f"{out} exists: give a new folder (nothing was written)")
     seen, copies = {r: 0.0 for r in runs}, []
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(out)
     while not all(os.path.exists(os.path.join(r, "done")) for r in runs):
         for r in runs:
             path = os.path.join(r, "ckpt_last.pt")
             if os.path.exists(path) and os.path.getmtime(path) != seen[r]:
                 time.sleep(1.0)  # let the atomic replace finish
                 seen[r] = os.path.getmtime(path)
-                copies.append((r, os.path.join(out, f".{os.path.basename(r)}_{len(copies):03d}.pt")))
+                copies.append((r, os.path.join(out, f".{os.path.basename(os.path.normpath(r))}_{len(copies):03d}.pt")))
                 shutil.copy(path, copies[-1][1])
         time.sleep(0.5)
     for r, path in copies:
-        step = torch.load(path, weights_only=False, map_location="cpu")["step"]
+        step = load_checkpoint(path)["step"]  # weights only
         if step in KEEP:
-            folder = os.path.join(out, f"{os.path.basename(r)}_step{step:04d}")
+            folder = os.path.join(out, f"{os.path.basename(os.path.normpath(r))}_step{step:04d}")
             os.makedirs(folder, exist_ok=True)
             for name in ("config.yaml", "log.jsonl"):
                 shutil.copy(os.path.join(r, name), folder)
@@ -45,6 +52,4 @@ def main(out, runs):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        sys.exit("usage: keep_checkpoints.py OUT RUN [RUN ...]")
-    main(sys.argv[1], sys.argv[2:])
+    run_script(main)
