@@ -104,7 +104,7 @@ POLICY_RUN = {
         # preference vector from data.preferences (the known-preference policy, a ceiling); plain DPO ignores it
     },
     "eval": {
-        "interval": 250,  # steps between validations and checkpoints (500 until stop 32: RESULTS, "Which checkpoint")
+        "interval": 250,  # steps between validations and checkpoints (was 500: RESULTS, "Which checkpoint")
         "context_sizes": [0, 1, 3, 5, 10],  # n at which validation is scored
         "episodes": 32,  # val episodes per context size
         "num_targets": 4,  # target pairs per val episode
