@@ -127,6 +127,8 @@ def _check_type(key, default, value):
     hint = ""
     if isinstance(value, str) and value.startswith("[") and not value.endswith("]"):
         hint = " (the shell split the list at a space: quote it, or write it without spaces)"
+    elif isinstance(default, list) and not isinstance(value, list):
+        hint = f" (a list is written in brackets: [{value}])"
     raise ConfigError(f"config key '{key}': expected {type(default).__name__}, got {value!r}{hint}")
 
 

@@ -14,7 +14,9 @@ questions chosen by the reward run query.selector from the user's own answered p
 (--query.world_pool=N) from N pairs of the split that the simulated user answers. It
 writes queries.json (and queries.png), never over eval.json. Policies are scored on the
 test users of their world, or with --world_data=DIR on that world built again with more
-(prepare/steer_world.py): the same training pairs, new users, a smaller SEM.
+(prepare/steer_world.py): the same training pairs, new users, a smaller SEM. With
+--rerank=REWARD_RUN, NP-DPO's response is the best of rerank_samples draws by that NP-BTL's
+reward for the user (read from the same context pairs), sampled at policy_eval.temperature.
 
 Each context size n gets `episodes` episodes (a count fixed in advance, so there is no
 stopping on a lucky batch) of one label each: n context pairs and num_targets target
@@ -74,6 +76,9 @@ DEFAULTS = {
     "device": "cpu",  # cpu | cuda | auto
     "world_data": "",  # policy runs: score on this folder's pairs.jsonl, features.npz and users.json, the runs'
     # world built again with other test users (--data.world_users); its train and val pairs must be the runs'
+    "rerank": "",  # steering-world policy runs: NP-DPO's response is the best of rerank_samples draws by this
+    # reward run's reward for the user (an NP-BTL on the same context features; policy_eval.Reranker)
+    "rerank_samples": 16,  # ... draws per response, sampled at policy_eval.temperature
     "queries": "",  # reward runs: compare question strategies instead, e.g. random,uncertainty,infogain (queries.py)
     "query": {  # --queries only; writes queries.json (and queries.png), not eval.json
         "pool": 100,  # candidate questions per episode: answered pairs of the user, disjoint from the targets
@@ -99,6 +104,7 @@ DEFAULTS = {
         "samples_per_context": 4,  # responses sampled per context
         "max_new_tokens": 40,  # response length cap
         "temperature": 1.0,  # sampling temperature
+        "reference_temperature": None,  # steering world: the reference's (0 % of the normalised reward); None: same
         "prompts": 8,  # steering world: evaluated test prompts
         "samples": 4,  # steering world: responses per user, prompt and n
         "reference_samples": 64,  # steering world: reference responses per prompt
@@ -314,9 +320,13 @@ def check_arguments(config, paths):
     check(config["bayes_samples"] >= 4, "bayes_samples", "must be at least 4 (four Monte Carlo groups)")
     check(config["query"]["questions"] <= config["query"]["pool"], "query.questions",
           f"must be at most query.pool = {config['query']['pool']}: a question is asked once")
-    check_positive(config, "num_targets", *(f"policy_eval.{k}" for k in config["policy_eval"]),
+    check_positive(config, "num_targets", "rerank_samples",
+                   *(f"policy_eval.{k}" for k in config["policy_eval"] if k != "reference_temperature"),
                    *(f"query.{k}" for k in config["query"]
                      if k not in ("selector", "lookahead", "screen", "belief", "world_pool")))
+    ref_t = config["policy_eval"]["reference_temperature"]
+    check(ref_t is None or (isinstance(ref_t, (int, float)) and not isinstance(ref_t, bool) and ref_t > 0),
+          "policy_eval.reference_temperature", f"must be a positive number or null (the sampling one), got {ref_t!r}")
     check(config["query"]["belief"] in ("lookahead", "particles", "adaptive"), "query.belief",
           "must be lookahead, particles or adaptive")
     check(config["query"]["screen"] >= 0, "query.screen", "must be non-negative (0 = every candidate over draws)")
@@ -354,6 +364,12 @@ def main(argv):
           "(reward runs are scored on the data file they name)")
     check(not (config["query"]["world_pool"] and not (strategies and policy_runs)), "query.world_pool",
           "is for --queries on steering-world policies (reward runs: query.pool)")
+    check(not (config["rerank"] and not policy_runs), "rerank", "is for steering-world policy runs (NP-DPO's)")
+    check(not (config["rerank"] and strategies), "rerank", "scores the context-size table, not --queries")
+    if config["rerank"]:
+        check_runs([config["rerank"]])
+        check(not is_policy_checkpoint(config["rerank"]), "rerank",
+              f"{config['rerank']} is a policy run; give a reward run")
     check(not (config["particles"] and strategies), "particles",
           "scores the context-size table; questions are chosen under particles with --query.belief=particles")
     if strategies:

@@ -224,6 +224,7 @@ def evaluate_policies(paths, config, device):
     sizes = sorted(config["num_context"])
     if run_config["data"].get("world") == "continuum":
         return evaluate_world_policies(policies, data, token_pairs, tokenizer, run_config, config, device)
+    check(not config["rerank"], "rerank", "is for policy runs of the steering world (gold rewards score the picks)")
     rows = implicit_reward_rows(policies, data, token_pairs, tokenizer.pad_token_id, config, device)
     print(f"DPO implicit-reward accuracy (points ± SEM) on held-out conflicting pairs, split '{config['split']}'\n")
     print(markdown(rows, sizes, float("inf")))
@@ -239,6 +240,31 @@ def evaluate_policies(paths, config, device):
     return rows + steer_rows, functools.partial(plot_steering, steer_rows, data.labels, sizes, where)
 
 
+class Reranker:
+    """evaluate.py --rerank=RUN: NP-DPO's response is the best of `samples` draws by the reward run's
+    reward for the user, an NP-BTL reading the same context pairs as NP-DPO; the draws are embedded as
+    the context features were, by the policy's base model (text.embed_responses)."""
+
+    def __init__(self, path, data, base, samples, device):
+        from reward import load_reward_model
+        from text import load_embedder
+
+        self.model, _ = load_reward_model(path, data.dim, device, data.path)
+        if not hasattr(self.model, "encoder"):
+            raise ConfigError(f"config key 'rerank': {path} reads no context; give an NP-BTL on the world's features")
+        self.tokenizer, self.embedder, self.pooling = load_embedder(base, device)
+        self.samples, self.device = samples, device
+
+    @torch.no_grad()
+    def scores(self, prompt, texts, contexts):
+        """(U, len(texts) / U) each draw's reward for its user: texts[u * k + j] answers contexts[u] (n, 2, D)."""
+        from text import embed_responses
+
+        features = embed_responses(prompt, texts, self.tokenizer, self.embedder, self.pooling).to(self.device)
+        latent = self.model.infer_latent(contexts.to(self.device))
+        return self.model.rewards(features.view(len(contexts), -1, features.shape[-1]), latent).cpu()
+
+
 def evaluate_world_policies(policies, data, token_pairs, tokenizer, run_config, config, device):
     """The steering world (steer_eval.py): rows for eval.json, the tables, and the plots."""
     import steer_eval
@@ -248,13 +274,22 @@ def evaluate_world_policies(policies, data, token_pairs, tokenizer, run_config, 
     if "preferences" not in data.meta:
         raise DataError(f"{run_config['data']['preferences']}: the users' preferences are needed to score steering")
     users = steer_eval.TestUsers(data, text_rows, config["split"])
-    results = steer_eval.evaluate_world(policies, users, token_pairs, tokenizer, config, device)
+    reranker = (Reranker(config["rerank"], data, run_config["policy"]["base"], config["rerank_samples"], device)
+                if config["rerank"] else None)
+    results = steer_eval.evaluate_world(policies, users, token_pairs, tokenizer, config, device, reranker)
+    if reranker:
+        results["reference"]["rerank"] = {"run": config["rerank"], "samples": reranker.samples}
     groups = seed_groups(run_config["run_configs"])
     roles = {name: role for name, (_, role) in policies.items()}
     sizes = sorted(config["num_context"])
+    rerank = (f"; NP-DPO's response the best of {reranker.samples} draws by {config['rerank']}'s reward"
+              if reranker else "")
+    ref_t = config["policy_eval"]["reference_temperature"]
+    rerank += f"; the reference sampled at temperature {ref_t:g}" if ref_t else ""
     print(f"Steering world, split '{config['split']}': {len(users.labels)} users never seen in training, "
           f"prompts {steer_eval.eval_prompts(users.split, config['policy_eval']['prompts'])}; sampled at temperature "
-          f"{config['policy_eval']['temperature']:g}; mean ± sd over training seeds (one seed: ± SEM over users)\n")
+          f"{config['policy_eval']['temperature']:g}{rerank}; mean ± sd over training seeds (one seed: ± SEM over "
+          "users)\n")
     print(world_tables(results, groups, roles, sizes))
     ref = results["reference"]
     print(f"\nreference (the fine-tuned base): gold reward {ref['reference_reward']:.3f}, relevance "
@@ -290,7 +325,8 @@ def evaluate_policy_queries(paths, strategies, config, device):
     sizes = sorted(config["num_context"])
     rows = [{"model": name, "strategy": s, "questions": n, "temperature": config["policy_eval"]["temperature"],
              **{k: res[k][0] for k in ("normalised", "relevance")},
-             **{f"{k}_sem": res[k][1] for k in ("normalised", "relevance")}} for (name, s, n), res in curves.items()]
+             **{f"{k}_sem": res[k][1] for k in ("normalised", "relevance")},
+             "normalised_users": res["users"].tolist()} for (name, s, n), res in curves.items()]  # paired gaps
     print(f"Steering world {run_config['data']['pairs']}, split '{config['split']}', {len(users.labels)} users; "
           f"questions chosen by {selector or '-'}; sampled at temperature {config['policy_eval']['temperature']:g}"
           f"\n\nNormalised gold reward (%) ± SEM over users, against the number of questions answered:\n")

@@ -252,23 +252,32 @@ def sample_texts(policy, tokenizer, prompt, latent, count, samples, config, devi
     return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
 
 
-def generation_attributes(policy, role, users, tokenizer, prompts, n, config, gen, device):
-    """(U, Q, S, 3) attributes of each user's generations at context size n."""
-    per_prompt = []
+def generation_attributes(policy, role, users, tokenizer, prompts, n, config, gen, device, reranker=None):
+    """(U, Q, S, 3) attributes of each user's generations at context size n. With a reranker
+    (policy_eval.Reranker; NP-DPO), each of the S is the best of reranker.samples draws by its reward."""
+    per_prompt, (U, S), k = [], (len(users.labels), config["samples"]), reranker.samples if reranker else 1
     for q in prompts:
         contexts = picked = None
         if role in ("np_dpo", "posterior"):  # the same draws for both, from the same generator state
-            drawn = [users.context(u, n, gen, exclude_prompt=q) for u in range(len(users.labels))]
+            drawn = [users.context(u, n, gen, exclude_prompt=q) for u in range(U)]
             contexts, picked = torch.stack([c for c, _ in drawn]), [r for _, r in drawn]
         latent = latents_for(policy, role, users, contexts, device, picked)
-        texts = sample_texts(policy, tokenizer, q, latent, len(users.labels), config["samples"], config, device)
-        per_prompt.append(attribute_table([(q, t) for t in texts]).view(len(users.labels), config["samples"], 3))
+        texts = sample_texts(policy, tokenizer, q, latent, U, S * k, config, device)
+        attrs = attribute_table([(q, t) for t in texts]).view(U, S * k, 3)
+        per_prompt.append(best_of(attrs, reranker.scores(q, texts, contexts), S) if reranker else attrs)
     return torch.stack(per_prompt, 1)
 
 
+def best_of(attrs, scores, samples):
+    """(U, samples, 3): of each sample's k draws (attrs (U, samples * k, 3)), the one scored highest (scores,
+    U, samples * k)."""
+    pick = scores.view(len(attrs), samples, -1).argmax(-1)  # (U, samples)
+    return attrs.view(len(attrs), samples, -1, 3).gather(2, pick[..., None, None].expand(-1, -1, 1, 3)).squeeze(2)
+
+
 def reference_attributes(policy, tokenizer, prompts, config, device):
-    """(Q, S_ref, 3) attributes of the reference's responses to each prompt."""
-    out = []
+    """(Q, S_ref, 3) attributes of the reference's responses to each prompt, at reference_temperature if set."""
+    config, out = dict(config, temperature=config.get("reference_temperature") or config["temperature"]), []
     for q in prompts:
         texts = sample_texts(policy, tokenizer, q, None, 1, config["reference_samples"], config, device, reference=True)
         out.append(attribute_table([(q, t) for t in texts]))
@@ -361,16 +370,18 @@ def prompt_rows(users, u, prompts):
 # everything, per policy
 
 
-def evaluate_world(policies, users, token_pairs, tokenizer, config, device):
+def evaluate_world(policies, users, token_pairs, tokenizer, config, device, reranker=None):
     """{model: {metric: value}} for every policy (and 'reference'), all on the same users,
-    prompts and contexts. config is evaluate.py's (num_context, seed, policy_eval)."""
+    prompts and contexts. config is evaluate.py's (num_context, seed, policy_eval); a reranker
+    picks NP-DPO's generations (generation_attributes)."""
     p = config["policy_eval"]  # prompts, samples, reference_samples, interpolation_samples, repeats, ...
     sizes, seed = sorted(config["num_context"]), config["seed"]
     prompts = eval_prompts(users.split, p["prompts"])
     torch.manual_seed(seed)
     ref_attrs, reference, best = reference_and_best(next(iter(policies.values()))[0], users, tokenizer, prompts, p, device)
     results = {"reference": {"relevance": ref_attrs[..., 2].mean().item(), "reference_reward": reference.mean().item(),
-                             "best_reward": best.mean().item(), "temperature": p["temperature"]}}
+                             "best_reward": best.mean().item(), "temperature": p["temperature"],
+                             "reference_temperature": p.get("reference_temperature") or p["temperature"]}}
     limit_gen = torch.Generator().manual_seed(seed)  # NP-DPO's draws, in NP-DPO's order
     for n in sizes:
         results["reference"][f"bayes_limit@{n}"] = mean_sem(bayes_limit(users, prompts, n, limit_gen, ref_attrs))
@@ -379,7 +390,8 @@ def evaluate_world(policies, users, token_pairs, tokenizer, config, device):
         torch.manual_seed(seed)
         res = {}
         for n in (sizes if role == "np_dpo" else [None]):
-            attrs = generation_attributes(policy, role, users, tokenizer, prompts, n, p, gen, device)
+            attrs = generation_attributes(policy, role, users, tokenizer, prompts, n, p, gen, device,
+                                          reranker if role == "np_dpo" else None)
             scores = user_scores(attrs, users, reference, best)
             res.update(score_summary(scores, users, n))
             if n in (None, sizes[-1]):  # the scatter of the plot

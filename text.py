@@ -294,6 +294,14 @@ def embed_pairs(rows, tokenizer, model, pooling, batch_size=64):
     return sequence_embeddings(model, sequences, pad_id, batch_size, pooling).view(len(rows), 2, -1)
 
 
+def embed_responses(prompt, responses, tokenizer, model, pooling, batch_size=64):
+    """(N, H) context features of responses to one prompt, each embedded as embed_pairs embeds an option."""
+    rows = [{"prompt": prompt, "response_a": r, "response_b": ""} for r in responses]
+    sequences = embedding_sequences(rows, tokenizer, pooling)[::2]  # the a's
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    return sequence_embeddings(model, sequences, pad_id, batch_size, pooling)
+
+
 # -----------------------------------------------------------------------------
 # a policy run's inputs and episode batches
 

@@ -282,6 +282,11 @@ def test_a_list_split_by_the_shell_gets_a_hint():
         load_config(dict(TEXT_DEFAULTS, sizes=[0]), ["--name=x", "--sizes=[0,", "1]"])
 
 
+def test_a_list_without_brackets_gets_a_hint():
+    with pytest.raises(ConfigError, match=r"a list is written in brackets: \[5,10\]"):
+        load_config(dict(TEXT_DEFAULTS, sizes=[0]), ["--name=x", "--sizes=5,10"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script, first_words", [("train_reward.py", "Train a reward model"),
                                                  ("train_policy.py", "Train a steerable policy"),

@@ -125,6 +125,92 @@ def test_a_zeroed_latent_or_empty_generations_fail_the_metrics(users, monkeypatc
     assert math.isnan(steer_eval.spearman(users.preferences[:, 0], scores["length"]))
 
 
+def test_best_of_picks_each_samples_highest_scored_draw_by_hand():
+    """Two users, two samples of three draws each: the argmax within each sample's own draws.
+    Picking the lowest score, or grouping the draws across samples, fails."""
+    attrs = torch.arange(12, dtype=torch.float64).view(2, 6, 1).expand(-1, -1, 3)  # draw id in every column
+    scores = torch.tensor([[0, 5, 1, 9, 2, 3], [7, 0, 0, 0, 0, 8]], dtype=torch.float64)
+    picked = steer_eval.best_of(attrs, scores, 2)
+    assert picked.shape == (2, 2, 3)
+    assert picked[..., 0].tolist() == [[1, 3], [6, 11]]
+
+
+def diverse_texts(policy, tokenizer, prompt, latent, count, samples, config, device, reference=False):
+    """Draw s of each user has (s % 6) + 1 sentences: every group of six draws holds lengths 1 to 6."""
+    topic = world.prompt_topic(prompt)
+    return [" ".join([f"{topic} exist ."] * (s % 6 + 1)) for _ in range(count) for s in range(samples)]
+
+
+class LengthReranker:
+    """Scores a draw by how near its length is to the length StubPolicy reads off the user's context."""
+    samples = 6
+
+    def __init__(self):
+        self.calls = []
+
+    def scores(self, prompt, texts, contexts):
+        self.calls.append((len(texts), len(contexts)))
+        target = StubPolicy().infer_latent(contexts)  # (U, 1)
+        lengths = torch.tensor([float(len(t.split(" . "))) for t in texts]).view(len(contexts), -1)
+        return -(lengths - target) ** 2
+
+
+def test_a_reranker_picks_each_users_draw_nearest_their_own_context(users, monkeypatch):
+    """With a reranker each of the S responses is the best of reranker.samples draws for that user,
+    judged from the user's own context: users t0, t1, t2 (lengths 1, 3.5, 6) get 1, 3 and 6 sentences.
+    Scoring another user's context, or keeping a random draw, fails."""
+    monkeypatch.setattr(steer_eval, "sample_texts", diverse_texts)
+    config = {"samples": 2, "temperature": 1.0, "max_new_tokens": 8}
+    reranker = LengthReranker()
+    attrs = steer_eval.generation_attributes(StubPolicy(), "np_dpo", users, None, PROMPTS[:2], 3, config,
+                                             torch.Generator().manual_seed(0), "cpu", reranker)
+    assert attrs.shape == (3, 2, 2, 3)
+    assert attrs[..., 0].tolist() == [[[1, 1]] * 2, [[3, 3]] * 2, [[6, 6]] * 2]
+    assert reranker.calls == [(3 * 2 * 6, 3)] * 2  # every draw of every user, per prompt
+    plain = steer_eval.generation_attributes(StubPolicy(), "np_dpo", users, None, PROMPTS[:2], 3, config,
+                                             torch.Generator().manual_seed(0), "cpu")
+    assert plain[..., 0].tolist() != attrs[..., 0].tolist()  # without it: the first draws, whatever they are
+
+
+def test_reranker_scores_each_draw_under_its_own_users_latent(monkeypatch):
+    """Reranker.scores: draw j of user u is scored by the NP-BTL's reward at the latent of u's context.
+    A zeroed latent, or one user's latent for all, fails."""
+    import policy_eval
+    import text
+    from reward import MODEL_DEFAULTS, build_model
+
+    torch.manual_seed(0)
+    config = dict(MODEL_DEFAULTS, hidden=8, encoder=dict(MODEL_DEFAULTS["encoder"], hidden=8, latent_dim=2))
+    model = build_model(config, 3).eval()
+    for p in model.film.net[-1].parameters():  # FiLM starts at the identity: make the latent matter
+        torch.nn.init.normal_(p)
+    features = torch.randn(2 * 4, 3)
+    monkeypatch.setattr(text, "embed_responses", lambda prompt, texts, *a: features[:len(texts)])
+    reranker = policy_eval.Reranker.__new__(policy_eval.Reranker)
+    reranker.model, reranker.tokenizer, reranker.embedder, reranker.pooling = model, None, None, "last"
+    reranker.samples, reranker.device = 4, "cpu"
+    contexts = torch.randn(2, 3, 2, 3)  # two users' contexts
+    with torch.no_grad():
+        scores = reranker.scores("Describe owls.", ["t"] * 8, contexts)
+        expected = torch.cat([model.rewards(features.view(2, 4, 3)[u:u + 1], model.infer_latent(contexts[u:u + 1]))
+                              for u in range(2)])
+        zeroed = model.rewards(features.view(2, 4, 3), torch.zeros(2, 2))
+    assert scores.shape == (2, 4)
+    assert torch.allclose(scores, expected, atol=1e-6) and not torch.allclose(scores, zeroed, atol=1e-3)
+
+
+def test_the_reference_is_sampled_at_its_own_temperature_when_set(monkeypatch):
+    """policy_eval.reference_temperature decodes the reference (a fixed 0 % for comparing decodings);
+    unset, the sampling temperature does. Ignoring the key fails."""
+    seen = []
+    monkeypatch.setattr(steer_eval, "sample_texts", lambda *a, **k: seen.append(a[6]["temperature"]) or
+                        ["owls exist ."] * (a[4] * a[5]))
+    config = {"samples": 1, "temperature": 0.3, "reference_samples": 2, "max_new_tokens": 8}
+    steer_eval.reference_attributes(None, None, PROMPTS[:1], dict(config, reference_temperature=0.1), "cpu")
+    steer_eval.reference_attributes(None, None, PROMPTS[:1], dict(config, reference_temperature=None), "cpu")
+    assert seen == [0.1, 0.3]
+
+
 def test_implicit_accuracy_is_split_by_kind_and_not_inverted(users, monkeypatch):
     """A predictor right on every agreeing pair and wrong on every conflicting one scores
     100 % and 0 %: mixing the kinds, or inverting the accuracy, fails."""

@@ -446,6 +446,55 @@ def test_evaluate_scores_the_world_for_every_policy(world_runs, tmp_path, capsys
     assert json.load(open(tmp_path / "eval.json")) == json.loads(json.dumps(rows))
 
 
+def test_evaluate_reranks_npdpo_by_a_reward_run_and_refuses_mistakes(world_runs, tmp_path, capsys, monkeypatch):
+    """--rerank=RUN: each NP-DPO response is the best of rerank_samples draws by an NP-BTL on the same
+    features (the known-preference policy is not reranked), the reference at reference_temperature.
+    A policy run, a missing run, a BTL, --queries, a reward run to score, or a bad temperature is refused."""
+    import train_reward
+    from conftest import TINY
+    root, runs = world_runs
+    sel, btl = str(tmp_path / "sel"), str(tmp_path / "btl")
+    for out, kind in ((sel, "np_btl"), (btl, "btl")):
+        train_reward.main([f"--out_dir={out}", f"--data.path={root}/features.npz", "--data.synthetic=null", *TINY,
+                           f"--model.kind={kind}", "--train.num_targets=4", "--eval.num_targets=4", "--train.steps=10"])
+    common = ["--num-context=[0,2]", "--policy_eval.prompts=1", "--policy_eval.samples=1",
+              "--policy_eval.reference_samples=2", "--policy_eval.interpolation_samples=1", "--policy_eval.repeats=1",
+              "--policy_eval.max_new_tokens=8"]
+    drawn, real = [], policy_eval.Reranker.scores
+    monkeypatch.setattr(policy_eval.Reranker, "scores", lambda self, q, texts, contexts: drawn.append(
+        (len(texts), len(contexts))) or real(self, q, texts, contexts))
+    capsys.readouterr()
+    rows = evaluate.main([runs["np"], runs["known"], f"--rerank={sel}", "--rerank_samples=3",
+                          "--policy_eval.reference_temperature=0.1", *common, f"--out={tmp_path}/r"])
+    out = capsys.readouterr().out
+    assert "NP-DPO's response the best of 3 draws by" in out and "the reference sampled at temperature 0.1" in out
+    ref = {r["model"]: r for r in rows}["reference"]
+    assert ref["rerank"] == {"run": sel, "samples": 3} and ref["reference_temperature"] == 0.1
+    assert drawn == [(6 * 3, 6)] * 2  # n = 0 and 2, one prompt, six test users: NP-DPO only
+    for args, message in (([f"--rerank={runs['known']}"], "is a policy run; give a reward run"),
+                          ([f"--rerank={tmp_path}/nothing"], "no such run dir"),
+                          ([f"--rerank={btl}"], "reads no context"),
+                          ([f"--rerank={sel}", "--queries=random"], "not --queries"),
+                          ([f"--rerank={sel}", "--rerank_samples=0"], "must be a positive number"),
+                          (["--policy_eval.reference_temperature=-1"], "must be a positive number or null")):
+        with pytest.raises(UserError, match=message):
+            evaluate.main([runs["np"], *args, *common, f"--out={tmp_path}/bad"])
+    with pytest.raises(ConfigError, match="is for steering-world policy runs"):
+        evaluate.main([sel, f"--rerank={sel}", f"--out={tmp_path}/bad"])
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def test_embedded_responses_are_the_options_features_of_embed_pairs(world_runs):
+    """The reranker embeds a draw exactly as the context features embed a pair's option."""
+    root, _ = world_runs
+    tokenizer, model, pooling = text.load_embedder(f"{root}/base", "cpu")
+    responses = ["owls exist .", "owls exist . owls are kind ."]
+    pairs = text.embed_pairs([{"prompt": "Describe owls.", "response_a": r, "response_b": "x"} for r in responses],
+                             tokenizer, model, pooling)
+    assert torch.allclose(text.embed_responses("Describe owls.", responses, tokenizer, model, pooling), pairs[:, 0],
+                          atol=1e-5)
+
+
 def test_evaluate_queries_on_the_world_scores_npdpo_and_the_ceiling(world_runs, tmp_path, capsys):
     """evaluate.py --queries on world policies: NP-DPO and the known-preference policy at the
     posterior mean of the same answers, per run, and a mean ± sd table over training seeds."""
@@ -458,6 +507,9 @@ def test_evaluate_queries_on_the_world_scores_npdpo_and_the_ceiling(world_runs, 
                           "--policy_eval.max_new_tokens=8", f"--out={tmp_path}/q"])
     assert {(r["model"], r["questions"]) for r in rows} == {
         (m, n) for m in ("np", "np_s1", "known@posterior", "Bayes limit") for n in (0, 2)}
+    for r in rows:  # each test user's score is kept, so paired gaps can be recomputed from queries.json
+        assert len(r["normalised_users"]) == 6 and statistics.mean(r["normalised_users"]) == pytest.approx(
+            r["normalised"])
     out = capsys.readouterr().out
     assert "| Bayes limit (the best decision given the answers) | random |" in out
     assert "mean ± sd over training seeds" in out
