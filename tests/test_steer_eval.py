@@ -146,10 +146,11 @@ class LengthReranker:
     samples = 6
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.contexts = [], []
 
     def scores(self, prompt, texts, contexts):
         self.calls.append((len(texts), len(contexts)))
+        self.contexts.append(contexts)
         target = StubPolicy().infer_latent(contexts)  # (U, 1)
         lengths = torch.tensor([float(len(t.split(" . "))) for t in texts]).view(len(contexts), -1)
         return -(lengths - target) ** 2
@@ -158,12 +159,13 @@ class LengthReranker:
 def test_a_reranker_picks_each_users_draw_nearest_their_own_context(users, monkeypatch):
     """With a reranker each of the S responses is the best of reranker.samples draws for that user,
     judged from the user's own context: users t0, t1, t2 (lengths 1, 3.5, 6) get 1, 3 and 6 sentences.
-    Scoring another user's context, or keeping a random draw, fails."""
+    Scoring another user's context, or another draw of the same user's, or keeping a random draw, fails."""
     monkeypatch.setattr(steer_eval, "sample_texts", diverse_texts)
     config = {"samples": 2, "temperature": 1.0, "max_new_tokens": 8}
-    reranker = LengthReranker()
-    attrs = steer_eval.generation_attributes(StubPolicy(), "np_dpo", users, None, PROMPTS[:2], 3, config,
+    reranker, policy = LengthReranker(), StubPolicy()
+    attrs = steer_eval.generation_attributes(policy, "np_dpo", users, None, PROMPTS[:2], 3, config,
                                              torch.Generator().manual_seed(0), "cpu", reranker)
+    assert all(torch.equal(a, b) for a, b in zip(reranker.contexts, policy.contexts))  # the pairs NP-DPO read
     assert attrs.shape == (3, 2, 2, 3)
     assert attrs[..., 0].tolist() == [[[1, 1]] * 2, [[3, 3]] * 2, [[6, 6]] * 2]
     assert reranker.calls == [(3 * 2 * 6, 3)] * 2  # every draw of every user, per prompt
