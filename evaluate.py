@@ -104,7 +104,7 @@ DEFAULTS = {
         "samples_per_context": 4,  # responses sampled per context
         "max_new_tokens": 40,  # response length cap
         "temperature": 1.0,  # sampling temperature
-        "reference_temperature": None,  # steering world: the reference's (0 % of the normalised reward); None: same
+        "reference_temperature": 0.0,  # steering world: the reference's (0 % of the normalised reward); 0: the same
         "prompts": 8,  # steering world: evaluated test prompts
         "samples": 4,  # steering world: responses per user, prompt and n
         "reference_samples": 64,  # steering world: reference responses per prompt
@@ -324,9 +324,8 @@ def check_arguments(config, paths):
                    *(f"policy_eval.{k}" for k in config["policy_eval"] if k != "reference_temperature"),
                    *(f"query.{k}" for k in config["query"]
                      if k not in ("selector", "lookahead", "screen", "belief", "world_pool")))
-    ref_t = config["policy_eval"]["reference_temperature"]
-    check(ref_t is None or (isinstance(ref_t, (int, float)) and not isinstance(ref_t, bool) and ref_t > 0),
-          "policy_eval.reference_temperature", f"must be a positive number or null (the sampling one), got {ref_t!r}")
+    check(config["policy_eval"]["reference_temperature"] >= 0, "policy_eval.reference_temperature",
+          "must be positive, or 0 for the sampling temperature")
     check(config["query"]["belief"] in ("lookahead", "particles", "adaptive"), "query.belief",
           "must be lookahead, particles or adaptive")
     check(config["query"]["screen"] >= 0, "query.screen", "must be non-negative (0 = every candidate over draws)")

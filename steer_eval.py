@@ -276,7 +276,7 @@ def best_of(attrs, scores, samples):
 
 
 def reference_attributes(policy, tokenizer, prompts, config, device):
-    """(Q, S_ref, 3) attributes of the reference's responses to each prompt, at reference_temperature if set."""
+    """(Q, S_ref, 3) attributes of the reference's responses to each prompt, at reference_temperature unless 0."""
     config, out = dict(config, temperature=config.get("reference_temperature") or config["temperature"]), []
     for q in prompts:
         texts = sample_texts(policy, tokenizer, q, None, 1, config["reference_samples"], config, device, reference=True)

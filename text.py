@@ -289,16 +289,18 @@ def embedding_sequences(rows, tokenizer, pooling):
 def embed_pairs(rows, tokenizer, model, pooling, batch_size=64):
     """Context features of text pairs: both responses of every row embedded by
     `model` (load_embedder), (N, 2, H) float32 on the CPU."""
-    sequences = embedding_sequences(rows, tokenizer, pooling)
-    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)  # masked anyway
-    return sequence_embeddings(model, sequences, pad_id, batch_size, pooling).view(len(rows), 2, -1)
+    return embed_sequences(embedding_sequences(rows, tokenizer, pooling), tokenizer, model, pooling,
+                           batch_size).view(len(rows), 2, -1)
 
 
 def embed_responses(prompt, responses, tokenizer, model, pooling, batch_size=64):
     """(N, H) context features of responses to one prompt, each embedded as embed_pairs embeds an option."""
     rows = [{"prompt": prompt, "response_a": r, "response_b": ""} for r in responses]
-    sequences = embedding_sequences(rows, tokenizer, pooling)[::2]  # the a's
-    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    return embed_sequences(embedding_sequences(rows, tokenizer, pooling)[::2], tokenizer, model, pooling, batch_size)
+
+
+def embed_sequences(sequences, tokenizer, model, pooling, batch_size=64):
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)  # masked anyway
     return sequence_embeddings(model, sequences, pad_id, batch_size, pooling)
 
 

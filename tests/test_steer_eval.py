@@ -209,7 +209,7 @@ def test_the_reference_is_sampled_at_its_own_temperature_when_set(monkeypatch):
                         ["owls exist ."] * (a[4] * a[5]))
     config = {"samples": 1, "temperature": 0.3, "reference_samples": 2, "max_new_tokens": 8}
     steer_eval.reference_attributes(None, None, PROMPTS[:1], dict(config, reference_temperature=0.1), "cpu")
-    steer_eval.reference_attributes(None, None, PROMPTS[:1], dict(config, reference_temperature=None), "cpu")
+    steer_eval.reference_attributes(None, None, PROMPTS[:1], dict(config, reference_temperature=0.0), "cpu")
     assert seen == [0.1, 0.3]
 
 

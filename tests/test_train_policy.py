@@ -476,7 +476,7 @@ def test_evaluate_reranks_npdpo_by_a_reward_run_and_refuses_mistakes(world_runs,
                           ([f"--rerank={btl}"], "reads no context"),
                           ([f"--rerank={sel}", "--queries=random"], "not --queries"),
                           ([f"--rerank={sel}", "--rerank_samples=0"], "must be a positive number"),
-                          (["--policy_eval.reference_temperature=-1"], "must be a positive number or null")):
+                          (["--policy_eval.reference_temperature=-1"], "must be positive, or 0 for the sampling")):
         with pytest.raises(UserError, match=message):
             evaluate.main([runs["np"], *args, *common, f"--out={tmp_path}/bad"])
     with pytest.raises(ConfigError, match="is for steering-world policy runs"):
