@@ -16,7 +16,8 @@ writes queries.json (and queries.png), never over eval.json. Policies are scored
 test users of their world, or with --world_data=DIR on that world built again with more
 (prepare/steer_world.py): the same training pairs, new users, a smaller SEM. With
 --rerank=REWARD_RUN, NP-DPO's response is the best of rerank_samples draws by that NP-BTL's
-reward for the user (read from the same context pairs), sampled at policy_eval.temperature.
+reward for the user (read from the same context pairs), sampled at policy_eval.temperature;
+the NP-BTL must have been trained on the world's own features (checked).
 
 Each context size n gets `episodes` episodes (a count fixed in advance, so there is no
 stopping on a lucky batch) of one label each: n context pairs and num_targets target

@@ -243,16 +243,33 @@ def evaluate_policies(paths, config, device):
 class Reranker:
     """evaluate.py --rerank=RUN: NP-DPO's response is the best of `samples` draws by the reward run's
     reward for the user, an NP-BTL reading the same context pairs as NP-DPO; the draws are embedded as
-    the context features were, by the policy's base model (text.embed_responses)."""
+    the context features were, by the policy's base model (text.embed_responses). Both are checked: the
+    NP-BTL's training features must be the world's (train and val rows), and the base must embed the
+    world's first pairs as their features, else a ConfigError: the draws would be scored in another space."""
 
-    def __init__(self, path, data, base, samples, device):
-        from reward import load_reward_model
-        from text import load_embedder
+    def __init__(self, path, data, base, samples, device, text_rows):
+        from data import load_pairs
+        from reward import load_reward_model, run_data_path
+        from text import embed_pairs, load_embedder
 
         self.model, _ = load_reward_model(path, data.dim, device, data.path)
         if not hasattr(self.model, "encoder"):
             raise ConfigError(f"config key 'rerank': {path} reads no context; give an NP-BTL on the world's features")
+        trained_on = run_data_path(path)
+        theirs, ours = load_pairs(trained_on), data
+        seen = [d.pairs[torch.from_numpy(d.split != "test")] for d in (theirs, ours)]
+        if seen[0].shape != seen[1].shape or not torch.allclose(*seen, atol=1e-5):
+            raise ConfigError(f"config key 'rerank': {path} was trained on {trained_on}, whose train and val features "
+                              f"are not those of {data.path}; give an NP-BTL trained on the policies' world "
+                              "(configs/steer_world_reward.yaml)")
         self.tokenizer, self.embedder, self.pooling = load_embedder(base, device)
+        rows = [i for i, r in enumerate(text_rows) if r["split"] != "test"][:4]
+        again = embed_pairs([text_rows[i] for i in rows], self.tokenizer, self.embedder, self.pooling).flatten(0, 1)
+        cosine = torch.cosine_similarity(again, data.pairs[rows].flatten(0, 1), -1).min().item()
+        if cosine < 0.99:
+            raise ConfigError(f"config key 'rerank': the policies' base model {base} does not embed the world's pairs "
+                              f"as {data.path} holds them (cosine {cosine:.3f}); the features were made by another "
+                              "model")
         self.samples, self.device = samples, device
 
     @torch.no_grad()
@@ -274,7 +291,8 @@ def evaluate_world_policies(policies, data, token_pairs, tokenizer, run_config, 
     if "preferences" not in data.meta:
         raise DataError(f"{run_config['data']['preferences']}: the users' preferences are needed to score steering")
     users = steer_eval.TestUsers(data, text_rows, config["split"])
-    reranker = (Reranker(config["rerank"], data, run_config["policy"]["base"], config["rerank_samples"], device)
+    reranker = (Reranker(config["rerank"], data, run_config["policy"]["base"], config["rerank_samples"], device,
+                         text_rows)
                 if config["rerank"] else None)
     results = steer_eval.evaluate_world(policies, users, token_pairs, tokenizer, config, device, reranker)
     if reranker:

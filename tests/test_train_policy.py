@@ -484,6 +484,35 @@ def test_evaluate_reranks_npdpo_by_a_reward_run_and_refuses_mistakes(world_runs,
     assert not os.path.exists(tmp_path / "bad")
 
 
+def test_rerank_refuses_a_reward_run_or_base_of_another_feature_space(world_runs, tmp_path, monkeypatch):
+    """The draws are scored in the NP-BTL's feature space only if it was trained on the world's own features
+    and the policies' base embeds the world's pairs as those features; either mismatch is a ConfigError."""
+    import numpy as np
+    import train_reward
+    from conftest import TINY
+    root, runs = world_runs
+    arrays = dict(np.load(f"{root}/features.npz"))
+    arrays["pairs"] = np.where((arrays["split"] == "train")[:, None, None], -arrays["pairs"], arrays["pairs"])
+    np.savez(tmp_path / "other.npz", **arrays)  # the same dimension, another space
+    runs_of = {}
+    for name, path in (("same", f"{root}/features.npz"), ("other", str(tmp_path / "other.npz"))):
+        runs_of[name] = str(tmp_path / name)
+        train_reward.main([f"--out_dir={runs_of[name]}", f"--data.path={path}", "--data.synthetic=null", *TINY,
+                           "--train.num_targets=4", "--eval.num_targets=4", "--train.steps=5"])
+    common = ["--num-context=[0]", "--policy_eval.prompts=1", "--policy_eval.samples=1", "--rerank_samples=2",
+              "--policy_eval.reference_samples=2", "--policy_eval.interpolation_samples=1", "--policy_eval.repeats=1",
+              "--policy_eval.max_new_tokens=4"]
+    with pytest.raises(ConfigError, match="whose train and val features are not those of"):
+        evaluate.main([runs["np"], f"--rerank={runs_of['other']}", *common, f"--out={tmp_path}/bad"])
+    real = text.embed_pairs
+    monkeypatch.setattr(text, "embed_pairs", lambda *args, **kw: -real(*args, **kw))
+    with pytest.raises(ConfigError, match="does not embed the world's pairs"):
+        evaluate.main([runs["np"], f"--rerank={runs_of['same']}", *common, f"--out={tmp_path}/bad"])
+    monkeypatch.setattr(text, "embed_pairs", real)
+    evaluate.main([runs["np"], f"--rerank={runs_of['same']}", *common, f"--out={tmp_path}/good"])
+    assert not os.path.exists(tmp_path / "bad") and os.path.exists(tmp_path / "good" / "eval.json")
+
+
 def test_embedded_responses_are_the_options_features_of_embed_pairs(world_runs):
     """The reranker embeds a draw exactly as the context features embed a pair's option."""
     root, _ = world_runs
