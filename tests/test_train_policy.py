@@ -486,7 +486,8 @@ def test_evaluate_reranks_npdpo_by_a_reward_run_and_refuses_mistakes(world_runs,
 
 def test_rerank_refuses_a_reward_run_or_base_of_another_feature_space(world_runs, tmp_path, monkeypatch):
     """The draws are scored in the NP-BTL's feature space only if it was trained on the world's own features
-    and the policies' base embeds the world's pairs as those features; either mismatch is a ConfigError."""
+    and the policies' base embeds the world's pairs as those features; either mismatch is a ConfigError.
+    A stochastic NP-BTL (configs/steer_world_reranker.yaml) reranks."""
     import numpy as np
     import train_reward
     from conftest import TINY
@@ -498,7 +499,8 @@ def test_rerank_refuses_a_reward_run_or_base_of_another_feature_space(world_runs
     for name, path in (("same", f"{root}/features.npz"), ("other", str(tmp_path / "other.npz"))):
         runs_of[name] = str(tmp_path / name)
         train_reward.main([f"--out_dir={runs_of[name]}", f"--data.path={path}", "--data.synthetic=null", *TINY,
-                           "--train.num_targets=4", "--eval.num_targets=4", "--train.steps=5"])
+                           "--train.num_targets=4", "--eval.num_targets=4", "--train.steps=5",
+                           "--model.encoder.stochastic=true"])  # the reranker's config: q(z | context), at its mean
     common = ["--num-context=[0]", "--policy_eval.prompts=1", "--policy_eval.samples=1", "--rerank_samples=2",
               "--policy_eval.reference_samples=2", "--policy_eval.interpolation_samples=1", "--policy_eval.repeats=1",
               "--policy_eval.max_new_tokens=4"]
