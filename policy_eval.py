@@ -256,8 +256,7 @@ class Reranker:
         if not hasattr(self.model, "encoder"):
             raise ConfigError(f"config key 'rerank': {path} reads no context; give an NP-BTL on the world's features")
         trained_on = run_data_path(path)
-        theirs, ours = load_pairs(trained_on), data
-        seen = [d.pairs[torch.from_numpy(d.split != "test")] for d in (theirs, ours)]
+        seen = [d.pairs[torch.from_numpy(d.split != "test")] for d in (load_pairs(trained_on), data)]
         if seen[0].shape != seen[1].shape or not torch.allclose(*seen, atol=1e-5):
             raise ConfigError(f"config key 'rerank': {path} was trained on {trained_on}, whose train and val features "
                               f"are not those of {data.path}; give an NP-BTL trained on the policies' world "

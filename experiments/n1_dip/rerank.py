@@ -42,7 +42,7 @@ def main(run, reward_run, N=8, temperature=1.0, split="test", probe=None, sizes=
     prompts = eval_prompts(split, cold["prompts"])
     if probe:  # built before the seed: its initialisation draws nothing the samples use
         from experiments.rerank_rm.known_probe import probe_net
-        state = torch.load(probe)
+        state = torch.load(probe, weights_only=True)
         probe = probe_net(state["0.weight"].shape[1] - 2)
         probe.load_state_dict(state)
     torch.manual_seed(0)

@@ -14,15 +14,14 @@ import sys
 import numpy as np
 import torch
 
-from text import embedding_sequences, load_embedder, sequence_embeddings
+from text import embed_sequences, embedding_sequences, load_embedder
 
 
 def main(base, src, out):
     tokenizer, model, _ = load_embedder(base, "cpu")
     rows = [json.loads(line) for line in open(os.path.join(src, "pairs.jsonl"))]
     sequences = embedding_sequences(rows, tokenizer, "last")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    feats = torch.cat([sequence_embeddings(model, sequences, pad, pooling=p) for p in ("last", "mean")], -1)
+    feats = torch.cat([embed_sequences(sequences, tokenizer, model, p) for p in ("last", "mean")], -1)
     d = dict(np.load(os.path.join(src, "features.npz")))
     assert np.allclose(feats[:, :d["pairs"].shape[-1]].view(len(rows), 2, -1).numpy(), d["pairs"], atol=1e-4)
     os.makedirs(out)
