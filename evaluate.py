@@ -17,7 +17,8 @@ test users of their world, or with --world_data=DIR on that world built again wi
 (prepare/steer_world.py): the same training pairs, new users, a smaller SEM. With
 --rerank=REWARD_RUN, NP-DPO's response is the best of rerank_samples draws by that NP-BTL's
 reward for the user (read from the same context pairs), sampled at policy_eval.temperature;
-the NP-BTL must have been trained on the world's own features (checked).
+the NP-BTL must have been trained on the world's own features (checked). Its latent is its
+encoder's, or with --rerank_latent=particles the posterior mean of its training users' latents.
 
 Each context size n gets `episodes` episodes (a count fixed in advance, so there is no
 stopping on a lucky batch) of one label each: n context pairs and num_targets target
@@ -80,6 +81,8 @@ DEFAULTS = {
     "rerank": "",  # steering-world policy runs: NP-DPO's response is the best of rerank_samples draws by this
     # reward run's reward for the user (an NP-BTL on the same context features; policy_eval.Reranker)
     "rerank_samples": 16,  # ... draws per response, sampled at policy_eval.temperature
+    "rerank_latent": "encoder",  # ... the NP-BTL's latent: encoder (of the context), or particles: the posterior
+    # mean of particle_latents training users' latents given the context's answers (particles.posterior_latent)
     "queries": "",  # reward runs: compare question strategies instead, e.g. random,uncertainty,infogain (queries.py)
     "query": {  # --queries only; writes queries.json (and queries.png), not eval.json
         "pool": 100,  # candidate questions per episode: answered pairs of the user, disjoint from the targets
@@ -366,6 +369,9 @@ def main(argv):
           "is for --queries on steering-world policies (reward runs: query.pool)")
     check(not (config["rerank"] and not policy_runs), "rerank", "is for steering-world policy runs (NP-DPO's)")
     check(not (config["rerank"] and strategies), "rerank", "scores the context-size table, not --queries")
+    check(config["rerank_latent"] in ("encoder", "particles"), "rerank_latent", "must be encoder or particles")
+    check(not (config["rerank_latent"] != "encoder" and not config["rerank"]), "rerank_latent",
+          "chooses the --rerank NP-BTL's latent; give --rerank=RUN")
     if config["rerank"]:
         check_runs([config["rerank"]])
         check(not is_policy_checkpoint(config["rerank"]), "rerank",

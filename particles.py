@@ -38,6 +38,19 @@ def mixture(weights, probs, tie=1e-6):
     return torch.where((mixed - 0.5).abs() < tie, 0.5, mixed)
 
 
+def posterior_latent(model, contexts, latents, log_prior=None):
+    """The posterior mean latent (B, L) of each context (B, n, 2, D) (chosen first): the latents (S, L)
+    weighted by the model's probability of the n answers (particle_weights); their prior mean at n = 0.
+    evaluate.py --rerank_latent=particles: where few answers leave many users possible, it averages over
+    them instead of committing to the encoder's one latent (RESULTS "What limits the reranker")."""
+    B, n = contexts.shape[:2]
+    if n == 0:
+        lik, mask = contexts.new_ones(B, len(latents), 0), torch.ones(B, 0, dtype=torch.bool, device=contexts.device)
+    else:
+        lik, mask = torch.stack([target_probs(model, c, latents) for c in contexts]), contexts.new_ones(B, n).bool()
+    return particle_weights(lik, mask, log_prior) @ latents
+
+
 class Particles(NamedTuple):
     """A fixed set of latents (S, L) and their log prior weights (S,) (None: equal)."""
     latents: torch.Tensor

@@ -245,14 +245,17 @@ class Reranker:
     reward for the user, an NP-BTL reading the same context pairs as NP-DPO; the draws are embedded as
     the context features were, by the policy's base model (text.embed_responses). Both are checked: the
     NP-BTL's training features must be the world's (train and val rows), and the base must embed the
-    world's first pairs as their features, else a ConfigError: the draws would be scored in another space."""
+    world's first pairs as their features, else a ConfigError: the draws would be scored in another space.
+    latent: "encoder" (the NP-BTL's latent of the context) or "particles" (the posterior mean of
+    num_latents training users' latents given the context's answers, particles.posterior_latent)."""
 
-    def __init__(self, path, data, base, samples, device, text_rows):
+    def __init__(self, path, data, base, samples, device, text_rows, latent="encoder", num_latents=2048, seed=0):
         from data import load_pairs
+        from particles import training_latents
         from reward import load_reward_model, run_data_path
         from text import embed_pairs, load_embedder
 
-        self.model, _ = load_reward_model(path, data.dim, device, data.path)
+        self.model, train_config = load_reward_model(path, data.dim, device, data.path)
         if not hasattr(self.model, "encoder"):
             raise ConfigError(f"config key 'rerank': {path} reads no context; give an NP-BTL on the world's features")
         trained_on = run_data_path(path)
@@ -269,15 +272,20 @@ class Reranker:
             raise ConfigError(f"config key 'rerank': the policies' base model {base} does not embed the world's pairs "
                               f"as {data.path} holds them (cosine {cosine:.3f}); the features were made by another "
                               "model")
-        self.samples, self.device = samples, device
+        self.samples, self.device, self.latent = samples, device, latent
+        self.latents = (training_latents(self.model, load_pairs(trained_on), train_config["train"]["max_context"],
+                                         num_latents, seed) if latent == "particles" else None)
 
     @torch.no_grad()
     def scores(self, prompt, texts, contexts):
         """(U, len(texts) / U) each draw's reward for its user: texts[u * k + j] answers contexts[u] (n, 2, D)."""
+        from particles import posterior_latent
         from text import embed_responses
 
         features = embed_responses(prompt, texts, self.tokenizer, self.embedder, self.pooling).to(self.device)
-        latent = self.model.infer_latent(contexts.to(self.device))
+        contexts = contexts.to(self.device)
+        latent = (self.model.infer_latent(contexts) if self.latents is None
+                  else posterior_latent(self.model, contexts, self.latents))
         return self.model.rewards(features.view(len(contexts), -1, features.shape[-1]), latent).cpu()
 
 
@@ -291,16 +299,17 @@ def evaluate_world_policies(policies, data, token_pairs, tokenizer, run_config, 
         raise DataError(f"{run_config['data']['preferences']}: the users' preferences are needed to score steering")
     users = steer_eval.TestUsers(data, text_rows, config["split"])
     reranker = (Reranker(config["rerank"], data, run_config["policy"]["base"], config["rerank_samples"], device,
-                         text_rows)
+                         text_rows, config["rerank_latent"], config["particle_latents"], config["seed"])
                 if config["rerank"] else None)
     results = steer_eval.evaluate_world(policies, users, token_pairs, tokenizer, config, device, reranker)
     if reranker:
-        results["reference"]["rerank"] = {"run": config["rerank"], "samples": reranker.samples}
+        results["reference"]["rerank"] = {"run": config["rerank"], "samples": reranker.samples, "latent": reranker.latent}
     groups = seed_groups(run_config["run_configs"])
     roles = {name: role for name, (_, role) in policies.items()}
     sizes = sorted(config["num_context"])
     rerank = (f"; NP-DPO's response the best of {reranker.samples} draws by {config['rerank']}'s reward"
-              if reranker else "")
+              + (f" at the posterior mean of {config['particle_latents']} training users' latents"
+                 if reranker.latent == "particles" else "") if reranker else "")
     ref_t = config["policy_eval"]["reference_temperature"]
     rerank += f"; the reference sampled at temperature {ref_t:g}" if ref_t else ""
     print(f"Steering world, split '{config['split']}': {len(users.labels)} users never seen in training, "

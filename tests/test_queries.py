@@ -179,6 +179,21 @@ def test_particles_of_the_true_reward_are_the_bayes_posterior():
     assert gains.std() > 0.01
 
 
+def test_posterior_latent_of_the_true_reward_is_the_bayes_posterior_mean():
+    """evaluate.py --rerank_latent=particles: with the generator's reward and its prior draws as the
+    latents, the latent is the Bayes posterior mean of the user's direction; with no answers, the prior's."""
+    meta, gen = {"generator": "linear_population", "temperature": 0.1}, torch.Generator().manual_seed(3)
+    draws = queries.sphere_samples(3000, 3, torch.Generator().manual_seed(0)).float()
+    context = torch.randn(2, 4, 2, 3, generator=gen)
+    _, weights = queries.BayesBelief(meta, 3000, seed=0).answer_probs(context, torch.ones(2, 4, dtype=torch.bool),
+                                                                     context[:, :1])
+    z = particle_lib.posterior_latent(LinearUsers(0.1), context, draws)
+    assert torch.allclose(z, weights @ draws, atol=1e-5)
+    assert (z - draws.mean(0)).norm(dim=-1).min() > 0.3  # the answers moved it: not the prior mean
+    assert torch.allclose(particle_lib.posterior_latent(LinearUsers(0.1), context[:, :0], draws),
+                          draws.mean(0).expand(2, 3), atol=1e-6)
+
+
 def test_particle_predictor_of_the_true_reward_is_the_bayes_predictive():
     """evaluate.py --particles: with the generator's reward and its prior draws as particles, the
     looked-up predictive is BayesBelief's on the same episodes (context sizes 0 and 3, padded)."""

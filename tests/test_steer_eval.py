@@ -176,7 +176,8 @@ def test_a_reranker_picks_each_users_draw_nearest_their_own_context(users, monke
 
 def test_reranker_scores_each_draw_under_its_own_users_latent(monkeypatch):
     """Reranker.scores: draw j of user u is scored by the NP-BTL's reward at the latent of u's context.
-    A zeroed latent, or one user's latent for all, fails."""
+    A zeroed latent, or one user's latent for all, fails; so does the prior mean for the particles' posterior mean."""
+    import particles
     import policy_eval
     import text
     from reward import MODEL_DEFAULTS, build_model
@@ -190,7 +191,7 @@ def test_reranker_scores_each_draw_under_its_own_users_latent(monkeypatch):
     monkeypatch.setattr(text, "embed_responses", lambda prompt, texts, *a: features[:len(texts)])
     reranker = policy_eval.Reranker.__new__(policy_eval.Reranker)
     reranker.model, reranker.tokenizer, reranker.embedder, reranker.pooling = model, None, None, "last"
-    reranker.samples, reranker.device = 4, "cpu"
+    reranker.samples, reranker.device, reranker.latents = 4, "cpu", None
     contexts = torch.randn(2, 3, 2, 3)  # two users' contexts
     with torch.no_grad():
         scores = reranker.scores("Describe owls.", ["t"] * 8, contexts)
@@ -199,6 +200,13 @@ def test_reranker_scores_each_draw_under_its_own_users_latent(monkeypatch):
         zeroed = model.rewards(features.view(2, 4, 3), torch.zeros(2, 2))
     assert scores.shape == (2, 4)
     assert torch.allclose(scores, expected, atol=1e-6) and not torch.allclose(scores, zeroed, atol=1e-3)
+    reranker.latents = torch.randn(50, 2)  # --rerank_latent=particles: the posterior mean of these, per user
+    with torch.no_grad():
+        scores = reranker.scores("Describe owls.", ["t"] * 8, contexts)
+        posterior = torch.cat([particles.posterior_latent(model, contexts[u:u + 1], reranker.latents) for u in range(2)])
+        prior = model.rewards(features.view(2, 4, 3), reranker.latents.mean(0).expand(2, 2))
+        expected = model.rewards(features.view(2, 4, 3), posterior)
+    assert torch.allclose(scores, expected, atol=1e-6) and not torch.allclose(scores, prior, atol=1e-3)
 
 
 def test_the_reference_is_sampled_at_its_own_temperature_when_set(monkeypatch):

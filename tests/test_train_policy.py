@@ -469,13 +469,15 @@ def test_evaluate_reranks_npdpo_by_a_reward_run_and_refuses_mistakes(world_runs,
     out = capsys.readouterr().out
     assert "NP-DPO's response the best of 3 draws by" in out and "the reference sampled at temperature 0.1" in out
     ref = {r["model"]: r for r in rows}["reference"]
-    assert ref["rerank"] == {"run": sel, "samples": 3} and ref["reference_temperature"] == 0.1
+    assert ref["rerank"] == {"run": sel, "samples": 3, "latent": "encoder"} and ref["reference_temperature"] == 0.1
     assert drawn == [(6 * 3, 6)] * 2  # n = 0 and 2, one prompt, six test users: NP-DPO only
     for args, message in (([f"--rerank={runs['known']}"], "is a policy run; give a reward run"),
                           ([f"--rerank={tmp_path}/nothing"], "no such run dir"),
                           ([f"--rerank={btl}"], "reads no context"),
                           ([f"--rerank={sel}", "--queries=random"], "not --queries"),
                           ([f"--rerank={sel}", "--rerank_samples=0"], "must be a positive number"),
+                          ([f"--rerank={sel}", "--rerank_latent=bayes"], "must be encoder or particles"),
+                          (["--rerank_latent=particles"], "give --rerank=RUN"),
                           (["--policy_eval.reference_temperature=-1"], "must be positive, or 0 for the sampling")):
         with pytest.raises(UserError, match=message):
             evaluate.main([runs["np"], *args, *common, f"--out={tmp_path}/bad"])
@@ -487,7 +489,7 @@ def test_evaluate_reranks_npdpo_by_a_reward_run_and_refuses_mistakes(world_runs,
 def test_rerank_refuses_a_reward_run_or_base_of_another_feature_space(world_runs, tmp_path, monkeypatch):
     """The draws are scored in the NP-BTL's feature space only if it was trained on the world's own features
     and the policies' base embeds the world's pairs as those features; either mismatch is a ConfigError.
-    A stochastic NP-BTL (configs/steer_world_reranker.yaml) reranks."""
+    A stochastic NP-BTL (configs/steer_world_reranker.yaml) reranks, at its particles' posterior mean."""
     import numpy as np
     import train_reward
     from conftest import TINY
@@ -511,8 +513,12 @@ def test_rerank_refuses_a_reward_run_or_base_of_another_feature_space(world_runs
     with pytest.raises(ConfigError, match="does not embed the world's pairs"):
         evaluate.main([runs["np"], f"--rerank={runs_of['same']}", *common, f"--out={tmp_path}/bad"])
     monkeypatch.setattr(text, "embed_pairs", real)
-    evaluate.main([runs["np"], f"--rerank={runs_of['same']}", *common, f"--out={tmp_path}/good"])
-    assert not os.path.exists(tmp_path / "bad") and os.path.exists(tmp_path / "good" / "eval.json")
+    evaluate.main([runs["np"], f"--rerank={runs_of['same']}", "--rerank_latent=particles", "--particle_latents=64",
+                   *common, f"--out={tmp_path}/good"])
+    assert not os.path.exists(tmp_path / "bad")
+    with open(tmp_path / "good" / "eval.json") as f:
+        ref = {r["model"]: r for r in json.load(f)}["reference"]
+    assert ref["rerank"] == {"run": runs_of["same"], "samples": 2, "latent": "particles"}
 
 
 def test_embedded_responses_are_the_options_features_of_embed_pairs(world_runs):

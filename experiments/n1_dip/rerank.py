@@ -12,6 +12,11 @@ With PROBE (experiments/rerank_rm/known_probe.py's saved MLP), one more column: 
 MLP's reward at the user's TRUE preference on the same features (no inference): what a reward model on these
 features could pick if it knew the user; and the same MLP at the Bayes posterior mean preference of the n pairs
 (inference as good as it gets, scored on the features).
+Also (experiments/rerank_rm/PLAN.md, addenda 5 and 6): the NP-BTL under a particle posterior over its 2,048
+training users' latents weighted by its probability of the n answers, by the posterior-expected reward and at
+the posterior-mean latent (evaluate.py --rerank_latent=particles); NP-DPO's implicit reward
+log pi(y | x, z) - log pi_ref(y | x); and the posterior-mean reward plus the implicit one (or half of it), each
+standardised over a user's N draws.
 All normalised against the reference sampled at T = 0.1 (the headline's scale).
 
     PYTHONPATH=. python experiments/n1_dip/rerank.py runs/steer_world_np_dpo_s0 runs/steer_world_reward [N] [TEMPERATURE] [SPLIT] [PROBE]
@@ -24,17 +29,42 @@ import torch
 import world
 from evaluate import DEFAULTS
 from policy_eval import load_policies
-from reward import load_reward_model
+from data import load_pairs
+from particles import particle_weights, target_probs, training_latents
+from reward import load_reward_model, run_data_path
 from steer_eval import (BAYES_GRID, TestUsers, attribute_table, eval_prompts, normalised, reference_and_best,
                         rewards_from_attributes, sample_texts)
-from text import embed_pairs, load_embedder, read_text_pairs
+from policy import sequence_logprob
+from text import embed_pairs, load_embedder, prompt_response_batch, read_text_pairs, tokenize_prompt, tokenize_response
+
+
+def implicit_rewards(policy, tokenizer, prompt, texts, latent, rows=64):
+    """DPO's implicit reward log pi(y | x, z) - log pi_ref(y | x) of each text (count * k,), row r * k + j under
+    latent row r (count, L), the texts tokenized as the policy reads a response."""
+    k, pad = len(texts) // len(latent), tokenizer.pad_token_id or 0
+    z, prompt_ids, out = latent.repeat_interleave(k, 0), tokenize_prompt(tokenizer, prompt), []
+    for i in range(0, len(texts), rows):
+        b = prompt_response_batch([prompt_ids] * len(texts[i:i + rows]),
+                                  [tokenize_response(tokenizer, t) for t in texts[i:i + rows]], pad)
+        mine = sequence_logprob(policy(b["input_ids"], b["attention_mask"], latent=z[i:i + rows]), b["input_ids"],
+                                b["response_mask"])
+        with policy.reference_mode():
+            ref = sequence_logprob(policy(b["input_ids"], b["attention_mask"]), b["input_ids"], b["response_mask"])
+        out.append(mine - ref)
+    return torch.cat(out)
+
+
+def standardised(x):
+    """Each user's scores (U, N) centred and scaled over their N draws."""
+    return (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True).clamp_min(1e-6)
 
 
 def main(run, reward_run, N=8, temperature=1.0, split="test", probe=None, sizes=(0, 1, 3, 5, 10)):
     torch.set_grad_enabled(False)
     policies, data, _, tokenizer, run_config = load_policies([run], torch.device("cpu"))
     policy, role = next(iter(policies.values()))
-    rm, _ = load_reward_model(reward_run, data.dim)
+    rm, rm_config = load_reward_model(reward_run, data.dim)
+    latents = training_latents(rm, load_pairs(run_data_path(reward_run)), rm_config["train"]["max_context"])  # (S, L)
     emb_tok, embedder, pooling = load_embedder(run_config["policy"]["base"], "cpu")
     users = TestUsers(data, read_text_pairs(run_config["data"]["pairs"]), split)
     cold = dict(DEFAULTS["policy_eval"], temperature=0.1)
@@ -56,11 +86,11 @@ def main(run, reward_run, N=8, temperature=1.0, split="test", probe=None, sizes=
 
     print(f"{run} + {reward_run}, split {split}: {U} users x {len(prompts)} prompts, best of {N} at T = {temperature:g}")
     print(f"| n | T = 0.1 | T = {temperature:g} | best of N by NP-BTL | best of N by gold (oracle) | best of N by the Bayes "
-          "posterior | by the gold reward at the posterior mean | best of N by NP-BTL, no context |" + (" best of N by the probe, true preference | by the probe, posterior mean |" if probe else "") +
-          "\n|---|---|---|---|---|---|---|---|" + ("---|---|" if probe else ""))
+          "posterior | by the gold reward at the posterior mean | best of N by NP-BTL, no context | by NP-BTL's particle posterior, expected reward | at its posterior-mean latent | by NP-DPO's implicit reward | particle-mean + implicit, standardised | particle-mean + implicit / 2 |" + (" best of N by the probe, true preference | by the probe, posterior mean |" if probe else "") +
+          "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if probe else ""))
     gen, means = torch.Generator().manual_seed(0), []
     for n in sizes:
-        out = {k: [] for k in ("cold", "hot", "rerank", "oracle", "bayes", "bayes_mean", "blind") + (("probe", "probe_mean") if probe else ())}
+        out = {k: [] for k in ("cold", "hot", "rerank", "oracle", "bayes", "bayes_mean", "blind", "particles", "particle_mean", "implicit", "both", "both_half") + (("probe", "probe_mean") if probe else ())}
         for q in prompts:
             drawn = [users.context(u, n, gen, exclude_prompt=q) for u in range(U)]
             context = torch.stack([c for c, _ in drawn])
@@ -84,6 +114,16 @@ def main(run, reward_run, N=8, temperature=1.0, split="test", probe=None, sizes=
             out["bayes"].append(pick(torch.einsum("ug,ugn->un", weights, grid_norm)))
             out["bayes_mean"].append(pick(rewards_from_attributes(hot_a, (weights @ grid)[:, None, :])))
             out["blind"].append(pick(rm.rewards(feats, rm.infer_latent(context[:, :0], None))))
+            post = (particle_weights(torch.stack([target_probs(rm, c, latents) for c in context]),  # (U, S)
+                                     torch.ones(U, n, dtype=torch.bool)) if n else torch.full((U, len(latents)), 1 / len(latents)))
+            out["particles"].append(pick(torch.stack([post[u] @ rm.rewards(feats[u][None], latents)
+                                                      for u in range(U)])))
+            particle_scores = rm.rewards(feats, post @ latents)
+            out["particle_mean"].append(pick(particle_scores))
+            implicit = implicit_rewards(policy, tokenizer, q, texts, z_policy).view(U, N)
+            out["implicit"].append(pick(implicit))
+            out["both"].append(pick(standardised(particle_scores) + standardised(implicit)))
+            out["both_half"].append(pick(standardised(particle_scores) + 0.5 * standardised(implicit)))
             if probe:
                 pref = w[:, None, :].float().expand(-1, N, -1)
                 out["probe"].append(pick(probe(torch.cat([feats, pref], -1)).squeeze(-1)))
