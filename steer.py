@@ -6,6 +6,8 @@ want, a reward run says what it learned about them. The choices come from a file
     python steer.py runs/steer_world_np_dpo --context=examples/world_context.jsonl --prompt="Tell me about owls."
     python steer.py runs/steer_world_np_dpo --ask=5 --selector=runs/steer_world_reward --prompt="Tell me about owls."
     python steer.py runs/steer_world_dpo --prompt="Tell me about owls."     # plain DPO reads no context
+    python steer.py runs/steer_world_np_dpo --context=examples/world_context.jsonl --prompt="Tell me about owls." \
+        --rerank=runs/steer_world_reranker --temperature=0.3      # the best of 16 draws by an NP-BTL reading the same
     python steer.py runs/synthetic_np_btl --ask=5 --save=me.jsonl           # a reward run asks, then says what it learned
     python steer.py runs/three_types_np_btl --ask=3 --particles=32          # ... asking and predicting under particles
     python steer.py runs/population_np_btl --ask=6 --particles=32 --adaptive  # ... particles that follow the posterior
@@ -28,7 +30,7 @@ from data import DataError, chosen_first, load_pairs, true_rewards
 from dialogue import ask_for_policy, ask_person, candidate_pool, check_save_path, save_rows, world_summary
 from policy import policy_checkpoint, policy_from_checkpoint, run_model
 from reward import run_data_path
-from runs import run_stage
+from runs import check_runs, resolve_path, run_stage
 from text import check_known_words, embed_pairs, load_embedder, read_text_pairs, tokenize_pairs, tokenize_prompt
 
 
@@ -46,6 +48,11 @@ POLICY_CLI = {
     "pool": 1000,  # candidate questions: pairs of the run's data (its test split)
     "save": "",  # write the person's answers (with --context's) here, as a context file
     "samples": 1,  # responses to print
+    "rerank": "",  # a reward run (an NP-BTL on the policy's context features): each response printed is the best
+    # of rerank_samples draws by its reward for this user (policy_eval.Reranker; evaluate.py --rerank)
+    "rerank_samples": 16,  # ... draws per response
+    "rerank_latent": "particles",  # ... the NP-BTL's latent: particles (the posterior mean of its training users'
+    # latents, RESULTS "What limits the reranker") or encoder (its encoder's latent of the context)
     "temperature": 1.0,  # 0 = greedy
     "max_new_tokens": 128,  # response length cap
     "seed": 0,  # sampling seed
@@ -54,7 +61,7 @@ POLICY_CLI = {
 
 
 POLICY_USAGE = ("usage: python steer.py POLICY_RUN --prompt=TEXT [--context=FILE.jsonl] [--ask=K [--selector=REWARD_RUN] "
-         "[--save=FILE.jsonl] [--pool=N]] [--samples=N] [--temperature=T] [--max_new_tokens=N] [--seed=S] "
+         "[--save=FILE.jsonl] [--pool=N]] [--samples=N] [--rerank=REWARD_RUN [--rerank_samples=N]] [--temperature=T] [--max_new_tokens=N] [--seed=S] "
          "[--device=auto|cpu|cuda]")
 
 
@@ -76,6 +83,8 @@ def check_cli(config, rest):
     check(config["strategy"] in ("random", "uncertainty", "infogain"), "strategy",
           "must be random, uncertainty or infogain")
     check(not config["save"] or config["ask"] > 0, "save", "saves the answers to --ask's questions: give --ask=K")
+    check(config["rerank_samples"] >= 1, "rerank_samples", "must be at least 1")
+    check(config["rerank_latent"] in ("encoder", "particles"), "rerank_latent", "must be encoder or particles")
 
 
 def read_context(path):
@@ -140,15 +149,29 @@ def context_features(checkpoint, rows, path, device):
 
 
 @torch.no_grad()
-def user_latent(policy, checkpoint, rows, label, path, device):
-    """Embed the user's context pairs as in training and encode them into z (1, latent_dim)."""
+def user_context(policy, checkpoint, rows, label, path, device):
+    """The user's context pairs embedded as in training, chosen first: (1, n, 2, D)."""
     features, embedder = context_features(checkpoint, rows, path, device)  # (n, 2, D)
     if features.shape[-1] != policy.config["context_dim"]:
         raise DataError(f"{path}: {embedder} embeds it in {features.shape[-1]} dimensions, but the policy's "
                         f"encoder reads {policy.config['context_dim']} (its features came from another embedder)")
     second = torch.tensor([row["choices"][label] == 1 for row in rows])
-    context = chosen_first(features, second)[None].to(device)  # (1, n, 2, D)
-    return policy.infer_latent(context)
+    return chosen_first(features, second)[None].to(device)
+
+
+def reranker_of(checkpoint, config, device):
+    """policy_eval.Reranker for --rerank=RUN on the policy's world (its pairs and features), or None."""
+    from policy_eval import Reranker, is_policy_checkpoint
+
+    if not config["rerank"]:
+        return None
+    check_runs([config["rerank"]])
+    check(not is_policy_checkpoint(config["rerank"]), "rerank", f"{config['rerank']} is a policy run; give a reward run")
+    data_config, p = checkpoint["config"]["data"], checkpoint["policy_config"]
+    paths = {key: resolve_path(data_config[key], checkpoint) for key in ("features", "pairs")}
+    data, text_rows = load_pairs(paths["features"]), read_text_pairs(paths["pairs"], data_config["skip_bad_lines"])
+    return Reranker(config["rerank"], data, resolve_path(p["base"], checkpoint), config["rerank_samples"], device,
+                    text_rows, config["rerank_latent"])
 
 
 def sample_responses(policy, tokenizer, prompt_ids, latent, config):
@@ -218,13 +241,23 @@ def steer_policy(argv):
     check_known_words(tokenizer, config["prompt"], "--prompt")
     prompt_ids = torch.tensor([tokenize_prompt(tokenizer, config["prompt"])], device=device)
     policy = policy_from_checkpoint(checkpoint, device=device).eval()
+    check(steered or not config["rerank"], "rerank", f"{rest[0]} is plain DPO (no context encoder): its draws "
+          "are the same for every user, so there is no user to rerank them for")
+    reranker = reranker_of(checkpoint, config, device)  # checked before any question is asked
     if config["ask"]:
         context = ask_and_save(checkpoint, config, context, device)
-    latent = user_latent(policy, checkpoint, *context, config["context"] or "your answers", device) if context else None
+    pairs = (user_context(policy, checkpoint, *context, config["context"] or "your answers", device) if context
+             else torch.zeros(1, 0, 2, policy.config["context_dim"], device=device))  # (1, n, 2, D)
+    latent = policy.infer_latent(pairs) if context else None
     if context and not config["ask"]:
         print(f"steered by {len(context[0])} choices of {context[1]!r} from {config['context']}", file=sys.stderr)
     torch.manual_seed(config["seed"])
-    for text in sample_responses(policy, tokenizer, prompt_ids, latent, config):
+    k = reranker.samples if reranker else 1
+    texts = sample_responses(policy, tokenizer, prompt_ids, latent, dict(config, samples=config["samples"] * k))
+    if reranker:  # response i: the best of draws i * k .. i * k + k - 1 by the NP-BTL's reward for this user
+        best = reranker.scores(config["prompt"], texts, pairs).view(config["samples"], k).argmax(1)
+        texts = [texts[i * k + j] for i, j in enumerate(best.tolist())]
+    for text in texts:
         print(text)
 
 # -----------------------------------------------------------------------------

@@ -201,6 +201,14 @@ BAD_INPUTS = {  # id: (arguments, lines of {ctx} or None, message in the one err
                             "--prompt: the model's vocabulary has no 'Расскажи', 'о', 'пчёлах'"),
     "prompt-unknown-words": (["{dpo}", "--prompt=Tell me about zebras!"], None,
                              "--prompt: the model's vocabulary has no 'zebras', '!'"),
+    "rerank-policy-run": (NP + ["--rerank={dpo}"], [GOOD_CHOICE], "{dpo} is a policy run; give a reward run"),
+    "rerank-no-such-run": (NP + ["--rerank={tmp}/nothing"], [GOOD_CHOICE], "no such run dir"),
+    "rerank-other-task": (NP + ["--rerank={reward}"], [GOOD_CHOICE], "options of dimension"),
+    "rerank-plain-dpo": (["{dpo}", "--prompt=describe tea .", "--rerank={reward}"], None,
+                         "is plain DPO (no context encoder): its draws are the same for every user"),
+    "rerank-no-draws": (NP + ["--rerank={reward}", "--rerank_samples=0"], [GOOD_CHOICE], "must be at least 1"),
+    "rerank-latent-typo": (NP + ["--rerank={reward}", "--rerank_latent=particle"], [GOOD_CHOICE],
+                           "must be encoder or particles"),
 }
 
 
@@ -408,6 +416,29 @@ def test_dialogue_mistakes_are_one_line_exit_2(cli_runs, tmp_path, monkeypatch, 
     assert os.listdir(tmp_path) == []
 
 
+def test_cli_rerank_prints_the_best_of_each_responses_draws_by_the_reward_run(cli_runs, selector, monkeypatch, capsys):
+    """--rerank=RUN: response i is the draw of i * k .. i * k + k - 1 with the highest reward for this user,
+    scored under the context the policy read. With the scores negated (same seed, same draws) the
+    lowest are printed instead, and they differ: the choice is the reward's."""
+    import policy_eval
+    seen, real = [], policy_eval.Reranker.scores
+    printed = {}
+    for sign in (1, -1):
+        def spy(self, prompt, texts, contexts, sign=sign):
+            scores = sign * real(self, prompt, texts, contexts)
+            seen.append((texts, scores, contexts))
+            return scores
+        monkeypatch.setattr(policy_eval.Reranker, "scores", spy)
+        steer.main([cli_runs["np"], f"--context={EXAMPLE_CONTEXT}", "--prompt=Describe tea.", "--samples=2",
+                    f"--rerank={selector}", "--rerank_samples=4", "--max_new_tokens=24", "--seed=0"])
+        printed[sign] = capsys.readouterr().out.rstrip("\n").split("\n")
+        texts, scores, contexts = seen[-1]
+        assert len(texts) == 8 and scores.shape == (1, 8)
+        assert contexts.shape[:2] == (1, len(text.read_text_pairs(EXAMPLE_CONTEXT)))  # the user's context, read
+        assert printed[sign] == [texts[4 * i + j] for i, j in enumerate(scores.view(2, 4).argmax(1).tolist())]
+    assert seen[0][0] == seen[1][0] and printed[1] != printed[-1]
+
+
 def test_a_new_users_features_and_latent_equal_the_training_ones(cli_runs, toy_root):
     """steer.py embeds a person's pairs as the world's preparation embedded the training pairs
     (text.embed_pairs): the same features for the same pairs, so the same latent z."""
@@ -419,7 +450,7 @@ def test_a_new_users_features_and_latent_equal_the_training_ones(cli_runs, toy_r
     try:
         features, _ = steer.context_features(checkpoint, rows, "rows", "cpu")
         policy = steer.policy_from_checkpoint(checkpoint).eval()
-        latent = steer.user_latent(policy, checkpoint, rows, "concise", "rows", "cpu")
+        latent = policy.infer_latent(steer.user_context(policy, checkpoint, rows, "concise", "rows", "cpu"))
     finally:
         os.chdir(here)
     stored = data.load_pairs(f"{toy_root}/features.npz")
