@@ -16,7 +16,8 @@ Also (experiments/rerank_rm/PLAN.md, addenda 5 and 6): the NP-BTL under a partic
 training users' latents weighted by its probability of the n answers, by the posterior-expected reward and at
 the posterior-mean latent (evaluate.py --rerank_latent=particles); NP-DPO's implicit reward
 log pi(y | x, z) - log pi_ref(y | x); and the posterior-mean reward plus the implicit one (or half of it), each
-standardised over a user's N draws.
+standardised over a user's N draws. With several reward runs, comma-separated (addendum 8): each other run's
+particle-mean column, and their ensemble (the mean of every run's standardised particle-mean reward).
 All normalised against the reference sampled at T = 0.1 (the headline's scale).
 
     PYTHONPATH=. python experiments/n1_dip/rerank.py runs/steer_world_np_dpo_s0 runs/steer_world_reward [N] [TEMPERATURE] [SPLIT] [PROBE]
@@ -30,7 +31,7 @@ import world
 from evaluate import DEFAULTS
 from policy_eval import load_policies
 from data import load_pairs
-from particles import particle_weights, target_probs, training_latents
+from particles import particle_weights, posterior_latent, target_probs, training_latents
 from reward import load_reward_model, run_data_path
 from steer_eval import (BAYES_GRID, TestUsers, attribute_table, eval_prompts, normalised, reference_and_best,
                         rewards_from_attributes, sample_texts)
@@ -63,8 +64,12 @@ def main(run, reward_run, N=8, temperature=1.0, split="test", probe=None, sizes=
     torch.set_grad_enabled(False)
     policies, data, _, tokenizer, run_config = load_policies([run], torch.device("cpu"))
     policy, role = next(iter(policies.values()))
-    rm, rm_config = load_reward_model(reward_run, data.dim)
-    latents = training_latents(rm, load_pairs(run_data_path(reward_run)), rm_config["train"]["max_context"])  # (S, L)
+    members = []  # (NP-BTL, its training latents (S, L)) of each reward run given, comma-separated
+    for path in reward_run.split(","):
+        model, model_config = load_reward_model(path, data.dim)
+        members.append((model, training_latents(model, load_pairs(run_data_path(path)), model_config["train"]["max_context"])))
+    (rm, latents), others = members[0], members[1:]
+    extra = tuple(f"member{i}" for i in range(1, len(members))) + (("ensemble",) if len(members) > 1 else ())
     emb_tok, embedder, pooling = load_embedder(run_config["policy"]["base"], "cpu")
     users = TestUsers(data, read_text_pairs(run_config["data"]["pairs"]), split)
     cold = dict(DEFAULTS["policy_eval"], temperature=0.1)
@@ -86,11 +91,11 @@ def main(run, reward_run, N=8, temperature=1.0, split="test", probe=None, sizes=
 
     print(f"{run} + {reward_run}, split {split}: {U} users x {len(prompts)} prompts, best of {N} at T = {temperature:g}")
     print(f"| n | T = 0.1 | T = {temperature:g} | best of N by NP-BTL | best of N by gold (oracle) | best of N by the Bayes "
-          "posterior | by the gold reward at the posterior mean | best of N by NP-BTL, no context | by NP-BTL's particle posterior, expected reward | at its posterior-mean latent | by NP-DPO's implicit reward | particle-mean + implicit, standardised | particle-mean + implicit / 2 |" + (" best of N by the probe, true preference | by the probe, posterior mean |" if probe else "") +
-          "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if probe else ""))
+          "posterior | by the gold reward at the posterior mean | best of N by NP-BTL, no context | by NP-BTL's particle posterior, expected reward | at its posterior-mean latent | by NP-DPO's implicit reward | particle-mean + implicit, standardised | particle-mean + implicit / 2 |" + "".join(f" {name} |" for name in extra) + (" best of N by the probe, true preference | by the probe, posterior mean |" if probe else "") +
+          "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra) + ("---|---|" if probe else ""))
     gen, means = torch.Generator().manual_seed(0), []
     for n in sizes:
-        out = {k: [] for k in ("cold", "hot", "rerank", "oracle", "bayes", "bayes_mean", "blind", "particles", "particle_mean", "implicit", "both", "both_half") + (("probe", "probe_mean") if probe else ())}
+        out = {k: [] for k in ("cold", "hot", "rerank", "oracle", "bayes", "bayes_mean", "blind", "particles", "particle_mean", "implicit", "both", "both_half") + extra + (("probe", "probe_mean") if probe else ())}
         for q in prompts:
             drawn = [users.context(u, n, gen, exclude_prompt=q) for u in range(U)]
             context = torch.stack([c for c, _ in drawn])
@@ -124,6 +129,12 @@ def main(run, reward_run, N=8, temperature=1.0, split="test", probe=None, sizes=
             out["implicit"].append(pick(implicit))
             out["both"].append(pick(standardised(particle_scores) + standardised(implicit)))
             out["both_half"].append(pick(standardised(particle_scores) + 0.5 * standardised(implicit)))
+            if others:  # addendum 8: the other runs' particle-mean rewards, and the mean of all runs' standardised
+                member_scores = [particle_scores] + [model.rewards(feats, posterior_latent(model, context, z))
+                                                     for model, z in others]
+                for i, x in enumerate(member_scores[1:], 1):
+                    out[f"member{i}"].append(pick(x))
+                out["ensemble"].append(pick(torch.stack([standardised(x) for x in member_scores]).mean(0)))
             if probe:
                 pref = w[:, None, :].float().expand(-1, N, -1)
                 out["probe"].append(pick(probe(torch.cat([feats, pref], -1)).squeeze(-1)))
