@@ -53,7 +53,7 @@ import torch
 from bayes import bayes_log_prob_chosen, population_log_prob_chosen
 from common import ConfigError, check, check_positive, load_config, pick_device, read_yaml, run_script
 from data import EpisodeSampler, choice_correct, load_pairs, true_rewards
-from policy_eval import evaluate_policies, evaluate_policy_queries, is_policy_checkpoint
+from policy_eval import check_rerank_options, evaluate_policies, evaluate_policy_queries, is_policy_checkpoint
 from report import (BAYES, add_gaps, gap_lines, markdown, plot_queries, plot_reward_figures, pyplot, sem, table_rows,
                     write_json)
 from reward import load_reward_model, run_data_path
@@ -369,13 +369,9 @@ def main(argv):
           "is for --queries on steering-world policies (reward runs: query.pool)")
     check(not (config["rerank"] and not policy_runs), "rerank", "is for steering-world policy runs (NP-DPO's)")
     check(not (config["rerank"] and strategies), "rerank", "scores the context-size table, not --queries")
-    check(config["rerank_latent"] in ("encoder", "particles"), "rerank_latent", "must be encoder or particles")
     check(not (config["rerank_latent"] != "encoder" and not config["rerank"]), "rerank_latent",
           "chooses the --rerank NP-BTL's latent; give --rerank=RUN")
-    if config["rerank"]:
-        check_runs([config["rerank"]])
-        check(not is_policy_checkpoint(config["rerank"]), "rerank",
-              f"{config['rerank']} is a policy run; give a reward run")
+    check_rerank_options(config)
     check(not (config["particles"] and strategies), "particles",
           "scores the context-size table; questions are chosen under particles with --query.belief=particles")
     if strategies:

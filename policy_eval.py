@@ -20,6 +20,15 @@ def is_policy_checkpoint(path):
     return "policy_config" in load_checkpoint(path)
 
 
+def check_rerank_options(config):
+    """evaluate.py's and steer.py's --rerank, --rerank_latent: a reward run that exists, before anything loads."""
+    check(config["rerank_latent"] in ("encoder", "particles"), "rerank_latent", "must be encoder or particles")
+    if config["rerank"]:
+        check_runs([config["rerank"]])
+        check(not is_policy_checkpoint(config["rerank"]), "rerank",
+              f"{config['rerank']} is a policy run; give a reward run")
+
+
 def policy_role(policy, run_config):
     """'np_dpo', 'known' (FiLM on the users' true preferences), 'dpo', or 'oracle:<label>'
     for a DPO policy trained on one label only."""

@@ -29,8 +29,9 @@ from common import ConfigError, check, load_config, pick_device, run_script
 from data import DataError, chosen_first, load_pairs, true_rewards
 from dialogue import ask_for_policy, ask_person, candidate_pool, check_save_path, save_rows, world_summary
 from policy import policy_checkpoint, policy_from_checkpoint, run_model
+from policy_eval import check_rerank_options
 from reward import run_data_path
-from runs import check_runs, resolve_path, run_stage
+from runs import resolve_path, run_stage
 from text import check_known_words, embed_pairs, load_embedder, read_text_pairs, tokenize_pairs, tokenize_prompt
 
 
@@ -61,7 +62,7 @@ POLICY_CLI = {
 
 
 POLICY_USAGE = ("usage: python steer.py POLICY_RUN --prompt=TEXT [--context=FILE.jsonl] [--ask=K [--selector=REWARD_RUN] "
-         "[--save=FILE.jsonl] [--pool=N]] [--samples=N] [--rerank=REWARD_RUN [--rerank_samples=N]] [--temperature=T] [--max_new_tokens=N] [--seed=S] "
+         "[--save=FILE.jsonl] [--pool=N]] [--samples=N] [--rerank=REWARD_RUN [--rerank_samples=N] [--rerank_latent=L]] [--temperature=T] [--max_new_tokens=N] [--seed=S] "
          "[--device=auto|cpu|cuda]")
 
 
@@ -84,7 +85,9 @@ def check_cli(config, rest):
           "must be random, uncertainty or infogain")
     check(not config["save"] or config["ask"] > 0, "save", "saves the answers to --ask's questions: give --ask=K")
     check(config["rerank_samples"] >= 1, "rerank_samples", "must be at least 1")
-    check(config["rerank_latent"] in ("encoder", "particles"), "rerank_latent", "must be encoder or particles")
+    check(not (config["rerank"] and config["temperature"] == 0), "temperature",
+          "--rerank picks among sampled draws: greedy decoding (0) draws one response; give e.g. --temperature=0.3")
+    check_rerank_options(config)
 
 
 def read_context(path):
@@ -161,12 +164,10 @@ def user_context(policy, checkpoint, rows, label, path, device):
 
 def reranker_of(checkpoint, config, device):
     """policy_eval.Reranker for --rerank=RUN on the policy's world (its pairs and features), or None."""
-    from policy_eval import Reranker, is_policy_checkpoint
+    from policy_eval import Reranker
 
     if not config["rerank"]:
         return None
-    check_runs([config["rerank"]])
-    check(not is_policy_checkpoint(config["rerank"]), "rerank", f"{config['rerank']} is a policy run; give a reward run")
     data_config, p = checkpoint["config"]["data"], checkpoint["policy_config"]
     paths = {key: resolve_path(data_config[key], checkpoint) for key in ("features", "pairs")}
     data, text_rows = load_pairs(paths["features"]), read_text_pairs(paths["pairs"], data_config["skip_bad_lines"])

@@ -207,6 +207,8 @@ BAD_INPUTS = {  # id: (arguments, lines of {ctx} or None, message in the one err
     "rerank-plain-dpo": (["{dpo}", "--prompt=describe tea .", "--rerank={reward}"], None,
                          "is plain DPO (no context encoder): its draws are the same for every user"),
     "rerank-no-draws": (NP + ["--rerank={reward}", "--rerank_samples=0"], [GOOD_CHOICE], "must be at least 1"),
+    "rerank-greedy": (NP + ["--rerank={reward}", "--temperature=0"], [GOOD_CHOICE],
+                      "--rerank picks among sampled draws: greedy decoding (0) draws one response"),
     "rerank-latent-typo": (NP + ["--rerank={reward}", "--rerank_latent=particle"], [GOOD_CHOICE],
                            "must be encoder or particles"),
 }

@@ -513,8 +513,13 @@ def test_rerank_refuses_a_reward_run_or_base_of_another_feature_space(world_runs
     with pytest.raises(ConfigError, match="does not embed the world's pairs"):
         evaluate.main([runs["np"], f"--rerank={runs_of['same']}", *common, f"--out={tmp_path}/bad"])
     monkeypatch.setattr(text, "embed_pairs", real)
+    import particles
+    calls, real_posterior = [], particles.posterior_latent
+    monkeypatch.setattr(particles, "posterior_latent", lambda model, contexts, latents, *a: calls.append(
+        latents.shape) or real_posterior(model, contexts, latents, *a))
     evaluate.main([runs["np"], f"--rerank={runs_of['same']}", "--rerank_latent=particles", "--particle_latents=64",
                    *common, f"--out={tmp_path}/good"])
+    assert calls and all(shape[0] == 64 for shape in calls)  # each user's latent: 64 training users' posterior
     assert not os.path.exists(tmp_path / "bad")
     with open(tmp_path / "good" / "eval.json") as f:
         ref = {r["model"]: r for r in json.load(f)}["reference"]
